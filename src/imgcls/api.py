@@ -1,0 +1,81 @@
+"""The Python API behind the command line (see the package docstring)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+log = logging.getLogger("imgcls")
+
+
+def train(data: str | Path, out: str | Path, model: str = "resnet18", resume: bool = False, progress: bool = True,
+          **options):
+    """Train a classifier on a class-folder tree or CSV; returns a ``TrainResult``
+    (``.run_dir``, ``.summary``).  ``options`` are :class:`imgcls.train.TrainConfig` fields."""
+    from .training import TrainConfig, train as run_training
+    from . import rundir
+
+    if resume:
+        saved = rundir.read_yaml(Path(out) / rundir.CONFIG) if (Path(out) / rundir.CONFIG).exists() else None
+        if saved is None:
+            raise UserError(f"{out}: nothing to resume (no {rundir.CONFIG})")
+        saved.update({k: v for k, v in options.items() if k == "epochs" and v is not None})
+        cfg = TrainConfig.from_dict(saved)
+    else:
+        cfg = TrainConfig.from_dict({"data": str(data), "out": str(out), "model": model, **options})
+    return run_training(cfg, resume=resume, progress=progress)
+
+
+def evaluate(run: str | Path, data: str | Path, split: str | None = None, backend: str = "auto",
+             batch_size: int = 32, write: bool = True, progress: bool = False):
+    """Metrics of a trained model on labelled data (its ``test`` split, else
+    ``val``, else everything).  Writes ``eval.json`` and the confusion matrix
+    (CSV, PNG) into the run directory when ``run`` is one."""
+    from tqdm.auto import tqdm
+
+    from .data.sources import load_dataset
+    from .metrics import compute_metrics, write_metrics
+    from .predict import load
+
+    predictor = load(run, backend=backend)
+    dataset = load_dataset(data)
+    if split is None:
+        split = next((s for s in ("test", "val", "all") if s in dataset.splits), "train")
+    if split not in dataset.splits:
+        raise UserError(f"{data} has no {split!r} split; it has {', '.join(dataset.splits)}")
+    records = dataset.splits[split]
+    labels = predictor.labels
+    unknown = sorted({r.label for r in records} - set(labels))
+    if unknown:
+        raise UserError(f"{data}: class(es) {', '.join(unknown)} are not among the model's classes ({', '.join(labels)})")
+    index = {label: i for i, label in enumerate(labels)}
+    probs, targets, failed = [], [], []
+    stream = predictor.iter_probs(records, batch_size=batch_size)
+    for record, p, error in tqdm(stream, total=len(records), disable=not progress, desc="evaluate"):
+        if p is None:
+            failed.append((str(record.path), error))
+            continue
+        probs.append(p)
+        targets.append(index[record.label])
+    if not probs:
+        raise UserError(f"{data}: none of the {len(records)} images could be read")
+    metrics = compute_metrics(np.log(np.clip(np.stack(probs), 1e-12, None)), np.array(targets), labels)
+    for path, reason in failed:
+        log.warning("not evaluated (unreadable): %s: %s", path, reason)
+    if write and Path(run).is_dir():
+        write_metrics(metrics, run, prefix="eval")
+    return metrics
+
+
+def summary(model: str, input_size: int | None = None, depth: int | None = None, num_classes: int = 1000):
+    """Per-layer cost table (activation memory, parameters, FLOPs) of a registered model."""
+    from .models.cost import layer_table
+    from .models.registry import create_model, default_preprocess
+
+    size = input_size or default_preprocess(model).input_size
+    net = create_model(model, num_classes, size)
+    return layer_table(net, (3, size, size), depth=depth)

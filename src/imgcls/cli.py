@@ -1,0 +1,265 @@
+"""The ``imgcls`` command line: one small function per command over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("imgcls")
+
+
+def _input_shape(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CxHxW like 3x224x224, got {text!r}") from None
+    return c, h, w
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, epochs=args.epochs)
+
+
+def cmd_train(args) -> None:
+    from .api import train
+
+    options = {k: v for k, v in {
+        "input_size": args.input_size, "norm": args.norm, "se": args.se or None, "epochs": args.epochs,
+        "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
+        "weight_decay": args.weight_decay, "schedule": args.schedule, "warmup_epochs": args.warmup_epochs,
+        "label_smoothing": args.label_smoothing, "clip_grad": args.clip_grad, "amp": args.amp,
+        "val_fraction": args.val_fraction, "patience": args.patience, "seed": args.seed, "workers": args.workers,
+        "cache": args.cache, "device": args.device, "path_column": args.path_column,
+        "label_column": args.label_column, "mean": args.mean, "std": args.std,
+    }.items() if v is not None}
+    if args.resume:
+        result = train(None, args.resume, resume=True, epochs=args.epochs)
+    else:
+        if not args.data or not args.out:
+            raise UserError("imgcls train needs DATA and --out RUN_DIR (or --resume RUN_DIR)")
+        augment = _augment_from_args(args)
+        if augment is not None:
+            options["augment"] = augment
+        result = train(args.data, args.out, model=args.model, **options)
+    s = result.summary
+    print(f"best val accuracy {s['best_val_accuracy']:.4f} (epoch {s['best_epoch']}/{s['epochs']}), "
+          f"{s['train_seconds']:.0f} s" + (f", test accuracy {s['test_accuracy']:.4f}" if "test_accuracy" in s else ""))
+    print(f"run directory: {result.run_dir}")
+
+
+def _augment_from_args(args) -> dict | None:
+    from .data.transforms import Augment
+
+    if args.no_augment:
+        return Augment.off().to_dict()
+    changes = {}
+    if args.no_flip:
+        changes["hflip"] = False
+    if args.color_jitter is not None:
+        changes["color_jitter"] = args.color_jitter
+    if args.crop_scale is not None:
+        changes["crop_scale"] = (args.crop_scale, 1.0)
+    return {**Augment().to_dict(), **changes} if changes else None
+
+
+def cmd_eval(args) -> None:
+    from .api import evaluate
+
+    metrics = evaluate(args.run, args.data, split=args.split, backend=args.backend, batch_size=args.batch_size,
+                       progress=not args.json)
+    if args.json:
+        print(json.dumps(metrics.to_dict(), indent=2))
+    else:
+        print(metrics.to_text())
+        if Path(args.run).is_dir():
+            print(f"\nconfusion matrix: {Path(args.run) / 'eval_confusion_matrix.png'} (and .csv)")
+
+
+def cmd_predict(args) -> None:
+    from .predict import load, predict_to_csv
+
+    predictor = load(args.run, backend=args.backend)
+    log.info("engine: %s", predictor.backend)
+    result = predict_to_csv(predictor, args.inputs, args.out, batch_size=args.batch_size, top_k=args.top_k)
+    print(f"{result['images']} images -> {result['out']}" + (f" ({result['errors']} unreadable, see the error column)"
+                                                              if result["errors"] else ""))
+
+
+def cmd_stats(args) -> None:
+    from .data.dataset import ImageDataset
+    from .data.preprocess import Preprocess
+    from .data.sources import load_dataset
+    from .training import _Pixels, compute_mean_std
+
+    dataset = load_dataset(args.data)
+    records = [r for recs in dataset.splits.values() for r in recs]
+    spec = Preprocess(input_size=args.input_size, resize="squash", crop_pct=1.0)
+    index = {c: i for i, c in enumerate(dataset.classes)}
+    mean, std = compute_mean_std(_Pixels(ImageDataset(records, index, spec)), limit=args.limit)
+    print(f"images: {len(records)} in {len(dataset.classes)} classes")
+    print(f"mean: {', '.join(f'{m:.4f}' for m in mean)}")
+    print(f"std:  {', '.join(f'{s:.4f}' for s in std)}")
+    print(f"(use: --mean {' '.join(map(str, mean))} --std {' '.join(map(str, std))})")
+
+
+def cmd_models(args) -> None:
+    from .models.catalog import catalog_rows, format_catalog
+
+    print(format_catalog(catalog_rows()))
+
+
+def cmd_summary(args) -> None:
+    from .models.cost import layer_table
+    from .models.registry import create_model, default_preprocess
+
+    c, h, w = args.input or (3, *(default_preprocess(args.model).input_size,) * 2)
+    if c != 3:
+        raise UserError("models take 3-channel (RGB) input; use --input 3xHxW")
+    net = create_model(args.model, args.num_classes, h)
+    table = layer_table(net, (c, h, w), depth=args.depth)
+    print({"table": table.to_text, "csv": table.to_csv, "md": table.to_markdown, "json": table.to_json}[args.format]())
+
+
+def cmd_compare(args) -> None:
+    from .models.compare import compare_models, format_comparison
+
+    size = args.input[1] if args.input else None
+    rows = compare_models(args.models, input_size=size, runs=args.runs or (), plot_path=args.plot)
+    print(format_comparison(rows))
+    if args.plot:
+        print(f"plot: {args.plot}")
+
+
+def cmd_export(args) -> None:
+    from .export import export_run
+
+    path = export_run(args.run, args.out, int8=args.int8)
+    print(f"exported {path}")
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgcls", description="Train, evaluate and apply image classifiers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="train and apply a small CNN on a built-in dataset (no data needed)")
+    p.add_argument("--out", type=Path, default=None, help="folder for the demo data and run (default: a temp folder)")
+    p.add_argument("--epochs", type=int, default=15)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a classifier on a class-folder tree or a CSV")
+    p.add_argument("data", nargs="?", help="folder of class folders (optionally train/ val/ test/) or a CSV")
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (optionally with more --epochs)")
+    p.add_argument("--model", default="resnet18", help="architecture name (see `imgcls models`)")
+    p.add_argument("--input-size", type=int, help="input side in pixels (default: the model's)")
+    p.add_argument("--norm", choices=["batch", "group", "layer", "instance"], help="swap the normalization layers")
+    p.add_argument("--se", action="store_true", help="insert squeeze-and-excitation blocks")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=["cosine", "step", "constant"])
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
+    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision (auto: GPU, or CPUs with native bf16)")
+    p.add_argument("--no-augment", action="store_true", help="no augmentation (eval transform for training)")
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flips (text, digits, asymmetric objects)")
+    p.add_argument("--color-jitter", type=float, help="brightness/contrast/saturation jitter, 0 = off")
+    p.add_argument("--crop-scale", type=float, help="smallest area fraction of random resized crops")
+    p.add_argument("--mean", type=float, nargs=3, help="normalization mean (R G B, in [0,1])")
+    p.add_argument("--std", type=float, nargs=3, help="normalization std (R G B)")
+    p.add_argument("--val-fraction", type=float, help="held-out share when the data has no val split")
+    p.add_argument("--patience", type=int, help="early stopping: epochs without val improvement")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="data loading workers")
+    p.add_argument("--cache", choices=["auto", "ram", "none"], help="keep decoded images in RAM")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--path-column", help="CSV column with image paths (default: path)")
+    p.add_argument("--label-column", help="CSV column with labels (default: label)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="metrics of a trained model on labelled data")
+    p.add_argument("run", help="run directory or model file")
+    p.add_argument("data", help="labelled folder tree or CSV")
+    p.add_argument("--split", help="which split of DATA (default: test, else val, else all)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="classify files, folders (recursive) or a CSV of paths")
+    p.add_argument("run", help="run directory, model.safetensors or model.onnx")
+    p.add_argument("inputs", nargs="+", help="image files, folders or CSVs with a path column")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("stats", help="per-channel mean and std of a dataset (for --mean/--std)")
+    p.add_argument("data")
+    p.add_argument("--input-size", type=int, default=64, help="images are resized to this before counting")
+    p.add_argument("--limit", type=int, default=2000, help="at most this many images (evenly spaced)")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("models", help="list the architectures with their size and cost")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("summary", help="per-layer cost table of a model")
+    p.add_argument("model")
+    p.add_argument("--input", type=_input_shape, help="CxHxW, e.g. 3x227x227 (default: the model's)")
+    p.add_argument("--format", choices=["table", "csv", "md", "json"], default="table")
+    p.add_argument("--depth", type=int, help="how deep to show nested modules")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("compare", help="which architecture? params, FLOPs, size, speed, accuracy side by side")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--input", type=_input_shape, help="CxHxW (default: each model's)")
+    p.add_argument("--runs", nargs="*", help="run directories to take accuracy from")
+    p.add_argument("--plot", help="scatter plot PNG to write")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("export", help="export a run's model to ONNX (labels and preprocessing inside)")
+    p.add_argument("run")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--int8", action="store_true", help="static int8 quantization, calibrated on training images")
+    p.add_argument("--out", help="file to write (default: RUN_DIR/model.onnx or model.int8.onnx)")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s")
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"imgcls: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("imgcls: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

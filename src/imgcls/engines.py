@@ -1,0 +1,505 @@
+"""Torch and ONNX Runtime behind one call: ``engine(uint8 batch) -> logits``.
+
+Every engine is a callable ``engine(batch) -> np.ndarray float32 (N, K)`` for a
+batch ``(N, 3, S, S)`` of uint8 pixels (float batches in [0, 255] are accepted
+too), so prediction code never knows which backend runs.
+
+* :class:`OnnxEngine` runs an exported ``model.onnx`` with ONNX Runtime.  This
+  module does **not** import torch for it (the prediction runtime installs
+  without torch); torch is imported lazily inside :class:`TorchEngine` only.
+* :class:`TorchEngine` runs a :class:`~imgcls.models.classifier.Classifier`
+  in eval/inference mode: fp32 + channels_last on CPU, channels_last +
+  autocast (bf16, else fp16) on CUDA.
+* :func:`read_onnx_metadata` reads the labels / preprocess spec / model name /
+  imgcls version that :func:`imgcls.export.export_onnx` stores in the file's
+  ``metadata_props``, without torch and without the ``onnx`` package: it walks
+  the protobuf wire format of the top-level ``ModelProto`` and seeks over the
+  graph, so it costs a few reads even for a 100 MB file.
+
+Why the CPU allocator matters (see ``benchmarks/engines.py``): glibc serves
+big blocks (activations of a batch) with fresh ``mmap`` pages and returns them
+on ``free``, so every forward pass page-faults its activations in again; on
+the reference 2-core machine that made PyTorch eager 2-3x slower.
+:func:`tune_cpu_allocator` (called by :class:`TorchEngine` on CPU unless told
+not to) keeps freed memory in the process instead, as a caching allocator (or
+jemalloc via ``LD_PRELOAD``) would.  ONNX Runtime has its own arena and does
+not need it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+META_PREFIX = "imgcls."
+META_LABELS = "imgcls.labels"
+META_PREPROCESS = "imgcls.preprocess"
+META_MODEL = "imgcls.model"
+META_VERSION = "imgcls.version"
+
+
+def imgcls_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("imgcls")
+    except Exception:  # not installed (running from a source tree)
+        return "0+unknown"
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:  # containers: cpu.max = "quota period" or "max period"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _read_varint_stream(f) -> int | None:
+    result = shift = 0
+    while True:
+        b = f.read(1)
+        if not b:
+            if shift == 0:
+                return None  # clean end of message
+            raise ValueError("truncated varint")
+        result |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _parse_string_entry(buf: bytes) -> tuple[str, str]:
+    """StringStringEntryProto: key = 1, value = 2 (both strings)."""
+    key = value = ""
+    pos = 0
+    while pos < len(buf):
+        tag, pos = _read_varint(buf, pos)
+        field, wire = tag >> 3, tag & 7
+        if wire == 2:
+            length, pos = _read_varint(buf, pos)
+            data = buf[pos:pos + length]
+            if len(data) != length:
+                raise ValueError("truncated string")
+            pos += length
+            if field == 1:
+                key = data.decode("utf-8")
+            elif field == 2:
+                value = data.decode("utf-8")
+        elif wire == 0:
+            _, pos = _read_varint(buf, pos)
+        else:
+            raise ValueError(f"unexpected wire type {wire} in metadata entry")
+    return key, value
+
+
+def _scan_model_proto(f, size: int) -> dict[str, str]:
+    """Top-level ModelProto fields: collect metadata_props (14), seek over the rest.
+
+    Raises ValueError when the bytes are not a plausible ModelProto (no
+    ir_version or no graph, bad wire types, lengths past the end).
+    """
+    props: dict[str, str] = {}
+    seen: set[int] = set()
+    while True:
+        tag = _read_varint_stream(f)
+        if tag is None:
+            break
+        field, wire = tag >> 3, tag & 7
+        if field == 0:
+            raise ValueError("field number 0")
+        seen.add(field)
+        if wire == 0:
+            if _read_varint_stream(f) is None:
+                raise ValueError("truncated varint")
+        elif wire == 2:
+            length = _read_varint_stream(f)
+            if length is None or f.tell() + length > size:
+                raise ValueError("length past the end of the file")
+            if field == 14:
+                key, value = _parse_string_entry(f.read(length))
+                props[key] = value
+            else:
+                f.seek(length, os.SEEK_CUR)
+        elif wire == 1:
+            f.seek(8, os.SEEK_CUR)
+        elif wire == 5:
+            f.seek(4, os.SEEK_CUR)
+        else:
+            raise ValueError(f"wire type {wire}")
+        if f.tell() > size:
+            raise ValueError("past the end of the file")
+    if 1 not in seen or 7 not in seen:  # ir_version, graph
+        raise ValueError("no ir_version or no graph")
+    return props
+
+
+def read_onnx_props(path_or_bytes: str | Path | bytes) -> dict[str, str]:
+    """All ``metadata_props`` of an ONNX file (or its bytes) as a plain dict."""
+    import io
+
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        data = bytes(path_or_bytes)
+        f, size, name = io.BytesIO(data), len(data), "<bytes>"
+    else:
+        path = Path(path_or_bytes)
+        if not path.is_file():
+            raise UserError(f"ONNX model {path} not found; pass the path of an exported model.onnx")
+        f, size, name = open(path, "rb"), path.stat().st_size, str(path)
+    try:
+        with f:
+            return _scan_model_proto(f, size)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"{name} is not a valid ONNX model ({e}); the file is corrupt or truncated,"
+            " export it again with `imgcls export`"
+        ) from None
+
+
+def decode_metadata(props: dict[str, str]) -> dict[str, Any]:
+    """imgcls metadata_props -> ``{labels, preprocess, model, version, props}``.
+
+    ``labels`` is a list of str (None when absent), ``preprocess`` the
+    :meth:`Preprocess.to_dict` dict (None when absent), ``props`` every
+    metadata entry as stored.
+    """
+    def _json(key):
+        if key not in props:
+            return None
+        try:
+            return json.loads(props[key])
+        except json.JSONDecodeError:
+            raise UserError(f"the model's {key} metadata is not valid JSON; export the model again") from None
+
+    labels = _json(META_LABELS)
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise UserError(f"the model's {META_LABELS} metadata must be a JSON list of strings")
+    preprocess = _json(META_PREPROCESS)
+    if preprocess is not None and not isinstance(preprocess, dict):
+        raise UserError(f"the model's {META_PREPROCESS} metadata must be a JSON object")
+    return {
+        "labels": labels,
+        "preprocess": preprocess,
+        "model": props.get(META_MODEL),
+        "version": props.get(META_VERSION),
+        "props": dict(props),
+    }
+
+
+def encode_metadata(labels, preprocess: dict, model_name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The metadata_props that :func:`read_onnx_metadata` reads back."""
+    props = {
+        META_LABELS: json.dumps([str(x) for x in labels], ensure_ascii=False),
+        META_PREPROCESS: json.dumps(preprocess, sort_keys=True),
+        META_MODEL: str(model_name),
+        META_VERSION: imgcls_version(),
+    }
+    props.update(extra or {})
+    return props
+
+
+def read_onnx_metadata(path: str | Path | bytes) -> dict[str, Any]:
+    """Labels, preprocess dict, model name and imgcls version of an exported file.
+
+    Works without torch and without the ``onnx`` package.  Raises
+    :class:`UserError` for a missing or corrupt file.
+    """
+    return decode_metadata(read_onnx_props(path))
+
+
+# ----------------------------------------------------------------------------- shared input handling
+
+
+def _check_batch(batch) -> np.ndarray:
+    x = np.asarray(batch)
+    if x.ndim == 3:
+        raise ValueError(f"engine expects a batch (N, 3, S, S), got one image {x.shape}; use batch[None]")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"engine expects a batch (N, 3, S, S) in NCHW order, got shape {x.shape}")
+    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"engine expects uint8 pixels (or float in [0, 255]), got dtype {x.dtype}")
+    return x
+
+
+class _Staging:
+    """A reused host buffer for inputs that need a copy (wrong dtype, not contiguous).
+
+    Writing into already-touched memory is several times faster than into
+    fresh pages, so the buffer grows to the largest batch seen and stays.
+    """
+
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+        self._buf: np.ndarray | None = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.dtype == self.dtype and x.flags.c_contiguous:
+            return x  # zero-copy
+        if self._buf is None or self._buf.shape[1:] != x.shape[1:] or self._buf.shape[0] < x.shape[0]:
+            self._buf = np.empty(x.shape, self.dtype)
+        out = self._buf[: x.shape[0]]
+        if self.dtype == np.uint8 and x.dtype != np.uint8:  # float pixels -> nearest uint8
+            np.rint(np.clip(x, 0, 255), out=out, casting="unsafe")
+        else:
+            np.copyto(out, x, casting="unsafe")
+        return out
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+
+
+class OnnxEngine:
+    """An exported ``model.onnx`` in ONNX Runtime: ``engine(uint8 batch) -> logits``.
+
+    ``device``: ``"cpu"`` (default), ``"cuda"`` (CUDAExecutionProvider; a
+    UserError when this onnxruntime build has none) or ``"auto"`` (CUDA when
+    available).  ``threads``: intra-op threads, default every CPU this process
+    may use (:func:`available_cpus`); inter-op threads are 1 (one graph runs
+    sequentially, so more would only oversubscribe the cores).
+
+    Float batches are rounded to uint8 when the model takes uint8 (all imgcls
+    exports do).  Attributes: ``labels``, ``preprocess``
+    (:class:`~imgcls.data.preprocess.Preprocess` or None), ``metadata``
+    (see :func:`read_onnx_metadata`), ``input_size``, ``num_classes``,
+    ``providers``.
+    """
+
+    def __init__(self, path_or_bytes: str | Path | bytes, threads: int | None = None, device: str = "cpu"):
+        import onnxruntime as ort
+
+        if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+            source, name = bytes(path_or_bytes), "<bytes>"
+        else:
+            path = Path(path_or_bytes)
+            if not path.is_file():
+                raise UserError(f"ONNX model {path} not found; pass the path of an exported model.onnx")
+            source, name = str(path), str(path)
+        self.name = name
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.threads = int(threads) if threads else available_cpus()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only; warnings about unused initializers are noise
+
+        available = ort.get_available_providers()
+        if device not in ("cpu", "cuda", "auto"):
+            raise UserError(f"unknown device {device!r} for ONNX Runtime; use cpu, cuda or auto")
+        if device == "cuda" and "CUDAExecutionProvider" not in available:
+            raise UserError(
+                "device cuda asked for, but this onnxruntime has no CUDAExecutionProvider;"
+                " install onnxruntime-gpu or use --device cpu"
+            )
+        use_cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in available
+        providers = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(source, options, providers=providers)
+        except Exception as e:  # ORT raises its own Fail / InvalidProtobuf / InvalidGraph types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"{name} is not a valid ONNX model ({first[:300]}); the file is corrupt or truncated,"
+                " export it again with `imgcls export`"
+            ) from None
+        self.providers = self.session.get_providers()
+
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1:
+            raise UserError(f"{name} has {len(inputs)} inputs; an imgcls model takes one image batch")
+        self._input = inputs[0].name
+        self._output = outputs[0].name
+        self._input_uint8 = inputs[0].type == "tensor(uint8)"
+        self._staging = _Staging(np.uint8 if self._input_uint8 else np.float32)
+        shape = inputs[0].shape
+        self.input_size = shape[-1] if isinstance(shape[-1], int) else None
+        out_shape = outputs[0].shape
+        self.num_classes = out_shape[-1] if isinstance(out_shape[-1], int) else None
+
+        self.metadata = decode_metadata(dict(self.session.get_modelmeta().custom_metadata_map))
+        self.labels: list[str] | None = self.metadata["labels"]
+        if self.num_classes is None and self.labels is not None:
+            self.num_classes = len(self.labels)
+        self.preprocess = None
+        if self.metadata["preprocess"] is not None:
+            from .data.preprocess import Preprocess  # Pillow + NumPy only
+
+            self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
+            if self.input_size is None:
+                self.input_size = self.preprocess.input_size
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = _check_batch(batch)
+        if self.input_size is not None and x.shape[2:] != (self.input_size, self.input_size):
+            raise ValueError(
+                f"{self.name} takes {self.input_size}x{self.input_size} images, got {x.shape[2]}x{x.shape[3]}"
+            )
+        if x.shape[0] == 0:
+            return np.zeros((0, self.num_classes or 0), np.float32)
+        (logits,) = self.session.run([self._output], {self._input: self._staging(x)})
+        return np.asarray(logits, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"OnnxEngine({self.name!r}, threads={self.threads}, providers={self.providers})"
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS.
+
+    Sets ``M_MMAP_MAX = 0`` (big blocks come from the heap, not fresh mmap
+    pages) and a 1 GiB ``M_TRIM_THRESHOLD`` (freed heap memory is not
+    returned).  Process-wide and idempotent; the cost is that the process
+    keeps its peak memory, as caching allocators do.  Returns False (and does
+    nothing) when the C library is not glibc or jemalloc/tcmalloc is preloaded.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if not sys.platform.startswith("linux") or any(
+        lib in os.environ.get("LD_PRELOAD", "") for lib in ("jemalloc", "tcmalloc", "mimalloc")
+    ):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        return False
+    _ALLOCATOR_TUNED = ok
+    return ok
+
+
+class TorchEngine:
+    """A PyTorch classifier behind the engine call: ``engine(uint8 batch) -> logits``.
+
+    ``module`` takes uint8 (or float in [0, 255]) NCHW and returns logits, as
+    :class:`~imgcls.models.classifier.Classifier` does.  It is put in eval
+    mode and moved to ``device``; runs under ``torch.inference_mode``.
+
+    * CPU: fp32; ``channels_last`` on by default (faster with oneDNN on the
+      reference machine: benchmarks/engines.py), and :func:`tune_cpu_allocator`
+      unless ``tune_allocator=False``.  Numpy input is used zero-copy.
+    * CUDA: channels_last and autocast (``amp="bf16"`` when supported, else
+      ``"fp16"``; ``amp=None`` for fp32); inputs go through a reused pinned
+      host buffer and a reused device buffer.
+
+    Attributes: ``module``, ``device``, ``labels`` (optional, passed in).
+    """
+
+    def __init__(
+        self,
+        module,
+        device: str = "cpu",
+        channels_last: bool | None = None,
+        amp: str | None = "auto",
+        tune_allocator: bool = True,
+        labels: list[str] | None = None,
+    ):
+        import torch
+
+        self._torch = torch
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+        cuda = self.device.type == "cuda"
+        self.channels_last = True if channels_last is None else bool(channels_last)
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.module = module.eval().to(self.device, memory_format=self.memory_format)
+        self.labels = labels
+        if amp == "auto":
+            amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else None
+        if amp not in (None, "bf16", "fp16"):
+            raise UserError(f"unknown amp mode {amp!r}; use bf16, fp16 or none")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
+        if self.device.type == "cpu" and tune_allocator:
+            tune_cpu_allocator()
+        self._host: Any = None  # pinned staging buffer (CUDA)
+        self._dev: Any = None  # device buffer (CUDA)
+
+    def _to_device(self, x: np.ndarray):
+        torch = self._torch
+        if x.dtype not in (np.uint8, np.float32):
+            x = x.astype(np.float32)
+        src = torch.from_numpy(np.ascontiguousarray(x))  # zero-copy for contiguous input
+        cpu = self.device.type == "cpu"
+        if cpu and not self.channels_last:
+            return src
+        # a reused buffer: CPU -> channels_last layout; CUDA -> pinned host copy
+        if self._host is None or self._host.dtype != src.dtype or self._host.shape[1:] != src.shape[1:] \
+                or self._host.shape[0] < src.shape[0]:
+            if cpu:
+                self._host = torch.empty(src.shape, dtype=src.dtype).contiguous(memory_format=self.memory_format)
+            else:
+                self._host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+                self._dev = torch.empty(src.shape, dtype=src.dtype, device=self.device)
+        n = src.shape[0]
+        host = self._host[:n]
+        host.copy_(src)
+        if cpu:
+            return host
+        dev = self._dev[:n]
+        dev.copy_(host, non_blocking=True)
+        return dev.contiguous(memory_format=self.memory_format) if self.channels_last else dev
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        x = _check_batch(batch)
+        with torch.inference_mode():
+            t = self._to_device(x)
+            if self.amp_dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                    logits = self.module(t)
+            else:
+                logits = self.module(t)
+            return logits.float().cpu().numpy()
+
+    def __repr__(self) -> str:
+        return f"TorchEngine(device={self.device}, channels_last={self.channels_last}, amp={self.amp_dtype})"
+
+
+def load_engine(path_or_module, **kwargs):
+    """An engine for a ``.onnx`` path/bytes (OnnxEngine) or a torch module (TorchEngine)."""
+    if isinstance(path_or_module, (str, Path, bytes, bytearray, memoryview)):
+        return OnnxEngine(path_or_module, **kwargs)
+    return TorchEngine(path_or_module, **kwargs)

@@ -1,0 +1,88 @@
+"""Evaluation metrics from logits and labels (scikit-learn does the counting)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Metrics:
+    accuracy: float
+    balanced_accuracy: float
+    top5_accuracy: float | None
+    loss: float
+    per_class: list[dict]            # label, precision, recall, f1, support
+    confusion: np.ndarray            # rows = true class, columns = predicted
+    labels: list[str]
+    n: int
+
+    def to_dict(self) -> dict:
+        data = {"accuracy": self.accuracy, "balanced_accuracy": self.balanced_accuracy, "loss": self.loss,
+                "n": self.n, "per_class": self.per_class, "confusion_matrix": self.confusion.tolist(),
+                "labels": self.labels}
+        if self.top5_accuracy is not None:
+            data["top5_accuracy"] = self.top5_accuracy
+        return data
+
+    def confusion_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["true \\ predicted", *self.labels])
+        for label, row in zip(self.labels, self.confusion.tolist()):
+            writer.writerow([label, *row])
+        return out.getvalue()
+
+    def to_text(self) -> str:
+        lines = [f"accuracy           {self.accuracy:.4f}  (n={self.n})",
+                 f"balanced accuracy  {self.balanced_accuracy:.4f}"]
+        if self.top5_accuracy is not None:
+            lines.append(f"top-5 accuracy     {self.top5_accuracy:.4f}")
+        lines.append(f"loss (NLL)         {self.loss:.4f}")
+        width = max(8, *(len(label) for label in self.labels))
+        lines.append("")
+        lines.append(f"{'class':<{width}}  precision  recall     f1  support")
+        for row in self.per_class:
+            lines.append(f"{row['label']:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:5.3f}  {row['support']:7d}")
+        return "\n".join(lines)
+
+
+def compute_metrics(logits: np.ndarray, targets: np.ndarray, labels: list[str]) -> Metrics:
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
+
+    logits = np.asarray(logits, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
+    k = len(labels)
+    classes = np.arange(k)
+    pred = logits.argmax(1)
+    shifted = logits - logits.max(1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    loss = float(-log_probs[np.arange(len(targets)), targets].mean()) if len(targets) else float("nan")
+    precision, recall, f1, support = precision_recall_fscore_support(
+        targets, pred, labels=classes, zero_division=0)
+    per_class = [{"label": labels[i], "precision": float(precision[i]), "recall": float(recall[i]),
+                  "f1": float(f1[i]), "support": int(support[i])} for i in range(k)]
+    top5 = float(top_k_accuracy_score(targets, logits, k=5, labels=classes)) if k >= 5 else None
+    return Metrics(
+        accuracy=float((pred == targets).mean()),
+        balanced_accuracy=float(balanced_accuracy_score(targets, pred)) if len(set(targets.tolist())) > 1 else float((pred == targets).mean()),
+        top5_accuracy=top5, loss=loss, per_class=per_class,
+        confusion=confusion_matrix(targets, pred, labels=classes), labels=list(labels), n=int(len(targets)))
+
+
+def write_metrics(metrics: Metrics, out_dir: str | Path, prefix: str = "eval") -> dict[str, Path]:
+    """eval.json, confusion_matrix.csv and .png in ``out_dir``."""
+    from .report import plot_confusion
+    from .rundir import atomic_write, write_json
+
+    out_dir = Path(out_dir)
+    paths = {"json": out_dir / f"{prefix}.json", "confusion_csv": out_dir / f"{prefix}_confusion_matrix.csv",
+             "confusion_png": out_dir / f"{prefix}_confusion_matrix.png"}
+    write_json(paths["json"], metrics.to_dict())
+    atomic_write(paths["confusion_csv"], metrics.confusion_csv())
+    plot_confusion(metrics.confusion, metrics.labels, paths["confusion_png"])
+    return paths

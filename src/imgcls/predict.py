@@ -1,0 +1,216 @@
+"""Streaming batch prediction: files in, trustworthy rows out.
+
+Decoding runs in a thread pool (Pillow and simplejpeg release the GIL) a few
+batches ahead of the engine, through a bounded window, so memory stays flat
+however many files there are.  A file that cannot be read becomes a row with
+an ``error`` and never stops the batch.  CSV rows are flushed as they are
+produced: a crash or Ctrl-C keeps every finished prediction.
+
+This module imports torch only when the torch engine is used, so predicting
+from a ``model.onnx`` file works with the runtime install alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from . import rundir
+from .data.decode import ImageError, load_uint8
+from .data.preprocess import Preprocess
+from .data.records import Record
+from .data.sources import collect_inputs
+from .errors import UserError
+
+log = logging.getLogger("imgcls")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(1, keepdims=True)
+
+
+@dataclass
+class Predictor:
+    """A model ready to predict: engine + labels + preprocessing."""
+
+    engine: object                  # callable: uint8 (N,3,S,S) -> logits (N,K)
+    labels: list[str]
+    preprocess: Preprocess
+    model_name: str = ""
+    backend: str = ""
+
+    def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N,3,S,S) -> probabilities (N,K)."""
+        return _softmax(np.asarray(self.engine(batch), dtype=np.float64))
+
+    def iter_probs(self, records: Iterable[Record], batch_size: int = 32,
+                   workers: int | None = None) -> Iterator[tuple[Record, np.ndarray | None, str]]:
+        """Yield ``(record, probabilities or None, error)`` per record, in order."""
+        workers = workers or default_decode_workers()
+        spec = self.preprocess
+
+        def decode(record: Record):
+            try:
+                return load_uint8(record.path, spec), ""
+            except ImageError as err:
+                return None, str(err.reason if hasattr(err, "reason") else err)
+            except OSError as err:
+                return None, f"cannot read file: {err.strerror or err}"
+
+        window = max(2, workers) * batch_size  # decoded images in flight, bounded
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque = deque()
+            feed = iter(records)
+
+            def refill():
+                for record in feed:
+                    pending.append((record, pool.submit(decode, record)))
+                    if len(pending) >= window:
+                        return
+
+            refill()
+            while pending:
+                batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+                refill()
+                decoded = [(record, *future.result()) for record, future in batch]
+                good = [array for _, array, _ in decoded if array is not None]
+                probs = iter(self.predict_arrays(np.stack(good)) if good else ())
+                for record, array, error in decoded:
+                    yield record, (None if array is None else next(probs)), error
+
+    def iter_predict(self, inputs: Iterable[str | Path | Record], batch_size: int = 32, top_k: int = 1,
+                     workers: int | None = None) -> Iterator[dict]:
+        """Yield one CSV row per input, in input order (columns: :func:`row_columns`)."""
+        records = [r if isinstance(r, Record) else Record(Path(r)) for r in inputs]
+        top_k = max(1, min(top_k, len(self.labels)))
+        for record, probs, error in self.iter_probs(records, batch_size, workers):
+            yield self._row(record, probs, error, top_k)
+
+    def predict(self, inputs: Iterable[str | Path], batch_size: int = 32, top_k: int = 1) -> list[dict]:
+        """Files and folders (recursive) or CSVs of paths -> list of row dicts."""
+        return list(self.iter_predict(collect_inputs(list(inputs)), batch_size, top_k))
+
+    def _row(self, record: Record, probs: np.ndarray | None, error: str, top_k: int) -> dict:
+        row = {"path": str(record.path), "label": "", "prob": ""}
+        ranked = [] if probs is None else np.argsort(-probs, kind="stable")[:top_k]
+        if probs is not None:
+            row["label"], row["prob"] = self.labels[ranked[0]], round(float(probs[ranked[0]]), 6)
+        if top_k > 1:
+            for rank in range(top_k):
+                has = probs is not None
+                row[f"label_{rank + 1}"] = self.labels[ranked[rank]] if has else ""
+                row[f"prob_{rank + 1}"] = round(float(probs[ranked[rank]]), 6) if has else ""
+        row["error"] = error
+        return row
+
+
+def row_columns(top_k: int) -> list[str]:
+    ranked = [f"{kind}_{r + 1}" for r in range(top_k) for kind in ("label", "prob")] if top_k > 1 else []
+    return ["path", "label", "prob", *ranked, "error"]
+
+
+def default_decode_workers() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Path, batch_size: int = 32,
+                   top_k: int = 1, progress: bool = True) -> dict:
+    """Write predictions to ``out`` row by row; returns counts."""
+    from tqdm.auto import tqdm
+
+    records = collect_inputs(inputs)
+    top_k = max(1, min(top_k, len(predictor.labels)))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = errors = 0
+    with out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=row_columns(top_k))
+        writer.writeheader()
+        bar = tqdm(total=len(records), unit="img", desc="predict", disable=not progress)
+        try:
+            for row in predictor.iter_predict(records, batch_size, top_k):
+                writer.writerow(row)
+                done += 1
+                errors += bool(row["error"])
+                bar.update()
+                if done % batch_size == 0:
+                    handle.flush()
+        finally:
+            bar.close()
+    return {"images": done, "errors": errors, "out": str(out)}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
+    from safetensors.torch import load_file
+
+    from .engines import TorchEngine
+    from .models.classifier import Classifier
+    from .models.registry import create_model
+
+    meta = rundir.read_weights_meta(weights)
+    preprocess = Preprocess.from_dict(meta["preprocess"])
+    build = meta.get("build", {})
+    net = create_model(meta["model"], len(meta["labels"]), preprocess.input_size, build.get("norm"), build.get("se", False))
+    try:
+        net.load_state_dict(load_file(str(weights)))
+    except RuntimeError as err:
+        raise UserError(f"{weights}: the weights do not fit model {meta['model']}: {str(err).splitlines()[0]}") from None
+    engine = TorchEngine(Classifier(net, preprocess), device=device)
+    return Predictor(engine, list(meta["labels"]), preprocess, meta["model"], f"torch ({engine.device})")
+
+
+def _onnx_predictor(path: Path) -> Predictor:
+    from .engines import OnnxEngine, read_onnx_metadata
+
+    meta = read_onnx_metadata(path)
+    if not meta.get("labels") or not meta.get("preprocess"):
+        raise UserError(f"{path}: this ONNX file carries no imgcls labels/preprocessing; export it with `imgcls export`")
+    engine = OnnxEngine(path)
+    return Predictor(engine, list(meta["labels"]), Preprocess.from_dict(meta["preprocess"]), meta.get("model", ""),
+                     "onnxruntime")
+
+
+def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predictor:
+    """A run directory, a ``model.safetensors`` or a ``model.onnx`` -> :class:`Predictor`.
+
+    ``backend``: ``torch``, ``onnx`` or ``auto`` (ONNX Runtime on a CPU when the
+    run holds an exported model, else torch).
+    """
+    path = rundir.require_run_dir(path)
+    if backend not in ("auto", "torch", "onnx"):
+        raise UserError(f"unknown backend {backend!r}; use auto, torch or onnx")
+    if path.is_file():
+        if path.suffix == ".onnx":
+            if backend == "torch":
+                raise UserError(f"{path} is an ONNX file; it runs on --backend onnx only")
+            return _onnx_predictor(path)
+        if path.suffix == ".safetensors":
+            return _torch_predictor(path, device)
+        raise UserError(f"{path}: expected a run directory, a .safetensors or an .onnx file")
+    onnx_file = path / rundir.ONNX
+    if backend == "onnx" or (backend == "auto" and onnx_file.exists() and device in ("auto", "cpu") and not _cuda()):
+        if not onnx_file.exists():
+            raise UserError(f"{path} has no {rundir.ONNX}; create it with `imgcls export {path}`")
+        return _onnx_predictor(onnx_file)
+    return _torch_predictor(path / rundir.WEIGHTS, device)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()

@@ -1,0 +1,59 @@
+"""Plots: training curves and confusion matrices (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(metrics_csv: str | Path, out_png: str | Path) -> None:
+    with open(metrics_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return
+    plt = _pyplot()
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, style in (("train_loss", "-o"), ("val_loss", "-s")):
+        ax_loss.plot(epochs, [float(r[key]) for r in rows], style, label=key.replace("_", " "))
+    for key, style in (("train_accuracy", "-o"), ("val_accuracy", "-s")):
+        ax_acc.plot(epochs, [float(r[key]) for r in rows], style, label=key.replace("_", " "))
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.0))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(confusion: np.ndarray, labels: list[str], out_png: str | Path) -> None:
+    plt = _pyplot()
+    k = len(labels)
+    size = min(4 + 0.45 * k, 24)
+    fig, ax = plt.subplots(figsize=(size, size))
+    totals = confusion.sum(1, keepdims=True).clip(min=1)
+    ax.imshow(confusion / totals, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), labels, rotation=90 if k > 6 else 0)
+    ax.set_yticks(range(k), labels)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (row-normalized colour, counts)")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if confusion[i, j] > 0.5 * totals[i, 0] else "black")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,526 @@
+"""Training: configuration, the epoch loop, checkpoints and resume.
+
+The loop follows torchvision's ``references/classification/train.py``: one
+function per epoch, evaluation after each, a checkpoint with everything needed
+to continue.  Optimizers and schedules are small tables keyed by name.
+
+Reproducibility: every epoch reseeds torch (and the DataLoader's generator)
+from ``(seed, epoch)``, so the data order and augmentation of epoch *e* do not
+depend on what ran before it; ``--resume`` therefore continues exactly, and the
+checkpoint stores the RNG states only to restore the process as it was.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import random
+import signal
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import rundir
+from .data.dataset import CACHE_LIMIT_BYTES, ImageDataset, decode_all, estimate_cache_bytes
+from .data.preprocess import Preprocess
+from .data.records import Record
+from .data.scan import scan_paths
+from .data.sources import load_dataset
+from .data.split import split_records
+from .data.transforms import Augment
+from .errors import UserError
+from .metrics import compute_metrics, write_metrics
+from .models.classifier import Classifier
+from .models.registry import create_model, default_preprocess, model_spec
+from .report import plot_training_curves
+
+log = logging.getLogger("imgcls")
+
+
+@dataclass
+class TrainConfig:
+    """Every training option, resolved and saved as ``config.yaml``."""
+
+    data: str
+    out: str
+    model: str = "resnet18"
+    input_size: int | None = None
+    norm: str | None = None
+    se: bool = False
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float | None = None            # default: per optimizer (OPTIMIZERS)
+    weight_decay: float | None = None  # default: per optimizer
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    step_size: int = 7                 # schedule "step": decay every step_size epochs
+    gamma: float = 0.1                 # ... by this factor
+    label_smoothing: float = 0.1
+    clip_grad: float | None = None
+    amp: str = "auto"                  # auto | off | bf16 | fp16
+    augment: dict = field(default_factory=lambda: Augment().to_dict())
+    mean: list[float] | None = None    # override the weights' / computed normalization
+    std: list[float] | None = None
+    val_fraction: float = 0.2
+    patience: int | None = None        # early stopping after this many epochs without val gain
+    seed: int = 0
+    workers: int | None = None
+    cache: str = "auto"                # auto | ram | none
+    device: str = "auto"
+    path_column: str = "path"
+    label_column: str = "label"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise UserError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+# name -> (factory(params, lr, weight_decay, cfg), default lr, default weight decay)
+OPTIMIZERS = {
+    "sgd": (lambda params, lr, wd, cfg: torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd,
+                                                        nesterov=cfg.momentum > 0), 0.05, 5e-4),
+    "adamw": (lambda params, lr, wd, cfg: torch.optim.AdamW(params, lr=lr, weight_decay=wd), 1e-3, 0.05),
+}
+
+
+def _warmup(step: int, warmup_steps: int) -> float:
+    return (step + 1) / warmup_steps if step < warmup_steps else 1.0
+
+
+# name -> lr multiplier as a function of (step, total steps, warmup steps, steps per epoch, cfg)
+SCHEDULES = {
+    "cosine": lambda s, total, warm, per_epoch, cfg: _warmup(s, warm) if s < warm else
+    0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))),
+    "step": lambda s, total, warm, per_epoch, cfg: _warmup(s, warm) * cfg.gamma ** (s // (cfg.step_size * per_epoch)),
+    "constant": lambda s, total, warm, per_epoch, cfg: _warmup(s, warm),
+}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    # bf16 autocast on a CPU without AVX512-BF16/AMX is emulated and ~500x slower here
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "off":
+        return None
+    if device.type == "cuda":
+        if amp == "fp16":
+            return torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16":
+        raise UserError("fp16 mixed precision needs a GPU; use --amp off or bf16")
+    if amp == "bf16" or (amp == "auto" and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def default_workers() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def _split_dataset(cfg: TrainConfig):
+    dataset = load_dataset(cfg.data, cfg.path_column, cfg.label_column)
+    splits = dict(dataset.splits)
+    if "all" in splits:
+        splits["train"], splits["val"] = split_records(splits.pop("all"), cfg.val_fraction, cfg.seed)
+    elif "val" not in splits:
+        splits["train"], splits["val"] = split_records(splits["train"], cfg.val_fraction, cfg.seed)
+    classes = sorted({r.label for r in splits["train"]})
+    if len(classes) < 2:
+        raise UserError(f"{cfg.data}: only one class ({', '.join(classes) or 'none'}) in the training data;"
+                        " a classifier needs at least two")
+    unknown = sorted({r.label for s in ("val", "test") for r in splits.get(s, []) if r.label not in classes})
+    if unknown:
+        raise UserError(f"{cfg.data}: class(es) {', '.join(unknown)} appear in val/test but not in train;"
+                        " add training images for them")
+    if not splits["val"]:
+        raise UserError(f"{cfg.data}: too few images to hold out a validation split; add images or a val/ folder")
+    return splits, classes
+
+
+def _write_split(run_dir: Path, splits: dict[str, list[Record]]) -> None:
+    lines = ["path,label,group,split"]
+    for name, records in splits.items():
+        lines += [f"{r.path},{r.label},{r.group or ''},{name}" for r in records]
+    rundir.atomic_write(run_dir / "split.csv", "\n".join(lines) + "\n")
+
+
+def _scan(cfg, splits, spec, augment, run_dir, progress):
+    """Pre-flight: decode every file once; drop the unreadable ones (listed in scan.json).
+
+    Small datasets keep the decoded pixels (the RAM cache); larger ones only check."""
+    n = sum(len(v) for v in splits.values())
+    cache_bytes = estimate_cache_bytes(n, spec, augment)
+    use_cache = cfg.cache == "ram" or (cfg.cache == "auto" and cache_bytes <= CACHE_LIMIT_BYTES)
+    workers = cfg.workers or default_workers()
+    caches: dict[str, list[np.ndarray] | None] = {}
+    problems: list[tuple[Record, str, str]] = []
+    for name, records in splits.items():
+        if use_cache:
+            result = decode_all(records, spec, augment if name == "train" else None, workers, progress,
+                                desc=f"decode {name}")
+            bad = {id(r): reason for r, reason in result.failures}
+            caches[name] = [a for a in result.arrays if a is not None]
+        else:
+            bad_paths = dict(scan_paths([r.path for r in records], workers=workers, progress=progress))
+            bad = {id(r): bad_paths[r.path] for r in records if r.path in bad_paths}
+            caches[name] = None
+        problems += [(r, name, bad[id(r)]) for r in records if id(r) in bad]
+        splits[name] = [r for r in records if id(r) not in bad]
+    counts = {name: dict(sorted(Counter(r.label for r in recs).items())) for name, recs in splits.items()}
+    rundir.write_json(run_dir / rundir.SCAN, {
+        "counts": counts,
+        "unreadable": [{"path": str(r.path), "split": s, "reason": why} for r, s, why in problems],
+        "ram_cache": use_cache, "cache_megabytes": round(cache_bytes / 2**20, 1)})
+    for r, s, why in problems:
+        log.warning("skipped unreadable file %s: %s", r.path, why)
+    empty = [c for c, k in counts["train"].items() if k == 0]
+    missing = sorted(set(rec.label for recs in splits.values() for rec in recs) - set(counts["train"]))
+    if empty or missing:
+        raise UserError(f"no readable training images left for class(es) {', '.join(empty + missing)}; see {run_dir / rundir.SCAN}")
+    return caches
+
+
+def compute_mean_std(images, limit: int = 2000) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std in [0, 1] over (up to ``limit``, evenly spaced) uint8 CHW images."""
+    idx = np.linspace(0, len(images) - 1, min(limit, len(images))).astype(int)
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for i in idx:
+        x = np.asarray(images[int(i)], dtype=np.float64).reshape(3, -1) / 255.0
+        total += x.sum(1)
+        total_sq += (x * x).sum(1)
+        count += x.shape[1]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 1e-12))
+    return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
+
+
+class _Pixels:
+    """Index -> uint8 CHW array of a dataset's images (no augmentation)."""
+
+    def __init__(self, dataset: ImageDataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0].numpy()
+
+
+def build_classifier(model_name: str, num_classes: int, preprocess: Preprocess, norm=None, se=False) -> Classifier:
+    net = create_model(model_name, num_classes, preprocess.input_size, norm, se)
+    return Classifier(net, preprocess)
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def _loader(dataset, cfg, shuffle, generator=None, workers=None):
+    workers = cfg.workers if cfg.workers is not None else (0 if dataset.cache is not None and dataset.transform is None
+                                                            else default_workers())
+    workers = workers if workers is not None else 0
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      drop_last=shuffle and len(dataset) > cfg.batch_size)
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_dtype, clip_grad, scaler,
+                    progress_desc: str | None = None):
+    from tqdm.auto import tqdm
+
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=progress_desc, disable=progress_desc is None, unit="batch", leave=False)
+    for images, targets in bar:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images)
+            loss = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        n = targets.shape[0]
+        loss_sum += loss.item() * n
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += n
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / elapsed:.0f}")
+    elapsed = time.perf_counter() - start
+    return {"train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
+            "images_per_second": seen / max(elapsed, 1e-9)}
+
+
+@torch.inference_mode()
+def predict_logits(model, loader, device, amp_dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    all_logits, all_targets = [], []
+    for images, targets in loader:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images.to(device, non_blocking=True))
+        all_logits.append(logits.float().cpu())
+        all_targets.append(targets)
+    return torch.cat(all_logits).numpy(), torch.cat(all_targets).numpy()
+
+
+class _GracefulInterrupt:
+    """Turn the first Ctrl-C (or SIGTERM) into a flag the loop checks after the
+    current batch; a second Ctrl-C interrupts immediately."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: keep default handling
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt received: finishing this epoch's checkpoint, then stopping (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def _checkpoint_state(model, optimizer, scheduler, scaler, epoch, best, best_epoch, bad_epochs) -> dict:
+    return {"model": model.net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "best_val_accuracy": best, "best_epoch": best_epoch,
+            "bad_epochs": bad_epochs,
+            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                    "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}}
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    rundir.atomic_write(path, buffer.getvalue())
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is a user-facing problem
+        raise UserError(f"{path}: cannot read the checkpoint ({err}); start a fresh run instead of --resume") from None
+
+
+def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    torch.manual_seed(seed * 100003 + epoch)
+    random.seed(seed * 100003 + epoch)
+    np.random.seed((seed * 100003 + epoch) % 2**32)
+    return torch.Generator().manual_seed(seed * 100003 + epoch)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train a classifier as configured; see :class:`TrainConfig`."""
+    run_dir = Path(cfg.out)
+    if resume:
+        if not (run_dir / rundir.CHECKPOINT).exists():
+            raise UserError(f"{run_dir}: nothing to resume (no {rundir.CHECKPOINT})")
+    elif (run_dir / rundir.WEIGHTS).exists():
+        raise UserError(f"{run_dir} already holds a trained model; choose another --out or continue it with --resume {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec_entry = model_spec(cfg.model)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {cfg.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {cfg.schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise UserError("--epochs and --batch-size must be at least 1")
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    augment = Augment.from_dict(cfg.augment)
+    torch.manual_seed(cfg.seed)
+
+    splits, classes = _split_dataset(cfg)
+    preprocess = default_preprocess(cfg.model, cfg.input_size)
+    caches = _scan(cfg, splits, preprocess, augment, run_dir, progress)
+    _write_split(run_dir, splits)
+    index = {c: i for i, c in enumerate(classes)}
+    train_set = ImageDataset(splits["train"], index, preprocess, augment, caches["train"])
+    val_set = ImageDataset(splits["val"], index, preprocess, None, caches["val"])
+
+    if cfg.mean and cfg.std:
+        preprocess = preprocess.replace(mean=cfg.mean, std=cfg.std)
+    elif spec_entry.pretrained is None and spec_entry.preprocess.mean == Preprocess().mean and not resume:
+        # trained from scratch: normalize with the training set's own statistics
+        pixels = caches["train"] if caches["train"] is not None else _Pixels(
+            ImageDataset(splits["train"], index, preprocess, None, None))
+        mean, std = compute_mean_std(pixels, limit=2000 if caches["train"] is not None else 300)
+        preprocess = preprocess.replace(mean=mean, std=std)
+    if resume:
+        preprocess = Preprocess.load(run_dir / rundir.PREPROCESS)
+    preprocess.save(run_dir / rundir.PREPROCESS)
+    rundir.write_json(run_dir / rundir.LABELS, classes)
+    rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())
+
+    model = build_classifier(cfg.model, len(classes), preprocess, cfg.norm, cfg.se).to(device)
+    factory, default_lr, default_wd = OPTIMIZERS[cfg.optimizer]
+    lr = cfg.lr if cfg.lr is not None else default_lr
+    wd = cfg.weight_decay if cfg.weight_decay is not None else default_wd
+    optimizer = factory(model.parameters(), lr, wd, cfg)
+    train_loader_len = len(_loader(train_set, cfg, shuffle=True, workers=0))
+    total_steps = cfg.epochs * train_loader_len
+    warmup_steps = int(cfg.warmup_epochs * train_loader_len)
+    schedule = SCHEDULES[cfg.schedule]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: schedule(s, total_steps, warmup_steps, train_loader_len, cfg))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    start_epoch, best, best_epoch, bad_epochs = 0, -1.0, 0, 0
+    if resume:
+        state = _load_checkpoint(run_dir / rundir.CHECKPOINT)
+        model.net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best, best_epoch, bad_epochs = (state["epoch"], state["best_val_accuracy"], state["best_epoch"],
+                                                     state["bad_epochs"])
+        torch.set_rng_state(state["rng"]["torch"])
+        log.info("resuming %s after epoch %d (best val accuracy %.4f)", run_dir, start_epoch, best)
+    elif (run_dir / rundir.METRICS).exists():
+        (run_dir / rundir.METRICS).unlink()
+
+    meta = rundir.model_meta(cfg.model, classes, preprocess, {"norm": cfg.norm, "se": cfg.se})
+    metrics_path = run_dir / rundir.METRICS
+    columns = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds",
+               "images_per_second"]
+    elapsed_before = rundir.read_json(run_dir / rundir.SUMMARY).get("train_seconds", 0.0) if resume and (run_dir / rundir.SUMMARY).exists() else 0.0
+    t0 = time.perf_counter()
+    stopped_early = interrupted = False
+    epoch = start_epoch
+    with _GracefulInterrupt() as interrupt:
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                generator = _seed_epoch(cfg.seed, epoch)
+                loader = _loader(train_set, cfg, shuffle=True, generator=generator)
+                epoch_start = time.perf_counter()
+                lr_now = optimizer.param_groups[0]["lr"]
+                row = train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_dtype, cfg.clip_grad,
+                                      scaler, progress_desc=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None)
+                logits, targets = predict_logits(model, _loader(val_set, cfg, shuffle=False), device, amp_dtype)
+                val = compute_metrics(logits, targets, classes)
+                row.update(epoch=epoch + 1, lr=lr_now, val_loss=val.loss, val_accuracy=val.accuracy,
+                           epoch_seconds=time.perf_counter() - epoch_start)
+                _append_csv(metrics_path, columns, row)
+                if val.accuracy > best:
+                    best, best_epoch, bad_epochs = val.accuracy, epoch + 1, 0
+                    rundir.save_weights(run_dir / rundir.WEIGHTS, model.net.state_dict(), meta)
+                else:
+                    bad_epochs += 1
+                _save_checkpoint(run_dir / rundir.CHECKPOINT, _checkpoint_state(
+                    model, optimizer, scheduler, scaler, epoch + 1, best, best_epoch, bad_epochs))
+                log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.0f img/s",
+                         epoch + 1, cfg.epochs, row["train_loss"], row["train_accuracy"], val.loss, val.accuracy,
+                         row["images_per_second"])
+                epoch += 1
+                if cfg.patience is not None and bad_epochs >= cfg.patience:
+                    stopped_early = True
+                    log.info("early stopping: no val improvement in %d epochs", cfg.patience)
+                    break
+                if interrupt.requested:
+                    raise _StopRequested
+        except (KeyboardInterrupt, _StopRequested):
+            interrupted = True
+            log.warning("training interrupted after epoch %d; continue with: imgcls train --resume %s", epoch, run_dir)
+    train_seconds = elapsed_before + time.perf_counter() - t0
+    if not (run_dir / rundir.WEIGHTS).exists():
+        raise UserError("training stopped before the first epoch finished; nothing was saved")
+
+    summary = {"model": cfg.model, "classes": classes, "best_val_accuracy": best, "best_epoch": best_epoch,
+               "epochs": epoch, "epochs_planned": cfg.epochs, "train_seconds": round(train_seconds, 2),
+               "n_train": len(train_set), "n_val": len(val_set), "stopped_early": stopped_early,
+               "interrupted": interrupted, "device": str(device),
+               "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"}
+    plot_training_curves(metrics_path, run_dir / rundir.CURVES)
+    if not interrupted:
+        model.net.load_state_dict(_load_net_state(run_dir / rundir.WEIGHTS))
+        logits, targets = predict_logits(model, _loader(val_set, cfg, shuffle=False), device, amp_dtype)
+        write_metrics(compute_metrics(logits, targets, classes), run_dir, prefix="val")
+        if splits.get("test"):
+            test_set = ImageDataset(splits["test"], index, preprocess, None, caches.get("test"))
+            logits, targets = predict_logits(model, _loader(test_set, cfg, shuffle=False), device, amp_dtype)
+            test = compute_metrics(logits, targets, classes)
+            write_metrics(test, run_dir, prefix="test")
+            summary["test_accuracy"] = test.accuracy
+            summary["n_test"] = len(test_set)
+    rundir.write_json(run_dir / rundir.SUMMARY, summary)
+    return TrainResult(run_dir, summary)
+
+
+def _load_net_state(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _append_csv(path: Path, columns: list[str], row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -1,0 +1,114 @@
+"""Training end to end on tiny generated datasets."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import FAST
+from imagezoo import make_class_tree, write_bad_file_zoo
+from safetensors.torch import load_file
+
+import imgcls
+from imgcls import rundir
+from imgcls.errors import UserError
+
+
+def test_train_writes_a_complete_run_dir(tiny_tree, tmp_path):
+    result = imgcls.train(tiny_tree, tmp_path / "run", epochs=4, progress=False, **FAST)
+    run = result.run_dir
+    for name in ("config.yaml", "labels.json", "preprocess.json", "model.safetensors", "checkpoint.pt",
+                 "metrics.csv", "summary.json", "scan.json", "split.csv", "training_curves.png",
+                 "val_confusion_matrix.png", "val_confusion_matrix.csv"):
+        assert (run / name).exists(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 4 and summary["train_seconds"] > 0
+    assert summary["best_val_accuracy"] >= 0.8  # the classes are easy: it must have learned
+    assert json.loads((run / "labels.json").read_text()) == ["cat", "dog", "fox"]
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    # trained from scratch: normalization computed from the training images, not ImageNet's
+    pre = json.loads((run / "preprocess.json").read_text())
+    assert pre["mean"] != [0.485, 0.456, 0.406]
+    # the weights file alone carries what prediction needs
+    meta = rundir.read_weights_meta(run / "model.safetensors")
+    assert meta["labels"] == ["cat", "dog", "fox"] and meta["model"] == "cifarnet"
+    assert meta["preprocess"] == pre
+
+
+def _interrupt_when(path, rows):
+    """Send this process SIGINT (a Ctrl-C) once ``path`` has ``rows`` data rows."""
+    import threading
+
+    def watch():
+        for _ in range(600):
+            if path.exists() and len(path.read_text().splitlines()) > rows:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_ctrl_c_keeps_a_checkpoint_and_resume_is_bit_exact(tiny_tree, tmp_path):
+    full = imgcls.train(tiny_tree, tmp_path / "full", epochs=3, progress=False, **FAST)
+    watcher = _interrupt_when(tmp_path / "cut" / "metrics.csv", 1)
+    cut = imgcls.train(tiny_tree, tmp_path / "cut", epochs=3, progress=False, **FAST)
+    watcher.join()
+    assert cut.summary["interrupted"] and cut.summary["epochs"] < 3
+    assert (tmp_path / "cut" / "model.safetensors").exists()
+    resumed = imgcls.train(None, tmp_path / "cut", resume=True, progress=False)
+    assert resumed.summary["epochs"] == 3 and not resumed.summary["interrupted"]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["best_val_accuracy"] == b["best_val_accuracy"]
+    assert len((tmp_path / "cut" / "metrics.csv").read_text().splitlines()) == 4
+
+
+def test_bad_files_are_listed_and_skipped(tmp_path):
+    make_class_tree(tmp_path / "data", {"a": 10, "b": 10})
+    zoo = write_bad_file_zoo(tmp_path / "data" / "a")
+    result = imgcls.train(tmp_path / "data", tmp_path / "run", epochs=1, progress=False, **FAST)
+    scan = json.loads((result.run_dir / "scan.json").read_text())
+    reasons = {os.path.basename(u["path"]): u["reason"] for u in scan["unreadable"]}
+    expected_bad = {e.path.name for e in zoo.values() if e.reason}
+    assert set(reasons) == expected_bad
+    assert result.summary["n_train"] + result.summary["n_val"] == 20 + len(zoo) - len(expected_bad)
+
+
+def test_early_stopping(tiny_tree, tmp_path):
+    result = imgcls.train(tiny_tree, tmp_path / "run", epochs=10, patience=1, progress=False,
+                          **{**FAST, "lr": 1e-9})
+    assert result.summary["stopped_early"] and result.summary["epochs"] < 10
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": "resnet19"}, "unknown model 'resnet19'. Did you mean"),
+    ({"optimizer": "lbfgs"}, "unknown optimizer"),
+])
+def test_user_errors(tiny_tree, tmp_path, change, message):
+    with pytest.raises(UserError, match=message):
+        imgcls.train(tiny_tree, tmp_path / "run", epochs=1, progress=False, **{**FAST, **change})
+
+
+def test_single_class_is_refused(tmp_path):
+    make_class_tree(tmp_path / "data", {"only": 5})
+    with pytest.raises(UserError, match="only one class"):
+        imgcls.train(tmp_path / "data", tmp_path / "run", epochs=1, progress=False, **FAST)
+
+
+def test_existing_run_is_not_overwritten(tiny_tree, tmp_path):
+    imgcls.train(tiny_tree, tmp_path / "run", epochs=1, progress=False, **FAST)
+    with pytest.raises(UserError, match="already holds a trained model"):
+        imgcls.train(tiny_tree, tmp_path / "run", epochs=1, progress=False, **FAST)

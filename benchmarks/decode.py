@@ -26,7 +26,6 @@ scan_paths with 1, 2 and 4 threads against a 2-process pool.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import tempfile
 import time

@@ -230,7 +230,10 @@ def write_bad_file_zoo(folder) -> dict[str, ZooEntry]:
     without a transparent colour), RGBA, LA (composited on white), CMYK JPEG,
     16-bit gray and 16-bit RGB PNG, EXIF orientation 6 and 8 JPEGs.
     Refused: truncated JPEG and PNG, zero bytes, text named .jpg, a PNG
-    header claiming 100000 x 100000, HEIC bytes, a JPEG with a broken header.
+    header claiming 100000 x 100000, HEIC bytes named .jpg, a JPEG with a
+    broken header.  Every file name ends in one of
+    ``imgcls.data.records.IMAGE_SUFFIXES`` and is unique, so the zoo can be
+    dropped into a class folder.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -312,7 +315,8 @@ def write_bad_file_zoo(folder) -> dict[str, ZooEntry]:
     bad("zero_bytes", "zero.jpg", b"", "zero bytes")
     bad("text_as_jpg", "text.jpg", b"this is not an image, just some text\n" * 4, "not an image")
     bad("huge_png_header", "huge.png", png_bytes(100_000, 100_000), "too large: 100000x100000 pixels")
-    bad("heic_bytes", "photo.heic", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64,
+    # an iPhone HEIC renamed .jpg (suffixes stay in IMAGE_SUFFIXES so folder readers pick every file up)
+    bad("heic_as_jpg", "heic_photo.jpg", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64,
         "unsupported format HEIC")
     bad("broken_jpeg_header", "broken_header.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF" + b"\x13" * 40,
         "corrupt or truncated JPEG header")

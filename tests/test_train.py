@@ -112,3 +112,31 @@ def test_existing_run_is_not_overwritten(tiny_tree, tmp_path):
     imgcls.train(tiny_tree, tmp_path / "run", epochs=1, progress=False, **FAST)
     with pytest.raises(UserError, match="already holds a trained model"):
         imgcls.train(tiny_tree, tmp_path / "run", epochs=1, progress=False, **FAST)
+
+
+def test_fine_tune_from_another_run_replaces_the_head(tiny_tree, tmp_path):
+    from imagezoo import make_class_tree
+
+    first = imgcls.train(tiny_tree, tmp_path / "a", epochs=1, progress=False, **FAST)
+    make_class_tree(tmp_path / "site2", {"elk": 8, "emu": 8}, seed=3)
+    second = imgcls.train(tmp_path / "site2", tmp_path / "b", epochs=1, weights=str(first.run_dir), progress=False,
+                          **{**FAST, "lr": 1e-12})
+    assert "head replaced" in second.summary["initial_weights"]
+    a = load_file(first.run_dir / "model.safetensors")
+    b = load_file(second.run_dir / "model.safetensors")
+    assert b["classifier.5.weight"].shape == (2, 84) and a["classifier.5.weight"].shape == (3, 84)
+    # lr ~ 0: the backbone is still the first run's
+    assert torch.allclose(a["features.0.weight"], b["features.0.weight"], atol=1e-6)
+    # normalization travels with the weights
+    assert json.loads((second.run_dir / "preprocess.json").read_text())["mean"] == \
+        json.loads((first.run_dir / "preprocess.json").read_text())["mean"]
+
+
+def test_freeze_backbone_trains_only_the_head(tiny_tree, tmp_path):
+    first = imgcls.train(tiny_tree, tmp_path / "a", epochs=1, progress=False, **FAST)
+    probe = imgcls.train(tiny_tree, tmp_path / "b", epochs=2, weights=str(first.run_dir), freeze="backbone",
+                         progress=False, **FAST)
+    a = load_file(first.run_dir / "model.safetensors")
+    b = torch.load(probe.run_dir / "checkpoint.pt", weights_only=True)["model"]
+    assert torch.equal(a["features.0.weight"], b["features.0.weight"])
+    assert not torch.equal(a["classifier.5.weight"], b["classifier.5.weight"])

@@ -107,6 +107,14 @@ def test_classifier_state_dict_loads_into_bare_net(tmp_path):
     _assert_same(wrapped.net.state_dict(), net.state_dict())
 
 
+def test_bare_net_file_loads_into_wrapped_net(tmp_path):
+    source = _trained_like(seed=0).state_dict()
+    save_file(source, str(tmp_path / "model.safetensors"))
+    wrapped = Classifier(_trained_like(seed=1), Preprocess())
+    assert load_weights_file(tmp_path, wrapped).ok
+    _assert_same(source, wrapped.net.state_dict())
+
+
 def test_pickled_objects_refused(tmp_path):
     torch.save(_trained_like(), tmp_path / "whole_model.pth")  # a pickled module, not a state dict
     with pytest.raises(UserError, match=r"weights_only=True.*Tiny|Tiny.*weights_only=True"):

@@ -71,11 +71,15 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
     return metrics
 
 
-def summary(model: str, input_size: int | None = None, depth: int | None = None, num_classes: int = 1000):
+def summary(model: str, input_size: int | None = None, depth: int | None = None, num_classes: int = 1000,
+            include_bias: bool = True):
     """Per-layer cost table (activation memory, parameters, FLOPs) of a registered model."""
+    from .models.catalog import build_on_meta
     from .models.cost import layer_table
     from .models.registry import create_model, default_preprocess
 
     size = input_size or default_preprocess(model).input_size
-    net = create_model(model, num_classes, size)
-    return layer_table(net, (3, size, size), depth=depth)
+    try:  # meta tensors: shapes and counts without allocating or initializing weights
+        return layer_table(build_on_meta(model, num_classes, size), (3, size, size), depth, include_bias)
+    except (NotImplementedError, RuntimeError):  # an op without a meta kernel
+        return layer_table(create_model(model, num_classes, size), (3, size, size), depth, include_bias)

@@ -34,6 +34,8 @@ def cmd_train(args) -> None:
     from .api import train
 
     options = {k: v for k, v in {
+        "pretrained": args.pretrained or None, "weights": args.weights, "freeze": args.freeze,
+        "head_epochs": args.head_epochs, "backbone_lr_mult": args.backbone_lr_mult,
         "input_size": args.input_size, "norm": args.norm, "se": args.se or None, "epochs": args.epochs,
         "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
         "weight_decay": args.weight_decay, "schedule": args.schedule, "warmup_epochs": args.warmup_epochs,
@@ -119,23 +121,25 @@ def cmd_models(args) -> None:
 
 
 def cmd_summary(args) -> None:
-    from .models.cost import layer_table
-    from .models.registry import create_model, default_preprocess
+    from .api import summary
 
-    c, h, w = args.input or (3, *(default_preprocess(args.model).input_size,) * 2)
-    if c != 3:
-        raise UserError("models take 3-channel (RGB) input; use --input 3xHxW")
-    net = create_model(args.model, args.num_classes, h)
-    table = layer_table(net, (c, h, w), depth=args.depth)
-    print({"table": table.to_text, "csv": table.to_csv, "md": table.to_markdown, "json": table.to_json}[args.format]())
+    c, h, w = args.input or (3, None, None)
+    if c != 3 or h != w:
+        raise UserError("models take square 3-channel (RGB) input; use --input 3xSxS")
+    table = summary(args.model, input_size=h, depth=args.depth, num_classes=args.num_classes,
+                    include_bias=not args.no_bias)
+    print(table.format(args.format))
 
 
 def cmd_compare(args) -> None:
     from .models.compare import compare_models, format_comparison
 
     size = args.input[1] if args.input else None
-    rows = compare_models(args.models, input_size=size, runs=args.runs or (), plot_path=args.plot)
-    print(format_comparison(rows))
+    if not args.models and not args.runs:
+        raise UserError("name models to compare, or give --runs RUN_DIR...")
+    rows = compare_models(args.models, input_size=size, runs=args.runs or (), plot_path=args.plot, batch=args.batch,
+                          repeats=args.repeats)
+    print(format_comparison(rows, args.format))
     if args.plot:
         print(f"plot: {args.plot}")
 
@@ -166,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (optionally with more --epochs)")
     p.add_argument("--model", default="resnet18", help="architecture name (see `imgcls models`)")
+    p.add_argument("--pretrained", action="store_true", help="start from the model's ImageNet weights (offline)")
+    p.add_argument("--weights", help="start from a local .safetensors/.pth file or another run directory")
+    p.add_argument("--freeze", choices=["backbone"], help="train the classifier head only (linear probe)")
+    p.add_argument("--head-epochs", type=int, help="two-phase fine-tuning: train the head alone this many epochs first")
+    p.add_argument("--backbone-lr-mult", type=float, help="backbone learning rate = lr x this (discriminative rates)")
     p.add_argument("--input-size", type=int, help="input side in pixels (default: the model's)")
     p.add_argument("--norm", choices=["batch", "group", "layer", "instance"], help="swap the normalization layers")
     p.add_argument("--se", action="store_true", help="insert squeeze-and-excitation blocks")
@@ -228,13 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "csv", "md", "json"], default="table")
     p.add_argument("--depth", type=int, help="how deep to show nested modules")
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--no-bias", action="store_true",
+                   help="leave biases out of params and FLOPs (the convention of many lecture tables)")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("compare", help="which architecture? params, FLOPs, size, speed, accuracy side by side")
-    p.add_argument("models", nargs="+")
+    p.add_argument("models", nargs="*")
     p.add_argument("--input", type=_input_shape, help="CxHxW (default: each model's)")
     p.add_argument("--runs", nargs="*", help="run directories to take accuracy from")
     p.add_argument("--plot", help="scatter plot PNG to write")
+    p.add_argument("--batch", type=int, default=32, help="batch size of the throughput measurement")
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats (median reported)")
+    p.add_argument("--format", choices=["table", "csv", "md", "json"], default="table")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="export a run's model to ONNX (labels and preprocessing inside)")
@@ -258,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imgcls: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `imgcls models | head`
+        sys.stderr.close()
+        return 0
     return 0
 
 

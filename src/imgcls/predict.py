@@ -160,6 +160,10 @@ def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
     from .models.classifier import Classifier
     from .models.registry import create_model
 
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = rundir.read_weights_meta(weights)
     preprocess = Preprocess.from_dict(meta["preprocess"])
     build = meta.get("build", {})

@@ -88,14 +88,25 @@ def save_weights(path: str | Path, state_dict: dict, meta: dict) -> None:
     atomic_write(path, save(tensors, metadata={"imgcls": json.dumps(meta)}))
 
 
-def read_weights_meta(path: str | Path) -> dict:
+def weights_meta(path: str | Path) -> dict | None:
+    """imgcls metadata of a run directory or .safetensors file; None for any other weights file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS
+    if path.suffix != ".safetensors" or not path.exists():
+        return None
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         meta = (handle.metadata() or {}).get("imgcls")
+    return json.loads(meta) if meta else None
+
+
+def read_weights_meta(path: str | Path) -> dict:
+    meta = weights_meta(path)
     if meta is None:
-        raise UserError(f"{path}: a safetensors file without imgcls metadata; use it with --weights to fine-tune from it")
-    return json.loads(meta)
+        raise UserError(f"{path}: not an imgcls model file (no imgcls metadata); use it with --weights to fine-tune from it")
+    return meta
 
 
 def model_meta(model_name: str, labels: list[str], preprocess: Preprocess, build: dict) -> dict:

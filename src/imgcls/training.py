@@ -39,6 +39,8 @@ from .data.transforms import Augment
 from .errors import UserError
 from .metrics import compute_metrics, write_metrics
 from .models.classifier import Classifier
+from .models.pretrained import freeze_backbone, load_pretrained, param_groups, set_frozen_bn_eval, unfreeze
+from .models.weights import load_weights_file
 from .models.registry import create_model, default_preprocess, model_spec
 from .report import plot_training_curves
 
@@ -52,6 +54,11 @@ class TrainConfig:
     data: str
     out: str
     model: str = "resnet18"
+    pretrained: bool = False           # start from the model's ImageNet weights (models/pretrained.py)
+    weights: str | None = None         # or from a local file / another run (models/weights.py)
+    freeze: str | None = None          # "backbone": train the head only (linear probe)
+    head_epochs: int = 0               # two-phase fine-tuning: head only for this many epochs first
+    backbone_lr_mult: float = 1.0      # discriminative rates: backbone lr = lr * this
     input_size: int | None = None
     norm: str | None = None
     se: bool = False
@@ -246,6 +253,37 @@ class _Pixels:
         return self.dataset[i][0].numpy()
 
 
+def _resolve_normalization(cfg, preprocess, train_records, index, train_cache) -> Preprocess:
+    """Mean/std follow the weights; a model trained from scratch uses its data's own."""
+    if cfg.mean and cfg.std:
+        return preprocess.replace(mean=cfg.mean, std=cfg.std)
+    if cfg.weights:
+        meta = rundir.weights_meta(cfg.weights)
+        if meta is not None:  # another imgcls run: keep its normalization (its geometry is ours already)
+            saved = Preprocess.from_dict(meta["preprocess"])
+            return preprocess.replace(mean=saved.mean, std=saved.std)
+        return preprocess
+    if cfg.pretrained:
+        return preprocess
+    pixels = train_cache if train_cache is not None else _Pixels(ImageDataset(train_records, index, preprocess))
+    mean, std = compute_mean_std(pixels, limit=2000 if train_cache is not None else 300)
+    return preprocess.replace(mean=mean, std=std)
+
+
+def _initial_weights(cfg, net: nn.Module):
+    """Load --pretrained or --weights into ``net``; returns the LoadReport (or None)."""
+    if cfg.pretrained and cfg.weights:
+        raise UserError("use either --pretrained or --weights, not both")
+    if cfg.pretrained:
+        report = load_pretrained(cfg.model, net, model_spec(cfg.model).pretrained)
+    elif cfg.weights:
+        report = load_weights_file(cfg.weights, net, model_name=cfg.model)
+    else:
+        return None
+    log.info(report.summary())
+    return report
+
+
 def build_classifier(model_name: str, num_classes: int, preprocess: Preprocess, norm=None, se=False) -> Classifier:
     net = create_model(model_name, num_classes, preprocess.input_size, norm, se)
     return Classifier(net, preprocess)
@@ -255,19 +293,21 @@ def build_classifier(model_name: str, num_classes: int, preprocess: Preprocess, 
 
 
 def _loader(dataset, cfg, shuffle, generator=None, workers=None):
-    workers = cfg.workers if cfg.workers is not None else (0 if dataset.cache is not None and dataset.transform is None
-                                                            else default_workers())
-    workers = workers if workers is not None else 0
+    if workers is None:
+        # decoded images in RAM: augmenting them in-process beats starting worker processes
+        workers = cfg.workers if cfg.workers is not None else (0 if dataset.cache is not None else default_workers())
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator,
                       num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
                       drop_last=shuffle and len(dataset) > cfg.batch_size)
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_dtype, clip_grad, scaler,
-                    progress_desc: str | None = None):
+                    progress_desc: str | None = None, frozen_backbone: bool = False):
     from tqdm.auto import tqdm
 
     model.train()
+    if frozen_backbone:
+        set_frozen_bn_eval(model.net)  # a frozen backbone keeps its BatchNorm statistics too
     loss_sum, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=progress_desc, disable=progress_desc is None, unit="batch", leave=False)
@@ -402,25 +442,23 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     train_set = ImageDataset(splits["train"], index, preprocess, augment, caches["train"])
     val_set = ImageDataset(splits["val"], index, preprocess, None, caches["val"])
 
-    if cfg.mean and cfg.std:
-        preprocess = preprocess.replace(mean=cfg.mean, std=cfg.std)
-    elif spec_entry.pretrained is None and spec_entry.preprocess.mean == Preprocess().mean and not resume:
-        # trained from scratch: normalize with the training set's own statistics
-        pixels = caches["train"] if caches["train"] is not None else _Pixels(
-            ImageDataset(splits["train"], index, preprocess, None, None))
-        mean, std = compute_mean_std(pixels, limit=2000 if caches["train"] is not None else 300)
-        preprocess = preprocess.replace(mean=mean, std=std)
     if resume:
         preprocess = Preprocess.load(run_dir / rundir.PREPROCESS)
+    else:
+        preprocess = _resolve_normalization(cfg, preprocess, splits["train"], index, caches["train"])
     preprocess.save(run_dir / rundir.PREPROCESS)
     rundir.write_json(run_dir / rundir.LABELS, classes)
     rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())
 
-    model = build_classifier(cfg.model, len(classes), preprocess, cfg.norm, cfg.se).to(device)
+    model = build_classifier(cfg.model, len(classes), preprocess, cfg.norm, cfg.se)
+    weights_report = None if resume else _initial_weights(cfg, model.net)
+    model = model.to(device)
     factory, default_lr, default_wd = OPTIMIZERS[cfg.optimizer]
     lr = cfg.lr if cfg.lr is not None else default_lr
     wd = cfg.weight_decay if cfg.weight_decay is not None else default_wd
-    optimizer = factory(model.parameters(), lr, wd, cfg)
+    if cfg.freeze not in (None, "backbone"):
+        raise UserError(f"unknown --freeze {cfg.freeze!r}; use: backbone")
+    optimizer = factory(param_groups(model.net, lr, cfg.backbone_lr_mult), lr, wd, cfg)
     train_loader_len = len(_loader(train_set, cfg, shuffle=True, workers=0))
     total_steps = cfg.epochs * train_loader_len
     warmup_steps = int(cfg.warmup_epochs * train_loader_len)
@@ -456,11 +494,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 generator = _seed_epoch(cfg.seed, epoch)
+                frozen = cfg.freeze == "backbone" or epoch < cfg.head_epochs
+                (freeze_backbone if frozen else unfreeze)(model.net)
                 loader = _loader(train_set, cfg, shuffle=True, generator=generator)
                 epoch_start = time.perf_counter()
                 lr_now = optimizer.param_groups[0]["lr"]
                 row = train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_dtype, cfg.clip_grad,
-                                      scaler, progress_desc=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None)
+                                      scaler, progress_desc=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None,
+                                      frozen_backbone=frozen)
                 logits, targets = predict_logits(model, _loader(val_set, cfg, shuffle=False), device, amp_dtype)
                 val = compute_metrics(logits, targets, classes)
                 row.update(epoch=epoch + 1, lr=lr_now, val_loss=val.loss, val_accuracy=val.accuracy,
@@ -495,6 +536,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                "n_train": len(train_set), "n_val": len(val_set), "stopped_early": stopped_early,
                "interrupted": interrupted, "device": str(device),
                "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"}
+    if weights_report is not None:
+        summary["initial_weights"] = weights_report.summary()
     plot_training_curves(metrics_path, run_dir / rundir.CURVES)
     if not interrupted:
         model.net.load_state_dict(_load_net_state(run_dir / rundir.WEIGHTS))

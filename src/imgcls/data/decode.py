@@ -40,7 +40,6 @@ prediction runtime uses this module without torch.
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 

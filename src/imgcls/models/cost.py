@@ -34,7 +34,8 @@ Conventions
 Which layers become rows (a generic rule, no per-model code)
 ------------------------------------------------------------
 1. The traced calls form a tree (root = the model).  ``depth=None`` uses the
-   leaf calls (modules that call no other module); ``depth=N`` uses the calls
+   leaf calls (modules that call no other module, or only modules that rule 2
+   folds, like timm's BatchNormAct2d); ``depth=N`` uses the calls
    at nesting depth N (1 = the model's direct children) and aggregates every
    call below them into them; leaves shallower than N stay as they are.
 2. A call becomes a row if it holds parameters, does multiply-adds or changes
@@ -79,6 +80,7 @@ __all__ = [
     "count_params",
     "count_macs",
     "peak_activation_bytes",
+    "model_cost",
     "format_rows",
 ]
 
@@ -154,8 +156,17 @@ class _Call:
         return self.out_shapes[0] if self.out_shapes else None
 
     @property
+    def trivial(self) -> bool:
+        """No parameters, no MACs, same per-sample shape out as in, all the way down."""
+        return (self.own_params == 0 and self.macs == 0 and len(self.out_shapes) <= 1
+                and _per_sample(self.in_shape) == _per_sample(self.out_shape)
+                and all(c.trivial for c in self.children))
+
+    @property
     def is_leaf(self) -> bool:
-        return not self.children
+        """Calls no other module, or only trivial ones (timm's BatchNormAct2d is a
+        BatchNorm2d whose children are an activation and a dropout): a layer."""
+        return all(c.trivial for c in self.children)
 
 
 class _Tracer:
@@ -334,7 +345,7 @@ def _kind(module: nn.Module) -> str:
 def _channels_last(call: _Call) -> bool:
     """Linear / LayerNorm act on the last dim (ConvNeXt's MLP runs NHWC); an
     aggregated row follows its first leaf."""
-    while call.children:
+    while not call.is_leaf:
         call = call.children[0]
     return isinstance(call.module, (nn.Linear, nn.LayerNorm)) and not _is_2d_norm(call.module)
 
@@ -370,7 +381,7 @@ def _units(call: _Call, depth: int | None, out: list) -> None:
         else:
             _units(child, depth, out)
     own_macs = call.macs - sum(c.macs for c in call.children)
-    if call.children and (own_macs > 0 or call.own_params > 0):
+    if not call.is_leaf and (own_macs > 0 or call.own_params > 0):
         out.append((call.end, "own", call))
 
 

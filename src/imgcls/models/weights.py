@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..rundir import WEIGHTS
 
 # wrapper prefixes stripped from file keys, in any order and repetition
 PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "backbone.")
@@ -46,7 +47,7 @@ PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "backbone.")
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "net", "state_dict_ema")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
-RUN_WEIGHTS = "model.safetensors"  # == imgcls.rundir.WEIGHTS (not imported: rundir pulls in yaml)
+RUN_WEIGHTS = WEIGHTS  # a run directory's weights: the bare net's state dict
 MIN_FIT = 0.5  # least fraction of the model's tensors a file must fill
 _SHOW = 5      # keys quoted per list in messages
 
@@ -260,18 +261,33 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- matching
 
 
-def _match_key(key: str, model_keys) -> str:
-    """The model key a file key stands for: itself, or itself without wrapper prefixes."""
-    if key in model_keys:
+def _strip(key: str) -> list[str]:
+    """``key`` and its forms with leading wrapper prefixes removed one by one."""
+    forms = [key]
+    while prefix := next((p for p in PREFIXES if forms[-1].startswith(p)), None):
+        forms.append(forms[-1][len(prefix):])
+    return forms
+
+
+def _matcher(model_keys) -> Callable[[str], str]:
+    """file key -> model key: exact, else without the file's wrapper prefixes, else
+    onto a model key that carries a prefix itself (a wrapped net), if unambiguous."""
+    wrapped: dict[str, list[str]] = {}
+    for mkey in model_keys:
+        for form in _strip(mkey)[1:]:
+            wrapped.setdefault(form, []).append(mkey)
+
+    def match(key: str) -> str:
+        forms = _strip(key)
+        for form in forms:
+            if form in model_keys:
+                return form
+        for form in forms:
+            if len(wrapped.get(form, ())) == 1:
+                return wrapped[form][0]
         return key
-    stripped = key
-    while True:
-        prefix = next((p for p in PREFIXES if stripped.startswith(p)), None)
-        if prefix is None:
-            return key
-        stripped = stripped[len(prefix):]
-        if stripped in model_keys:
-            return stripped
+
+    return match
 
 
 def _counted(key: str) -> bool:
@@ -293,10 +309,11 @@ def apply_state_dict(
     model_keys = set(target)
     head = head_state_keys(net)
     report = LoadReport(source=source)
+    match = _matcher(model_keys)
     to_load: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     for key, value in state_dict.items():
-        mkey = _match_key(key, model_keys)
+        mkey = match(key)
         if mkey not in model_keys or mkey in seen:
             report.unexpected.append(key)
             continue

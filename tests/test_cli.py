@@ -1,0 +1,98 @@
+"""The command line end to end: train -> eval -> predict, and its error messages."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from imagezoo import make_class_tree, write_bad_file_zoo, write_image
+
+from imgcls.cli import main
+
+TRAIN = ["--model", "cifarnet", "--epochs", "3", "--batch-size", "8", "--workers", "0", "--lr", "0.003",
+         "--warmup-epochs", "0"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    make_class_tree(root / "data" / "train", {"cat": 14, "dog": 14, "fox": 14, "owl": 14, "yak": 14}, seed=1)
+    make_class_tree(root / "data" / "test", {"cat": 4, "dog": 4, "fox": 4, "owl": 4, "yak": 4}, seed=2)
+    assert main(["-q", "train", str(root / "data"), "--out", str(root / "run"), *TRAIN]) == 0
+    return root
+
+
+def test_train_reports_test_split(trained):
+    summary = json.loads((trained / "run" / "summary.json").read_text())
+    assert summary["n_test"] == 20 and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert (trained / "run" / "test_confusion_matrix.png").exists()
+
+
+def test_eval_json(trained, capsys):
+    assert main(["eval", str(trained / "run"), str(trained / "data"), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "balanced_accuracy", "top5_accuracy", "per_class", "confusion_matrix"} <= set(metrics)
+    assert metrics["top5_accuracy"] == 1.0  # 5 classes: top-5 always right
+    assert sum(map(sum, metrics["confusion_matrix"])) == metrics["n"] == 20
+    summary = json.loads((trained / "run" / "summary.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-9)
+    assert (trained / "run" / "eval_confusion_matrix.csv").exists()
+
+
+def test_predict_folder_with_bad_files_and_top_k(trained, tmp_path):
+    inputs = tmp_path / "new"
+    make_class_tree(inputs / "x", {"cat": 2, "owl": 2}, seed=5)
+    zoo = write_bad_file_zoo(inputs / "odd")
+    out = tmp_path / "pred.csv"
+    assert main(["-q", "predict", str(trained / "run"), str(inputs), "--out", str(out), "--top-k", "3",
+                 "--backend", "torch"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["path", "label", "prob", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3",
+                             "error"]
+    by_name = {row["path"].split("/")[-1]: row for row in rows}
+    for entry in zoo.values():
+        row = by_name[entry.path.name]
+        assert bool(row["error"]) == bool(entry.reason), (entry.path.name, row)
+    good = [r for r in rows if not r["error"]]
+    assert all(r["label"] == r["label_1"] and float(r["prob_1"]) >= float(r["prob_2"]) >= float(r["prob_3"])
+               for r in good)
+    assert len(rows) == 4 + len(zoo)
+
+
+def test_predict_single_file_matches_python_api(trained, tmp_path):
+    import imgcls
+
+    image = write_image(tmp_path / "one.png", color=(30, 200, 90), pattern="noise")
+    out = tmp_path / "p.csv"
+    assert main(["-q", "predict", str(trained / "run" / "model.safetensors"), str(image), "--out", str(out)]) == 0
+    row = next(csv.DictReader(out.open()))
+    api_row = imgcls.load(trained / "run" / "model.safetensors").predict([image])[0]
+    assert row["label"] == api_row["label"]
+    assert float(row["prob"]) == pytest.approx(api_row["prob"], abs=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "{tmp}/missing", "--out", "{tmp}/r"], "no such file or folder"),
+    (["train", "{tmp}/bad.csv", "--out", "{tmp}/r"], "missing column"),
+    (["train", "{tmp}/tree", "--out", "{tmp}/r", "--model", "vgg17"], "unknown model"),
+    (["train", "{tmp}/tree", "--out", "{tmp}/r", "--model", "cifarnet", "--input-size", "4096"], "out of range|takes inputs"),
+    (["eval", "{tmp}/missing", "{tmp}/tree"], "no such run directory"),
+    (["predict", "{tmp}/tree", "{tmp}/tree", "--out", "{tmp}/p.csv"], "not an imgcls run directory"),
+])
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
+    import re
+
+    make_class_tree(tmp_path / "tree", {"a": 2, "b": 2})
+    (tmp_path / "bad.csv").write_text("file,species\nx.png,a\n")
+    code = main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("imgcls: error:") and len(err.splitlines()) == 1
+    assert re.search(message, err), err
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "imgcls.cli", "train", "/nonexistent/x", "--out", "/tmp/x"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "no such file or folder" in result.stderr

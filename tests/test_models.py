@@ -3,10 +3,10 @@ the libraries; the hand-written architectures match their papers.
 
 Runtime (two shared cores): structure, parameter counts and shapes are
 checked on the ``meta`` device (no memory, no initialization).  The training
-step builds models up to ``REAL_INIT_LIMIT`` parameters for real.  Bigger ones
-(AlexNet, the VGGs, ResNet-101/152, ConvNeXt-S/B/L) would spend seconds each
-on random initialization and on gradients for 100M+ weights, so they are
-built on ``meta`` (the full builder runs), their parameters are placed in one
+step builds models up to ``REAL_INIT_LIMIT`` parameters for real (cifarnet,
+softmax, ResNet-18, the small ConvNeXt V2s, the EfficientNets).  Bigger ones
+would spend seconds each on random initialization and on gradients for up to
+200M weights, so they are built on ``meta`` (the full builder runs), their parameters are placed in one
 reused, pre-touched buffer with cheap deterministic values, and the step
 trains the first and the last weight only: the backward pass still runs
 through every layer to reach the first one.
@@ -47,7 +47,7 @@ TIMM = {
 OWN = {"cifarnet", "softmax", "vgg11_lrn", "vgg16_c", "vgg16_c_bn", "se_resnet18", "se_resnet50"}
 PUBLISHED_COUNTS = {"alexnet": 61_100_840, "vgg16": 138_357_544, "resnet50": 25_557_032,
                     "convnext_tiny": 28_589_128}
-REAL_INIT_LIMIT = 30_000_000
+REAL_INIT_LIMIT = 12_000_000
 
 
 def n_params(module: nn.Module) -> int:
@@ -362,9 +362,10 @@ def _materialize(skeleton: nn.Module) -> nn.Module:
                 data = arena[offset:offset + p.numel()].view(p.shape)
                 offset += p.numel()
                 if p.dim() > 1:
-                    flat, step = data.view(-1), _PATTERN.numel()
-                    for start in range(0, flat.numel(), step):
-                        flat[start:start + step].copy_(_PATTERN[: min(step, flat.numel() - start)])
+                    flat, period = data.view(-1), _PATTERN.numel()
+                    whole = flat.numel() // period
+                    flat[: whole * period].view(whole, period).copy_(_PATTERN.expand(whole, period))
+                    flat[whole * period:].copy_(_PATTERN[: flat.numel() - whole * period])
                     data.mul_(math.sqrt(2.0 / p[0].numel()))
                 else:
                     data.fill_(0.0 if pname == "bias" else 1.0)
@@ -405,10 +406,11 @@ def _train_one_step(name, size=None, **options):
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
     torch.optim.SGD(params, lr=1e-3).step()
-    changed = [not torch.equal(b, p.detach()) for b, p in zip(before, params)]
-    assert changed[0] and changed[-1] and sum(changed) >= 0.9 * len(changed)
-    with torch.no_grad():
-        assert torch.isfinite(net(x)).all()
+    # every parameter with a gradient moved (a conv bias right before a per-channel
+    # norm, e.g. cifarnet + group/instance, gets an exact zero gradient and stays)
+    for b, p in zip(before, params):
+        assert torch.equal(b, p.detach()) == (not p.grad.any())
+    assert not torch.equal(before[0], params[0]) and not torch.equal(before[-1], params[-1])
 
 
 @pytest.mark.parametrize("name", NAMES)

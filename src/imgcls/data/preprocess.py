@@ -123,10 +123,11 @@ def resize_and_crop(image: Image.Image, spec: Preprocess) -> np.ndarray:
     else:
         w, h = image.size
         short = spec.resize_size
+        # long side truncated, as torchvision's Resize(int) does, so both paths agree to the pixel
         if w <= h:
-            new_w, new_h = short, max(short, round(h * short / w))
+            new_w, new_h = short, int(h * short / w)
         else:
-            new_w, new_h = max(short, round(w * short / h)), short
+            new_w, new_h = int(w * short / h), short
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), spec.pil_interpolation)
         left = int(round((new_w - size) / 2.0))

@@ -1,0 +1,59 @@
+"""Preprocessing: one spec drives train, eval and predict; the torchvision and
+Pillow forms of the eval geometry agree."""
+
+import numpy as np
+import pytest
+import torch
+from imagezoo import photo_array
+from PIL import Image
+
+from imgcls.data.preprocess import Preprocess, resize_and_crop
+from imgcls.data.transforms import Augment, eval_transform, train_transform
+from imgcls.errors import UserError
+from imgcls.models.classifier import Classifier
+
+
+@pytest.mark.parametrize("spec", [
+    Preprocess(input_size=224, crop_pct=0.875, interpolation="bilinear"),
+    Preprocess(input_size=240, crop_pct=0.882, interpolation="bicubic"),
+    Preprocess(input_size=32, resize="squash", crop_pct=1.0),
+])
+@pytest.mark.parametrize("size", [(640, 480), (300, 500)])
+def test_pil_eval_path_matches_torchvision(spec, size):
+    image = Image.fromarray(photo_array(size))
+    ours = resize_and_crop(image, spec)
+    reference = eval_transform(spec)(torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())).numpy()
+    assert ours.shape == reference.shape == (3, spec.input_size, spec.input_size)
+    diff = np.abs(ours.astype(int) - reference.astype(int))
+    assert diff.mean() < 0.05 and diff.max() <= 3  # rounding differences only
+
+
+def test_train_transform_shapes_and_randomness():
+    spec = Preprocess(input_size=64)
+    x = torch.from_numpy(photo_array((120, 90)).transpose(2, 0, 1).copy())
+    t = train_transform(spec, Augment())
+    a, b = t(x), t(x)
+    assert a.shape == b.shape == (3, 64, 64) and a.dtype == torch.uint8
+    assert not torch.equal(a, b)
+    off = train_transform(spec, Augment.off())
+    assert torch.equal(off(x), off(x))
+
+
+def test_classifier_normalizes_like_the_formula():
+    spec = Preprocess(input_size=8, resize="squash", mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
+    model = Classifier(torch.nn.Identity(), spec)
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(model(x), (x.float() / 255 - mean) / std)
+
+
+def test_spec_round_trip_and_validation(tmp_path):
+    spec = Preprocess(input_size=260, crop_pct=0.89, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic")
+    spec.save(tmp_path / "p.json")
+    assert Preprocess.load(tmp_path / "p.json") == spec
+    assert spec.resize_size == 292
+    with pytest.raises(UserError, match="interpolation"):
+        Preprocess(interpolation="lanczos7")
+    with pytest.raises(UserError, match="std"):
+        Preprocess(std=(0.1, 0.0, 0.1))

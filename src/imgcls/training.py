@@ -413,24 +413,68 @@ def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
 # --------------------------------------------------------------------------- entry point
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train a classifier as configured; see :class:`TrainConfig`."""
+@dataclass
+class Session:
+    """Everything a fitting strategy needs, prepared once by :func:`prepare`."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    classes: list[str]
+    splits: dict[str, list[Record]]
+    caches: dict[str, list[np.ndarray] | None]
+    preprocess: Preprocess
+    train_set: ImageDataset
+    val_set: ImageDataset
+    model: Classifier
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    meta: dict
+    weights_report: object = None
+
+    def loader(self, dataset, shuffle=False, generator=None):
+        return _loader(dataset, self.cfg, shuffle, generator)
+
+    def save_best(self) -> None:
+        rundir.save_weights(self.run_dir / rundir.WEIGHTS, self.model.net.state_dict(), self.meta)
+
+
+@dataclass
+class Fit:
+    """What a fitting strategy reports back."""
+
+    best_val_accuracy: float
+    best_epoch: int
+    epochs: int
+    stopped_early: bool = False
+    interrupted: bool = False
+    strategy: str = "finetune"
+
+
+def _validate(cfg: TrainConfig) -> None:
+    model_spec(cfg.model)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {cfg.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {cfg.schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if cfg.freeze not in (None, "backbone"):
+        raise UserError(f"unknown --freeze {cfg.freeze!r}; use: backbone")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise UserError("--epochs and --batch-size must be at least 1")
+
+
+def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Session:
+    """Data (split, scan, cache), preprocessing, model and initial weights."""
     run_dir = Path(cfg.out)
     if resume:
         if not (run_dir / rundir.CHECKPOINT).exists():
             raise UserError(f"{run_dir}: nothing to resume (no {rundir.CHECKPOINT})")
     elif (run_dir / rundir.WEIGHTS).exists():
         raise UserError(f"{run_dir} already holds a trained model; choose another --out or continue it with --resume {run_dir}")
+    _validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec_entry = model_spec(cfg.model)
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {cfg.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
-    if cfg.schedule not in SCHEDULES:
-        raise UserError(f"unknown schedule {cfg.schedule!r}; use one of {', '.join(SCHEDULES)}")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise UserError("--epochs and --batch-size must be at least 1")
+    if not resume:
+        (run_dir / rundir.METRICS).unlink(missing_ok=True)  # left by a run that never saved weights
     device = resolve_device(cfg.device)
-    amp_dtype = resolve_amp(cfg.amp, device)
     augment = Augment.from_dict(cfg.augment)
     torch.manual_seed(cfg.seed)
 
@@ -439,9 +483,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     caches = _scan(cfg, splits, preprocess, augment, run_dir, progress)
     _write_split(run_dir, splits)
     index = {c: i for i, c in enumerate(classes)}
-    train_set = ImageDataset(splits["train"], index, preprocess, augment, caches["train"])
-    val_set = ImageDataset(splits["val"], index, preprocess, None, caches["val"])
-
     if resume:
         preprocess = Preprocess.load(run_dir / rundir.PREPROCESS)
     else:
@@ -452,20 +493,28 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
 
     model = build_classifier(cfg.model, len(classes), preprocess, cfg.norm, cfg.se)
     weights_report = None if resume else _initial_weights(cfg, model.net)
-    model = model.to(device)
+    return Session(cfg, run_dir, classes, splits, caches, preprocess,
+                   ImageDataset(splits["train"], index, preprocess, augment, caches["train"]),
+                   ImageDataset(splits["val"], index, preprocess, None, caches["val"]),
+                   model.to(device), device, resolve_amp(cfg.amp, device),
+                   rundir.model_meta(cfg.model, classes, preprocess, {"norm": cfg.norm, "se": cfg.se}),
+                   weights_report)
+
+
+def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
+    """End-to-end training by epochs (full fine-tuning, linear probe or two-phase)."""
+    cfg, model, run_dir = s.cfg, s.model, s.run_dir
     factory, default_lr, default_wd = OPTIMIZERS[cfg.optimizer]
     lr = cfg.lr if cfg.lr is not None else default_lr
     wd = cfg.weight_decay if cfg.weight_decay is not None else default_wd
-    if cfg.freeze not in (None, "backbone"):
-        raise UserError(f"unknown --freeze {cfg.freeze!r}; use: backbone")
     optimizer = factory(param_groups(model.net, lr, cfg.backbone_lr_mult), lr, wd, cfg)
-    train_loader_len = len(_loader(train_set, cfg, shuffle=True, workers=0))
-    total_steps = cfg.epochs * train_loader_len
-    warmup_steps = int(cfg.warmup_epochs * train_loader_len)
+    steps_per_epoch = len(_loader(s.train_set, cfg, shuffle=True, workers=0))
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
     schedule = SCHEDULES[cfg.schedule]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: schedule(s, total_steps, warmup_steps, train_loader_len, cfg))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        optimizer, lambda step: schedule(step, total_steps, warmup_steps, steps_per_epoch, cfg))
+    scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     start_epoch, best, best_epoch, bad_epochs = 0, -1.0, 0, 0
@@ -479,15 +528,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                                                      state["bad_epochs"])
         torch.set_rng_state(state["rng"]["torch"])
         log.info("resuming %s after epoch %d (best val accuracy %.4f)", run_dir, start_epoch, best)
-    elif (run_dir / rundir.METRICS).exists():
-        (run_dir / rundir.METRICS).unlink()
 
-    meta = rundir.model_meta(cfg.model, classes, preprocess, {"norm": cfg.norm, "se": cfg.se})
-    metrics_path = run_dir / rundir.METRICS
-    columns = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds",
-               "images_per_second"]
-    elapsed_before = rundir.read_json(run_dir / rundir.SUMMARY).get("train_seconds", 0.0) if resume and (run_dir / rundir.SUMMARY).exists() else 0.0
-    t0 = time.perf_counter()
     stopped_early = interrupted = False
     epoch = start_epoch
     with _GracefulInterrupt() as interrupt:
@@ -496,20 +537,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
                 generator = _seed_epoch(cfg.seed, epoch)
                 frozen = cfg.freeze == "backbone" or epoch < cfg.head_epochs
                 (freeze_backbone if frozen else unfreeze)(model.net)
-                loader = _loader(train_set, cfg, shuffle=True, generator=generator)
                 epoch_start = time.perf_counter()
-                lr_now = optimizer.param_groups[0]["lr"]
-                row = train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_dtype, cfg.clip_grad,
-                                      scaler, progress_desc=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None,
+                lr_now = optimizer.param_groups[-1]["lr"]
+                row = train_one_epoch(model, s.loader(s.train_set, True, generator), criterion, optimizer, scheduler,
+                                      s.device, s.amp_dtype, cfg.clip_grad, scaler,
+                                      progress_desc=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None,
                                       frozen_backbone=frozen)
-                logits, targets = predict_logits(model, _loader(val_set, cfg, shuffle=False), device, amp_dtype)
-                val = compute_metrics(logits, targets, classes)
+                logits, targets = predict_logits(model, s.loader(s.val_set), s.device, s.amp_dtype)
+                val = compute_metrics(logits, targets, s.classes)
                 row.update(epoch=epoch + 1, lr=lr_now, val_loss=val.loss, val_accuracy=val.accuracy,
                            epoch_seconds=time.perf_counter() - epoch_start)
-                _append_csv(metrics_path, columns, row)
+                append_metrics(run_dir, row)
                 if val.accuracy > best:
                     best, best_epoch, bad_epochs = val.accuracy, epoch + 1, 0
-                    rundir.save_weights(run_dir / rundir.WEIGHTS, model.net.state_dict(), meta)
+                    s.save_best()
                 else:
                     bad_epochs += 1
                 _save_checkpoint(run_dir / rundir.CHECKPOINT, _checkpoint_state(
@@ -527,31 +568,47 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         except (KeyboardInterrupt, _StopRequested):
             interrupted = True
             log.warning("training interrupted after epoch %d; continue with: imgcls train --resume %s", epoch, run_dir)
-    train_seconds = elapsed_before + time.perf_counter() - t0
+    return Fit(best, best_epoch, epoch, stopped_early, interrupted)
+
+
+def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
+    """Summary, curves, and (unless interrupted) val/test metrics of the best weights."""
+    run_dir = s.run_dir
     if not (run_dir / rundir.WEIGHTS).exists():
         raise UserError("training stopped before the first epoch finished; nothing was saved")
-
-    summary = {"model": cfg.model, "classes": classes, "best_val_accuracy": best, "best_epoch": best_epoch,
-               "epochs": epoch, "epochs_planned": cfg.epochs, "train_seconds": round(train_seconds, 2),
-               "n_train": len(train_set), "n_val": len(val_set), "stopped_early": stopped_early,
-               "interrupted": interrupted, "device": str(device),
-               "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"}
-    if weights_report is not None:
-        summary["initial_weights"] = weights_report.summary()
-    plot_training_curves(metrics_path, run_dir / rundir.CURVES)
-    if not interrupted:
-        model.net.load_state_dict(_load_net_state(run_dir / rundir.WEIGHTS))
-        logits, targets = predict_logits(model, _loader(val_set, cfg, shuffle=False), device, amp_dtype)
-        write_metrics(compute_metrics(logits, targets, classes), run_dir, prefix="val")
-        if splits.get("test"):
-            test_set = ImageDataset(splits["test"], index, preprocess, None, caches.get("test"))
-            logits, targets = predict_logits(model, _loader(test_set, cfg, shuffle=False), device, amp_dtype)
-            test = compute_metrics(logits, targets, classes)
+    summary = {"model": s.cfg.model, "classes": s.classes, "strategy": fit.strategy,
+               "best_val_accuracy": fit.best_val_accuracy, "best_epoch": fit.best_epoch, "epochs": fit.epochs,
+               "epochs_planned": s.cfg.epochs, "train_seconds": round(train_seconds, 2), "n_train": len(s.train_set),
+               "n_val": len(s.val_set), "stopped_early": fit.stopped_early, "interrupted": fit.interrupted,
+               "device": str(s.device), "amp": str(s.amp_dtype).replace("torch.", "") if s.amp_dtype else "off"}
+    if s.weights_report is not None:
+        summary["initial_weights"] = s.weights_report.summary()
+    if (run_dir / rundir.METRICS).exists():
+        plot_training_curves(run_dir / rundir.METRICS, run_dir / rundir.CURVES)
+    if not fit.interrupted:
+        s.model.net.load_state_dict(_load_net_state(run_dir / rundir.WEIGHTS))
+        logits, targets = predict_logits(s.model, s.loader(s.val_set), s.device, s.amp_dtype)
+        write_metrics(compute_metrics(logits, targets, s.classes), run_dir, prefix="val")
+        if s.splits.get("test"):
+            test_set = ImageDataset(s.splits["test"], s.train_set.class_to_index, s.preprocess, None,
+                                    s.caches.get("test"))
+            logits, targets = predict_logits(s.model, s.loader(test_set), s.device, s.amp_dtype)
+            test = compute_metrics(logits, targets, s.classes)
             write_metrics(test, run_dir, prefix="test")
             summary["test_accuracy"] = test.accuracy
             summary["n_test"] = len(test_set)
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     return TrainResult(run_dir, summary)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train a classifier as configured; see :class:`TrainConfig`."""
+    run_dir = Path(cfg.out)
+    previous = rundir.read_json(run_dir / rundir.SUMMARY) if resume and (run_dir / rundir.SUMMARY).exists() else {}
+    t0 = time.perf_counter()
+    session = prepare(cfg, resume, progress)
+    fit = fit_epochs(session, resume, progress)
+    return finalize(session, fit, previous.get("train_seconds", 0.0) + time.perf_counter() - t0)
 
 
 def _load_net_state(path: Path) -> dict:
@@ -560,7 +617,14 @@ def _load_net_state(path: Path) -> dict:
     return load_file(str(path))
 
 
-def _append_csv(path: Path, columns: list[str], row: dict) -> None:
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds",
+                  "images_per_second"]
+
+
+def append_metrics(run_dir: Path, row: dict) -> None:
+    """One row of ``metrics.csv`` (flushed at once, so a crash keeps the history)."""
+    path = run_dir / rundir.METRICS
+    columns = METRIC_COLUMNS
     new = not path.exists()
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")

@@ -93,6 +93,7 @@ class ImageDataset(Dataset):
     def __init__(self, records: list[Record], class_to_index: dict[str, int], spec: Preprocess,
                  augment: Augment | None = None, cache: list[np.ndarray] | None = None):
         self.records = records
+        self.class_to_index = class_to_index
         self.targets = [class_to_index[r.label] for r in records]
         self.spec = spec
         self.augment = augment if augment is not None and augment.enabled else None

@@ -110,8 +110,10 @@ def test_single_class_is_refused(tmp_path):
 
 def test_existing_run_is_not_overwritten(tiny_tree, tmp_path):
     imgcls.train(tiny_tree, tmp_path / "run", epochs=1, progress=False, **FAST)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
     with pytest.raises(UserError, match="already holds a trained model"):
         imgcls.train(tiny_tree, tmp_path / "run", epochs=1, progress=False, **FAST)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
 
 
 def test_fine_tune_from_another_run_replaces_the_head(tiny_tree, tmp_path):

@@ -272,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imgcls: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as err:
+        if err.name not in ("torch", "torchvision", "timm", "safetensors", "matplotlib", "sklearn"):
+            raise
+        print(f"imgcls: error: `imgcls {args.command}` needs {err.name}, which is not installed;"
+              " install the training stack with: pip install 'imgcls[train]'", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `imgcls models | head`
         sys.stderr.close()
         return 0

@@ -1,21 +1,26 @@
 """Model-only throughput of the engines, side by side (not a test).
 
-    python benchmarks/engines.py                 # lite0 + resnet50, batch 32 at 224 px
-    python benchmarks/engines.py --jemalloc      # also torch rows under LD_PRELOAD=libjemalloc
+    python benchmarks/engines.py                   # lite0 + resnet50, batch 32 at 224 px
+    python benchmarks/engines.py --no-jemalloc     # skip the LD_PRELOAD=jemalloc rows
     python benchmarks/engines.py --models lite0 --repeats 5
 
 For each model (timm ``tf_efficientnet_lite0`` and torchvision ``resnet50``,
-random weights, 1000 classes): images/s of one batch of uint8 images through
+random weights, 1000 classes): images/s of one uint8 batch through
 
-* torch eager fp32 (contiguous NCHW), glibc malloc as it comes
-* torch channels_last fp32, glibc malloc as it comes
-* the same two after ``tune_cpu_allocator()`` (TorchEngine's default on CPU)
-* ONNX Runtime fp32 (``export_onnx``; OnnxEngine defaults)
-* ONNX Runtime int8 (``quantize_int8``: QDQ, per-channel, calibrated on random images)
+* torch eager fp32 (contiguous NCHW) and torch channels_last fp32, each under
+  three allocators: glibc malloc as it comes, glibc after
+  ``imgcls.engines.tune_cpu_allocator()`` (TorchEngine's default on CPU), and
+  jemalloc via ``LD_PRELOAD`` (when libjemalloc2 is installed);
+* ONNX Runtime fp32 (``export_onnx``; OnnxEngine defaults) and int8
+  (``quantize_int8``: QDQ, per-channel, calibrated on random images).
 
-Each row: one warm-up call, then the best (and median) of ``--repeats`` timed
-calls.  The machine may be shared: the load average is printed with the
-numbers, so compare rows of one run, not runs of different days.
+Every allocator needs its own process (an allocator cannot be changed inside
+a running one), so the torch rows run in worker processes, one per allocator,
+and ONNX Runtime in this one.  The machine may be shared with others, so the
+rows are measured round-robin (one call of each row per round, ``--repeats``
+rounds after a warm-up round): a burst of someone else's load hits every row
+alike instead of the rows that happened to run during it.  Reported: best and
+median images/s; the load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -32,11 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-MODELS = {
-    "lite0": "timm tf_efficientnet_lite0",
-    "resnet50": "torchvision resnet50",
-}
+MODELS = {"lite0": "timm tf_efficientnet_lite0", "resnet50": "torchvision resnet50"}
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+ALLOCATORS = {"glibc": "", "tuned malloc": "", "jemalloc": JEMALLOC}
 
 
 def build(name: str):
@@ -50,38 +53,72 @@ def build(name: str):
     return Classifier(net, Preprocess(input_size=224)).eval()
 
 
-def timed(engine, batch, repeats: int) -> dict:
-    engine(batch)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        engine(batch)
-        times.append(time.perf_counter() - t0)
-    n = len(batch)
-    return {"best": n / min(times), "median": n / statistics.median(times)}
+def batch_of(n: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, 3, 224, 224), dtype=np.uint8)
 
 
-def torch_rows(name: str, batch: np.ndarray, repeats: int, tune: bool) -> dict:
-    """Eager and channels_last rows (+ the same after tune_cpu_allocator when asked)."""
+def time_call(engine, batch) -> float:
+    t0 = time.perf_counter()
+    engine(batch)
+    return len(batch) / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- torch worker
+
+
+def worker(allocator: str, batch_size: int) -> None:
+    """Reads 'model layout' lines, answers images/s of one call as JSON lines."""
     import torch
 
     from imgcls.engines import TorchEngine, tune_cpu_allocator
 
-    torch.manual_seed(0)
-    clf = build(name)
-    rows = {}
-    for label, cl in (("torch eager fp32", False), ("torch channels_last", True)):
-        rows[label] = timed(TorchEngine(clf, channels_last=cl, tune_allocator=False), batch, repeats)
-    if tune and tune_cpu_allocator():
-        for label, cl in (("torch eager + tuned malloc", False), ("torch channels_last + tuned malloc", True)):
-            rows[label] = timed(TorchEngine(clf, channels_last=cl), batch, repeats)
-    return rows
+    if allocator == "tuned malloc" and not tune_cpu_allocator():
+        print(json.dumps({"error": "tune_cpu_allocator() is not available here"}), flush=True)
+        return
+    batch = batch_of(batch_size)
+    models, engines = {}, {}
+    print(json.dumps({"ready": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        name, layout = line.split()
+        key = (name, layout)
+        if key not in engines:
+            if name not in models:
+                torch.manual_seed(0)
+                models[name] = build(name)
+            # tune_allocator=False: the allocator is this process's fixed setting
+            engines[key] = TorchEngine(models[name], channels_last=layout == "channels_last", tune_allocator=False)
+        print(json.dumps({"ips": time_call(engines[key], batch)}), flush=True)
 
 
-def ort_rows(name: str, batch: np.ndarray, repeats: int, workdir: Path, spin: bool) -> dict:
+class Worker:
+    def __init__(self, allocator: str, batch_size: int):
+        env = dict(os.environ)
+        if ALLOCATORS[allocator]:
+            env["LD_PRELOAD"] = ALLOCATORS[allocator]
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", allocator, "--batch", str(batch_size)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )
+        reply = json.loads(self.proc.stdout.readline() or '{"error": "worker died"}')
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+
+    def __call__(self, name: str, layout: str) -> float:
+        self.proc.stdin.write(f"{name} {layout}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["ips"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+
+
+def onnx_files(name: str, workdir: Path) -> tuple[Path, Path]:
     import torch
 
-    from imgcls.engines import OnnxEngine
     from imgcls.export import export_onnx, quantize_int8
 
     fp32, int8 = workdir / f"{name}.onnx", workdir / f"{name}.int8.onnx"
@@ -94,85 +131,80 @@ def ort_rows(name: str, batch: np.ndarray, repeats: int, workdir: Path, spin: bo
         print(f"  exported {fp32} in {time.perf_counter() - t0:.1f} s", flush=True)
     if not int8.exists():
         rng = np.random.default_rng(1)
-        calib = (rng.integers(0, 256, (8, 3, 224, 224), dtype=np.uint8) for _ in range(4))
         t0 = time.perf_counter()
-        quantize_int8(fp32, int8, calib)
+        quantize_int8(fp32, int8, (rng.integers(0, 256, (8, 3, 224, 224), dtype=np.uint8) for _ in range(4)))
         print(f"  quantized {int8} in {time.perf_counter() - t0:.1f} s", flush=True)
-    return {
-        "ORT fp32": timed(OnnxEngine(fp32, spin=spin), batch, repeats),
-        "ORT int8": timed(OnnxEngine(int8, spin=spin), batch, repeats),
-    }
-
-
-def child(args) -> None:
-    """Torch rows only, printed as JSON (runs under LD_PRELOAD=jemalloc)."""
-    batch = np.random.default_rng(0).integers(0, 256, (args.batch, 3, 224, 224), dtype=np.uint8)
-    print(json.dumps(torch_rows(args.child, batch, args.repeats, tune=False)))
+    return fp32, int8
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/imgcls-bench"), help="cached ONNX files")
-    parser.add_argument("--jemalloc", action="store_true", help=f"also torch rows with LD_PRELOAD={JEMALLOC}")
+    parser.add_argument("--no-jemalloc", action="store_true", help="skip the LD_PRELOAD=jemalloc rows")
     parser.add_argument("--spin", action="store_true", help="let ONNX Runtime threads spin (ORT's own default)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        return child(args)
+    if args.worker:
+        return worker(args.worker, args.batch)
 
     import onnxruntime
     import torch
 
-    from imgcls.engines import available_cpus
+    from imgcls.engines import OnnxEngine, available_cpus
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}"
-          f" ({available_cpus()} threads, spin={'on' if args.spin else 'off'}), batch {args.batch} x 224 px uint8,"
-          f" best/median of {args.repeats}; load average before: {os.getloadavg()[0]:.1f}", flush=True)
-    batch = np.random.default_rng(0).integers(0, 256, (args.batch, 3, 224, 224), dtype=np.uint8)
-    results = {}
+    files = {name: onnx_files(name, args.workdir) for name in args.models}
+
+    allocators = ["glibc", "tuned malloc"]
+    if not args.no_jemalloc:
+        if Path(JEMALLOC).exists():
+            allocators.append("jemalloc")
+        else:
+            print(f"(no {JEMALLOC}: apt-get install libjemalloc2 for the jemalloc rows)")
+    workers = {a: Worker(a, args.batch) for a in allocators}
+
+    batch = batch_of(args.batch)
+    rows: dict[str, dict[str, object]] = {}  # model -> label -> callable
     for name in args.models:
-        print(f"{name} ({MODELS[name]}) ...", flush=True)
-        rows = {}
-        # ONNX Runtime first: the glibc tuning below is process-wide (ORT has its own arena anyway)
-        rows.update(ort_rows(name, batch, args.repeats, args.workdir, args.spin))
-        rows.update(torch_rows(name, batch, args.repeats, tune=False))
-        if args.jemalloc and Path(JEMALLOC).exists():
-            env = dict(os.environ, LD_PRELOAD=JEMALLOC)
-            out = subprocess.run([sys.executable, __file__, "--child", name, "--batch", str(args.batch),
-                                  "--repeats", str(args.repeats)], env=env, capture_output=True, text=True)
-            if out.returncode == 0:
-                for label, value in json.loads(out.stdout.strip().splitlines()[-1]).items():
-                    rows[label.replace("torch", "torch+jemalloc", 1)] = value
-            else:
-                print(f"  jemalloc run failed: {out.stderr.strip()[-300:]}")
-        results[name] = rows
+        fp32, int8 = files[name]
+        rows[name] = {}
+        for alloc in allocators:
+            for layout in ("eager", "channels_last"):
+                label = f"torch {'eager fp32' if layout == 'eager' else 'channels_last'} [{alloc}]"
+                rows[name][label] = (lambda w=workers[alloc], n=name, lay=layout: w(n, lay))
+        for label, path in (("ORT fp32", fp32), ("ORT int8", int8)):
+            engine = OnnxEngine(path, spin=args.spin)
+            rows[name][label] = (lambda e=engine: time_call(e, batch))
 
-    # tuned-malloc rows last, in one go (the tuning cannot be undone)
-    from imgcls.engines import tune_cpu_allocator
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}"
+          f" ({available_cpus()} threads, spin {'on' if args.spin else 'off'}); batch {args.batch} x 224 px uint8;"
+          f" {args.repeats} rounds after a warm-up; load average before: {os.getloadavg()[0]:.1f}", flush=True)
+    samples = {name: {label: [] for label in r} for name, r in rows.items()}
+    for round_ in range(args.repeats + 1):
+        for name, r in rows.items():
+            for label, run in r.items():
+                ips = run()
+                if round_:  # round 0 is the warm-up
+                    samples[name][label].append(ips)
+        print(f"  round {round_}/{args.repeats} done, load {os.getloadavg()[0]:.1f}", flush=True)
+    for w in workers.values():
+        w.close()
 
-    if tune_cpu_allocator():
-        for name in args.models:
-            for label, value in torch_rows(name, batch, args.repeats, tune=True).items():
-                if "tuned" in label:
-                    results[name][label] = value
-
-    order = ["torch eager fp32", "torch channels_last", "torch eager + tuned malloc",
-             "torch channels_last + tuned malloc", "torch+jemalloc eager fp32", "torch+jemalloc channels_last",
-             "ORT fp32", "ORT int8"]
-    print(f"\nimages/s (best, median); ratio = best / torch eager fp32 best; load average after: {os.getloadavg()[0]:.1f}")
-    for name, rows in results.items():
-        base = rows["torch eager fp32"]["best"]
-        print(f"\n{name}")
-        for label in order:
-            if label in rows:
-                r = rows[label]
-                print(f"  {label:38s} {r['best']:7.1f} {r['median']:7.1f}   x{r['best'] / base:5.2f}")
-        print(f"  ORT int8 / ORT fp32: x{rows['ORT int8']['best'] / rows['ORT fp32']['best']:.2f};"
-              f" ORT fp32 / torch channels_last: x{rows['ORT fp32']['best'] / rows['torch channels_last']['best']:.2f}")
+    print(f"\nimages/s: best, median; x = best / best of torch eager fp32 [glibc];"
+          f" load average after: {os.getloadavg()[0]:.1f}")
+    for name, by_label in samples.items():
+        best = {label: max(v) for label, v in by_label.items()}
+        base = best["torch eager fp32 [glibc]"]
+        print(f"\n{name} ({MODELS[name]})")
+        for label, values in by_label.items():
+            print(f"  {label:38s} {best[label]:7.1f} {statistics.median(values):7.1f}   x{best[label] / base:5.2f}")
+        torch_best = max(v for k, v in best.items() if k.startswith("torch"))
+        print(f"  ORT int8 / ORT fp32 x{best['ORT int8'] / best['ORT fp32']:.2f};"
+              f" ORT fp32 / fastest torch row x{best['ORT fp32'] / torch_best:.2f};"
+              f" channels_last / eager [glibc] x{best['torch channels_last [glibc]'] / base:.2f}")
 
 
 if __name__ == "__main__":

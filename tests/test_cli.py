@@ -96,3 +96,49 @@ def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "imgcls.cli", "train", "/nonexistent/x", "--out", "/tmp/x"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "no such file or folder" in result.stderr
+
+
+def test_training_exports_onnx_and_predict_uses_it(trained, tmp_path):
+    import imgcls
+
+    summary = json.loads((trained / "run" / "summary.json").read_text())
+    assert summary["onnx"].endswith("model.onnx")
+    onnx_model = imgcls.load(trained / "run")            # CPU: ONNX Runtime by default
+    torch_model = imgcls.load(trained / "run", backend="torch")
+    assert onnx_model.backend == "onnxruntime" and torch_model.backend.startswith("torch")
+    images = sorted((trained / "data" / "test").rglob("*.png"))
+    a, b = onnx_model.predict(images), torch_model.predict(images)
+    assert [r["label"] for r in a] == [r["label"] for r in b]
+    assert max(abs(x["prob"] - y["prob"]) for x, y in zip(a, b)) < 1e-4
+
+
+def test_predict_from_onnx_file_without_torch(trained, tmp_path):
+    """The exported file alone predicts in an environment where torch cannot be imported."""
+    image = write_image(tmp_path / "one.png", color=(200, 30, 30), pattern="noise")
+    out = tmp_path / "p.csv"
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'torchvision', 'timm'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from imgcls.cli import main\n"
+        f"code = main(['-q', 'predict', {str(trained / 'run' / 'model.onnx')!r}, {str(image)!r}, '--out', {str(out)!r}])\n"
+        "assert 'torch' not in sys.modules\n"
+        "sys.exit(code)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    row = next(csv.DictReader(out.open()))
+    assert row["label"] in {"cat", "dog", "fox", "owl", "yak"} and not row["error"]
+
+
+def test_export_int8_reports_accuracy(trained, tmp_path):
+    out = tmp_path / "m.int8.onnx"
+    code = main(["-q", "export", str(trained / "run"), "--int8", "--out", str(out)])
+    report = json.loads((trained / "run" / "export.json").read_text())
+    assert {"fp32_val_accuracy", "int8_val_accuracy"} <= set(report)
+    if report["fp32_val_accuracy"] - report["int8_val_accuracy"] > 0.01:
+        assert code == 2 and not out.exists()  # refused, with the numbers
+    else:
+        assert code == 0 and out.exists()

@@ -429,3 +429,88 @@ def compare_engines(reference, candidate, batches: Iterable[np.ndarray], labels:
         result["acc_candidate"] = float(np.mean(cand.argmax(1) == y)) if len(y) else float("nan")
         result["acc_drop"] = result["acc_reference"] - result["acc_candidate"]
     return result
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def _split_paths(run: Path, split: str, limit: int) -> list[Path]:
+    import csv
+
+    path = run / "split.csv"
+    if not path.exists():
+        return []
+    with path.open(newline="") as handle:
+        rows = [(Path(r["path"]), r["label"]) for r in csv.DictReader(handle) if r["split"] == split]
+    step = max(1, len(rows) // limit) if limit else 1
+    return rows[::step][:limit] if limit else rows
+
+
+def _load_batches(rows, spec, batch_size: int = 32):
+    """(uint8 batch, label list) from (path, label) rows; unreadable files skipped."""
+    from .data.decode import ImageError, load_uint8
+
+    images, labels = [], []
+    for path, label in rows:
+        try:
+            images.append(load_uint8(path, spec))
+            labels.append(label)
+        except ImageError:
+            continue
+        if len(images) == batch_size:
+            yield np.stack(images), labels
+            images, labels = [], []
+    if images:
+        yield np.stack(images), labels
+
+
+def _accuracy(engine, rows, spec, labels: list[str]) -> float:
+    index = {label: i for i, label in enumerate(labels)}
+    correct = total = 0
+    for batch, names in _load_batches(rows, spec):
+        pred = np.asarray(engine(batch)).argmax(1)
+        correct += int(sum(pred[i] == index[n] for i, n in enumerate(names)))
+        total += len(names)
+    return correct / max(1, total)
+
+
+def export_run(run: str | Path, out: str | Path | None = None, int8: bool = False,
+               max_int8_loss: float = 0.01) -> Path:
+    """Export a run's best model to ONNX (labels + preprocessing inside).
+
+    The parity check uses real validation images of the run.  ``int8``: static
+    quantization calibrated on up to 256 training images, then refused (with
+    the numbers) when it loses more than ``max_int8_loss`` of validation
+    accuracy; both accuracies go to ``export.json`` in the run directory.
+    """
+    from . import rundir
+    from .predict import build_torch_classifier
+
+    run = rundir.require_run_dir(run)
+    if not run.is_dir():
+        raise UserError(f"{run}: export takes a run directory")
+    classifier, meta = build_torch_classifier(run / rundir.WEIGHTS)
+    spec = classifier.preprocess
+    labels = meta["labels"]
+    val_rows = _split_paths(run, "val", 0)
+    sample = next(_load_batches(val_rows[:8], spec), (None, None))[0]
+    fp32_path = Path(out) if out and not int8 else run / rundir.ONNX
+    if not int8 or not fp32_path.exists():
+        export_onnx(classifier, labels, fp32_path, meta["model"], sample=sample)
+    if not int8:
+        return fp32_path
+    int8_path = Path(out) if out else run / "model.int8.onnx"
+    calibration = (batch for batch, _ in _load_batches(_split_paths(run, "train", 256), spec))
+    quantize_int8(fp32_path, int8_path, calibration)
+    fp32_acc = _accuracy(OnnxEngine(fp32_path), val_rows, spec, labels)
+    int8_acc = _accuracy(OnnxEngine(int8_path), val_rows, spec, labels)
+    report = {"fp32_val_accuracy": fp32_acc, "int8_val_accuracy": int8_acc, "n_val": len(val_rows),
+              "int8_file": str(int8_path)}
+    rundir.write_json(run / "export.json", report)
+    if fp32_acc - int8_acc > max_int8_loss:
+        int8_path.unlink(missing_ok=True)
+        raise UserError(f"int8 quantization loses {100 * (fp32_acc - int8_acc):.1f} points of validation accuracy"
+                        f" ({fp32_acc:.4f} -> {int8_acc:.4f}), more than {100 * max_int8_loss:.0f}; keep the fp32"
+                        f" model ({fp32_path})")
+    logging.getLogger("imgcls").info("int8: val accuracy %.4f (fp32 %.4f)", int8_acc, fp32_acc)
+    return int8_path

@@ -153,17 +153,13 @@ def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Pa
 # --------------------------------------------------------------------------- loading
 
 
-def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
+def build_torch_classifier(weights: Path):
+    """model.safetensors (with imgcls metadata) -> (Classifier in eval mode, metadata)."""
     from safetensors.torch import load_file
 
-    from .engines import TorchEngine
     from .models.classifier import Classifier
     from .models.registry import create_model
 
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = rundir.read_weights_meta(weights)
     preprocess = Preprocess.from_dict(meta["preprocess"])
     build = meta.get("build", {})
@@ -172,8 +168,19 @@ def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
         net.load_state_dict(load_file(str(weights)))
     except RuntimeError as err:
         raise UserError(f"{weights}: the weights do not fit model {meta['model']}: {str(err).splitlines()[0]}") from None
-    engine = TorchEngine(Classifier(net, preprocess), device=device)
-    return Predictor(engine, list(meta["labels"]), preprocess, meta["model"], f"torch ({engine.device})")
+    return Classifier(net, preprocess).eval(), meta
+
+
+def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
+    import torch
+
+    from .engines import TorchEngine
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    classifier, meta = build_torch_classifier(weights)
+    engine = TorchEngine(classifier, device=device)
+    return Predictor(engine, list(meta["labels"]), classifier.preprocess, meta["model"], f"torch ({engine.device})")
 
 
 def _onnx_predictor(path: Path) -> Predictor:

@@ -83,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     workers: int | None = None
     cache: str = "auto"                # auto | ram | none
+    export_onnx: bool = True           # export model.onnx at the end (fast CPU prediction)
     device: str = "auto"
     path_column: str = "path"
     label_column: str = "label"
@@ -597,8 +598,22 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
             write_metrics(test, run_dir, prefix="test")
             summary["test_accuracy"] = test.accuracy
             summary["n_test"] = len(test_set)
+        if s.cfg.export_onnx:
+            summary["onnx"] = _export(run_dir)
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     return TrainResult(run_dir, summary)
+
+
+def _export(run_dir: Path) -> str | None:
+    """model.onnx for prediction; a failure only costs speed (predict falls back to torch)."""
+    from .export import export_run
+
+    (run_dir / rundir.ONNX).unlink(missing_ok=True)  # never leave a stale export beside new weights
+    try:
+        return str(export_run(run_dir))
+    except Exception as err:  # noqa: BLE001 - exporter limitations surface as many exception types
+        log.warning("ONNX export failed (%s); prediction will use PyTorch", str(err).splitlines()[0][:300])
+        return None
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:

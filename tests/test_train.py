@@ -142,3 +142,17 @@ def test_freeze_backbone_trains_only_the_head(tiny_tree, tmp_path):
     b = torch.load(probe.run_dir / "checkpoint.pt", weights_only=True)["model"]
     assert torch.equal(a["features.0.weight"], b["features.0.weight"])
     assert not torch.equal(a["classifier.5.weight"], b["classifier.5.weight"])
+
+
+def test_amp_policy():
+    from imgcls.training import cpu_has_native_bf16, resolve_amp
+
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
+    with pytest.raises(UserError, match="needs a GPU"):
+        resolve_amp("fp16", cpu)
+    if cpu_has_native_bf16():
+        assert resolve_amp("bf16", cpu) == torch.bfloat16
+    else:
+        with pytest.raises(UserError, match="no native bf16"):
+            resolve_amp("bf16", cpu)

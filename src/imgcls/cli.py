@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
-    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision (auto: GPU, or CPUs with native bf16)")
+    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision (auto: on GPUs; on CPUs only when asked: bf16)")
     p.add_argument("--no-augment", action="store_true", help="no augmentation (eval transform for training)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips (text, digits, asymmetric objects)")
     p.add_argument("--color-jitter", type=float, help="brightness/contrast/saturation jitter, 0 = off")

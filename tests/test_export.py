@@ -208,3 +208,18 @@ def test_int8_rejects_bad_calibration(trained, tmp_path):
         bad.write_bytes(b"\x00garbage" * 10)
         quantize_int8(bad, tmp_path / "c.onnx", [_images(2, 32)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_auto_falls_back_to_torchscript(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("data-dependent control flow\nmore lines")
+
+    monkeypatch.setitem(export._EXPORTERS, "dynamo", broken)
+    clf = Classifier(CifarNet(2), SMALL).eval()
+    path = export_onnx(clf, ["a", "b"], tmp_path / "m.onnx", "cifarnet")
+    assert "torchscript" in read_onnx_metadata(path)["props"]["imgcls.exporter"]
+    monkeypatch.setitem(export._EXPORTERS, "torchscript", broken)
+    with pytest.raises(ExportError, match="dynamo exporter failed: RuntimeError: data-dependent control flow;"
+                                          " torchscript exporter failed"):
+        export_onnx(clf, ["a", "b"], tmp_path / "n.onnx", "cifarnet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

@@ -184,14 +184,12 @@ def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
 
 
 def _onnx_predictor(path: Path) -> Predictor:
-    from .engines import OnnxEngine, read_onnx_metadata
+    from .engines import OnnxEngine
 
-    meta = read_onnx_metadata(path)
-    if not meta.get("labels") or not meta.get("preprocess"):
-        raise UserError(f"{path}: this ONNX file carries no imgcls labels/preprocessing; export it with `imgcls export`")
     engine = OnnxEngine(path)
-    return Predictor(engine, list(meta["labels"]), Preprocess.from_dict(meta["preprocess"]), meta.get("model", ""),
-                     "onnxruntime")
+    if not engine.labels or engine.preprocess is None:
+        raise UserError(f"{path}: this ONNX file carries no imgcls labels/preprocessing; export it with `imgcls export`")
+    return Predictor(engine, list(engine.labels), engine.preprocess, engine.metadata.get("model") or "", "onnxruntime")
 
 
 def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predictor:

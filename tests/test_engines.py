@@ -24,15 +24,6 @@ SMALL = Preprocess(input_size=32, resize="squash", crop_pct=1.0)
 LABELS = ["airplane", "bird", "cat", "dog", "ship"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # shared machine: oversubscribed OpenMP spinning makes tiny torch models crawl
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(n, size=32, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8)
 

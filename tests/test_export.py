@@ -22,16 +22,6 @@ SMALL = Preprocess(input_size=32, resize="squash", crop_pct=1.0)
 LABELS10 = [f"class {i}" for i in range(10)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # the machine is shared: with more runnable threads than cores, OpenMP's spinning
-    # makes multi-threaded torch 10-30x slower on these tiny models
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(n, size, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8)
 

@@ -74,16 +74,6 @@ def meta_library(name):
     return on_meta(timm.create_model, TIMM[name], pretrained=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads per
-    process oversubscribe the cores and made these small passes 10-50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- the registry as a whole --------------------------------------------------
 
 def test_registry_has_the_issue_names_and_nothing_unclassified():

@@ -12,9 +12,7 @@ too), so prediction code never knows which backend runs.
   autocast (bf16, else fp16) on CUDA.
 * :func:`read_onnx_metadata` reads the labels / preprocess spec / model name /
   imgcls version that :func:`imgcls.export.export_onnx` stores in the file's
-  ``metadata_props``, without torch and without the ``onnx`` package: it walks
-  the protobuf wire format of the top-level ``ModelProto`` and seeks over the
-  graph, so it costs a few reads even for a 100 MB file.
+  ``metadata_props`` (through ONNX Runtime: no torch, no ``onnx`` package).
 
 Why the CPU allocator matters (see ``benchmarks/engines.py``): glibc serves
 big blocks (activations of a batch) with fresh ``mmap`` pages and returns them
@@ -74,100 +72,6 @@ def available_cpus() -> int:
 # ----------------------------------------------------------------------------- metadata
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _read_varint_stream(f) -> int | None:
-    result = shift = 0
-    while True:
-        b = f.read(1)
-        if not b:
-            if shift == 0:
-                return None  # clean end of message
-            raise ValueError("truncated varint")
-        result |= (b[0] & 0x7F) << shift
-        if not b[0] & 0x80:
-            return result
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _parse_string_entry(buf: bytes) -> tuple[str, str]:
-    """StringStringEntryProto: key = 1, value = 2 (both strings)."""
-    key = value = ""
-    pos = 0
-    while pos < len(buf):
-        tag, pos = _read_varint(buf, pos)
-        field, wire = tag >> 3, tag & 7
-        if wire == 2:
-            length, pos = _read_varint(buf, pos)
-            data = buf[pos:pos + length]
-            if len(data) != length:
-                raise ValueError("truncated string")
-            pos += length
-            if field == 1:
-                key = data.decode("utf-8")
-            elif field == 2:
-                value = data.decode("utf-8")
-        elif wire == 0:
-            _, pos = _read_varint(buf, pos)
-        else:
-            raise ValueError(f"unexpected wire type {wire} in metadata entry")
-    return key, value
-
-
-def _scan_model_proto(f, size: int) -> dict[str, str]:
-    """Top-level ModelProto fields: collect metadata_props (14), seek over the rest.
-
-    Raises ValueError when the bytes are not a plausible ModelProto (no
-    ir_version or no graph, bad wire types, lengths past the end).
-    """
-    props: dict[str, str] = {}
-    seen: set[int] = set()
-    while True:
-        tag = _read_varint_stream(f)
-        if tag is None:
-            break
-        field, wire = tag >> 3, tag & 7
-        if field == 0:
-            raise ValueError("field number 0")
-        seen.add(field)
-        if wire == 0:
-            if _read_varint_stream(f) is None:
-                raise ValueError("truncated varint")
-        elif wire == 2:
-            length = _read_varint_stream(f)
-            if length is None or f.tell() + length > size:
-                raise ValueError("length past the end of the file")
-            if field == 14:
-                key, value = _parse_string_entry(f.read(length))
-                props[key] = value
-            else:
-                f.seek(length, os.SEEK_CUR)
-        elif wire == 1:
-            f.seek(8, os.SEEK_CUR)
-        elif wire == 5:
-            f.seek(4, os.SEEK_CUR)
-        else:
-            raise ValueError(f"wire type {wire}")
-        if f.tell() > size:
-            raise ValueError("past the end of the file")
-    if 1 not in seen or 7 not in seen:  # ir_version, graph
-        raise ValueError("no ir_version or no graph")
-    return props
-
-
 def _not_onnx(name: str, reason: str, head: bytes = b"") -> UserError:
     if head.startswith(b"version https://git-lfs"):
         return UserError(f"{name} is not a valid ONNX model: it is a Git LFS pointer; run `git lfs pull` to fetch the file")
@@ -188,22 +92,25 @@ def _head(path_or_bytes, n: int = 64) -> bytes:
 
 
 def read_onnx_props(path_or_bytes: str | Path | bytes) -> dict[str, str]:
-    """All ``metadata_props`` of an ONNX file (or its bytes) as a plain dict."""
-    import io
+    """All ``metadata_props`` of an ONNX file (or its bytes), as ONNX Runtime reads them."""
+    import onnxruntime as ort
 
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-        data = bytes(path_or_bytes)
-        f, size, name = io.BytesIO(data), len(data), "<bytes>"
+        source, name = bytes(path_or_bytes), "<bytes>"
     else:
         path = Path(path_or_bytes)
         if not path.is_file():
             raise UserError(f"ONNX model {path} not found; pass the path of an exported model.onnx")
-        f, size, name = open(path, "rb"), path.stat().st_size, str(path)
+        source, name = str(path), str(path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only reading metadata
+    options.log_severity_level = 3
     try:
-        with f:
-            return _scan_model_proto(f, size)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _not_onnx(name, str(e), _head(path_or_bytes)) from None
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own Fail / InvalidProtobuf / InvalidGraph types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _not_onnx(name, first[:300], _head(path_or_bytes)) from None
+    return dict(session.get_modelmeta().custom_metadata_map)
 
 
 def decode_metadata(props: dict[str, str]) -> dict[str, Any]:

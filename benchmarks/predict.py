@@ -1,0 +1,548 @@
+"""Prediction speed and memory against the bars of issue #5 (not a test).
+
+    python benchmarks/predict.py                          # everything, the real sizes (~25 min on 2 cores)
+    python benchmarks/predict.py --n 100 --small-n 2000   # a quick check
+    python benchmarks/predict.py --parts e2e engine       # some parts only
+
+Model: the ImageNet-pretrained EfficientNet-Lite0 run directory that
+``benchmarks/make_run.py`` builds (once) in ``<root>/run-lite0``.  Images are
+written once under ``<root>`` (default ``/tmp/imgcls-bench``) and reused:
+``big/`` holds 2048x1536 JPEGs (quality 90), ``small/`` 320x240 ones, both made
+from scikit-image's sample photos (chelsea, coffee, astronaut, rocket, ...)
+with random crops, scales and flips, so they decode like photos, not noise.
+Smaller ``--n`` / ``--small-n`` use hard-linked subsets (``big-N/``, ``small-N/``).
+
+Parts (``--parts``, default all):
+
+``e2e``  (bar: >= 5x)
+    Wall time of ``imgcls predict RUN big/ --out X.csv`` in a subprocess,
+    start-up included, against a naive pipeline, also a subprocess: PIL
+    ``open().convert("RGB")``, torchvision ``Resize(resize_size)``,
+    ``CenterCrop``, ``ToTensor``, ``Normalize`` with the run's mean/std and
+    interpolation, ``DataLoader(batch 32, num_workers=2)``, timm eager fp32
+    under ``inference_mode`` with the run's weights.  The two alternate
+    (A B B A ... over ``--e2e-rounds``); also reported: the CPU seconds per
+    image of each (user + sys of the child and its children, steadier than
+    wall time on a shared machine), start-up alone (one image), and top-1
+    agreement of the two CSVs.
+``engine``  (bars: imgcls engine / ORT fp32 >= 1.0; int8 / fp32 >= 1.2)
+    Model-only images/s on one batch of real images (``--batch``), round-robin
+    over ``--repeats`` rounds after a warm-up: the engine ``imgcls.load(RUN)``
+    picks, ONNX Runtime with its default session options on the same
+    ``model.onnx``, and the int8 model (:func:`imgcls.export.quantize_int8`,
+    calibrated on ``--calib`` big images that are not in the timed batch;
+    export_run's accuracy gate needs a split.csv this run does not have).
+    Also top-1 agreement of int8 with fp32 on ``--agree-n`` images.
+``rss``  (bar: peak RSS at 10,000 files <= peak at 1,000 + 100 MB)
+    Peak RSS of ``imgcls predict`` (``ru_maxrss`` from ``os.wait4`` of that
+    child, a fresh process per measurement, started by a small launcher
+    process: see ``run_child``) on ``small-1000/`` and ``small/``, alternating
+    over ``--rss-rounds``; one ``/usr/bin/time -f %M`` run as a cross-check.
+``threads``
+    End-to-end images/s of ``Predictor.iter_probs`` on ``--threads-n`` big
+    images with decode workers {1, 2} x ORT intra-op threads {1, 2}
+    (``OnnxEngine(threads=...)``), round-robin over ``--repeats`` rounds,
+    plus what the defaults resolve to.
+
+The machine may be shared: every figure comes with the load average at the
+time, and ratios are taken between runs made side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+          "camera", "coins")
+BIG, SMALL = (2048, 1536), (320, 240)
+QUALITY = 90
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load {one:.2f}/{five:.2f}"
+
+
+def say(*parts) -> None:
+    print(*parts, flush=True)
+
+
+# ----------------------------------------------------------------------------- images
+
+_BASES: dict = {}
+
+
+def _base(name: str):
+    from PIL import Image
+    from skimage import data
+
+    if name not in _BASES:
+        _BASES[name] = Image.fromarray(getattr(data, name)()).convert("RGB")
+    return _BASES[name]
+
+
+def _make_one(args: tuple[str, int, tuple[int, int]]) -> None:
+    """Image ``index``: a random 4:3 crop (40-100% of the photo's side), maybe flipped, scaled to ``size``."""
+    from PIL import Image
+
+    path, index, size = args
+    rng = np.random.default_rng(index)
+    base = _base(PHOTOS[index % len(PHOTOS)])
+    w, h = base.size
+    ch = rng.uniform(0.4, 1.0) * min(h, w * 3 / 4)
+    cw = ch * 4 / 3
+    left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+    image = base.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    tmp = f"{path}.tmp"
+    image.save(tmp, "JPEG", quality=QUALITY)
+    os.replace(tmp, path)
+
+
+def image_folder(root: Path, kind: str, n: int) -> Path:
+    """``root/kind`` holding at least ``n`` images (made once), or a hard-linked subset ``root/kind-n`` of exactly n."""
+    size = BIG if kind == "big" else SMALL
+    folder = root / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"{kind}_{i:05d}.jpg" for i in range(n)]
+    missing = [(str(folder / name), i, size) for i, name in enumerate(names) if not (folder / name).exists()]
+    if missing:
+        t0 = time.perf_counter()
+        say(f"  writing {len(missing)} {size[0]}x{size[1]} JPEGs to {folder} ...")
+        with ProcessPoolExecutor(2) as pool:
+            list(pool.map(_make_one, missing, chunksize=16))
+        say(f"  ... {time.perf_counter() - t0:.0f} s")
+    present = sorted(p.name for p in folder.glob(f"{kind}_*.jpg"))
+    if present == names:
+        return folder
+    subset = root / f"{kind}-{n}"
+    subset.mkdir(exist_ok=True)
+    for name in names:
+        if not (subset / name).exists():
+            os.link(folder / name, subset / name)
+    for extra in set(p.name for p in subset.glob("*.jpg")) - set(names):
+        (subset / extra).unlink()
+    return subset
+
+
+def folder_stats(folder: Path) -> str:
+    sizes = [p.stat().st_size for p in folder.glob("*.jpg")]
+    return f"{len(sizes)} files, mean {statistics.mean(sizes) / 1e3:.0f} kB"
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+
+# Runs one command and reports that process's own wall time, CPU time and peak RSS.  It is a
+# separate small process on purpose: Python starts children with vfork/posix_spawn, and Linux
+# carries the parent's RSS high-water mark over exec into the child's ru_maxrss, so a child of
+# this (large) benchmark process would report at least our own size (measured: a child running
+# `true` from an 800 MB parent reports 814 MB; through this launcher 11 MB).
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+t0 = time.perf_counter()
+with open(sys.argv[1], "wb") as out, open(sys.argv[2], "wb") as err:
+    proc = subprocess.Popen(sys.argv[3:], stdout=out, stderr=err)
+    _, status, ru = os.wait4(proc.pid, 0)
+print(json.dumps({"wall": time.perf_counter() - t0, "status": os.waitstatus_to_exitcode(status),
+                  "cpu": ru.ru_utime + ru.ru_stime, "rss_mb": ru.ru_maxrss / 1024}))
+"""
+
+
+def run_child(cmd: list[str]) -> dict:
+    """Run ``cmd``: wall seconds, CPU seconds (user+sys, its waited-for children included), peak RSS (MB).
+
+    Output goes to files, not pipes (nobody reads a pipe while it runs, and tqdm's bar would fill it).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp, "out"), Path(tmp, "err")
+        launcher = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, str(out), str(err), *cmd],
+                                  capture_output=True, text=True, check=True)
+        res = json.loads(launcher.stdout)
+        res["stdout"], stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+    if res["status"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res['status']}):\n{stderr[-3000:]}")
+    return res
+
+
+def time_v_peak_mb(cmd: list[str]) -> float | None:
+    """Cross-check: peak RSS of ``cmd`` by GNU time (``/usr/bin/time -f %M``), None without it."""
+    if not Path("/usr/bin/time").exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp, "time")
+        subprocess.run(["/usr/bin/time", "-o", str(report), "-f", "%M", *cmd], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return int(report.read_text().split()[-1]) / 1024
+
+
+def imgcls_cmd(run: Path, inputs: Path, out: Path) -> list[str]:
+    """The installed ``imgcls`` console script (beside this interpreter), as a user runs it."""
+    script = Path(sys.executable).parent / "imgcls"
+    head = [str(script)] if script.exists() else [sys.executable, "-m", "imgcls.cli"]
+    return [*head, "predict", str(run), str(inputs), "--out", str(out)]
+
+
+# `imgcls predict` with the change proposed for imgcls.predict._cuda (no torch import to learn that
+# there is no GPU): the same CLI, with _cuda answering False as the proposed check does on a
+# machine without GPU device nodes.  Only with --with-proposed.
+_PROPOSED_CLI = "import sys, imgcls.predict as P; P._cuda = lambda: False; from imgcls.cli import main; sys.exit(main())"
+
+
+def proposed_cmd(run: Path, inputs: Path, out: Path) -> list[str]:
+    return [sys.executable, "-c", _PROPOSED_CLI, "predict", str(run), str(inputs), "--out", str(out)]
+
+
+def naive_cmd(run: Path, inputs: Path, out: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--naive", str(run), str(inputs), str(out)]
+
+
+def naive_main(run: Path, inputs: Path, out: Path, batch_size: int = 32, workers: int = 2) -> None:
+    """The naive pipeline (see the module docstring); writes path,label like imgcls predict."""
+    import timm
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms as T
+
+    t_start = time.perf_counter()
+    meta = json.loads((run / "preprocess.json").read_text())
+    labels = json.loads((run / "labels.json").read_text())
+    transform = T.Compose([
+        T.Resize(int(meta["input_size"] // meta["crop_pct"]), interpolation=T.InterpolationMode[meta["interpolation"].upper()]),
+        T.CenterCrop(meta["input_size"]),
+        T.ToTensor(),
+        T.Normalize(meta["mean"], meta["std"]),
+    ])
+    paths = sorted(str(p) for p in inputs.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+    class Files(Dataset):
+        def __len__(self):
+            return len(paths)
+
+        def __getitem__(self, i):
+            return transform(Image.open(paths[i]).convert("RGB"))
+
+    net = timm.create_model("tf_efficientnet_lite0", num_classes=len(labels))
+    net.load_state_dict(load_file(str(run / "model.safetensors")))
+    net.eval()
+    t_ready = time.perf_counter()
+    loader = DataLoader(Files(), batch_size=batch_size, num_workers=workers)
+    top1 = []
+    with torch.inference_mode():
+        for x in loader:
+            top1.extend(net(x).argmax(1).tolist())
+    with open(out, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        writer.writerows((p, labels[i]) for p, i in zip(paths, top1))
+    print(json.dumps({"startup": t_ready - t_start, "loop": time.perf_counter() - t_ready}))
+
+
+def disagreement_causes(run: Path, ours: dict[str, str], theirs: dict[str, str], ours_csv: Path) -> dict:
+    """Where imgcls and the naive pipeline disagree: does a full-size decode (no DCT scaling) fix it?"""
+    from imgcls.data.decode import open_image
+    from imgcls.data.preprocess import resize_and_crop
+    from imgcls.predict import load as imgcls_load
+
+    with open(ours_csv, newline="") as handle:
+        prob = {row["path"]: float(row["prob"] or 0) for row in csv.DictReader(handle)}
+    confident = [p for p in ours.keys() & theirs.keys() if prob[p] >= 0.5]
+    differ = sorted(p for p in ours.keys() & theirs.keys() if ours[p] != theirs[p])
+    fixed = 0
+    if differ:
+        predictor = imgcls_load(run)
+        spec = predictor.preprocess
+        for i in range(0, len(differ), 32):
+            chunk = differ[i:i + 32]
+            x = np.stack([resize_and_crop(open_image(p), spec) for p in chunk])
+            top = predictor.engine(x).argmax(1)
+            fixed += sum(predictor.labels[t] == theirs[p] for p, t in zip(chunk, top))
+    return {"confident": len(confident),
+            "confident_agreement": (sum(ours[p] == theirs[p] for p in confident) / len(confident)
+                                    if confident else float("nan")),
+            "disagree": len(differ), "fixed_by_full_decode": int(fixed),
+            "median_prob_disagree": statistics.median(prob[p] for p in differ) if differ else float("nan")}
+
+
+def read_labels(path: Path) -> dict[str, str]:
+    with open(path, newline="") as handle:
+        return {row["path"]: row["label"] for row in csv.DictReader(handle)}
+
+
+def agreement(a: dict[str, str], b: dict[str, str]) -> tuple[float, int]:
+    common = a.keys() & b.keys()
+    if not common:
+        return float("nan"), 0
+    return sum(a[p] == b[p] for p in common) / len(common), len(common)
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def part_e2e(args, run: Path, big: Path, work: Path) -> dict:
+    n = len(list(big.glob("*.jpg")))
+    say(f"\n== 1. end to end: imgcls predict vs naive PIL + torchvision + DataLoader(2) + eager, {n} images"
+        f" ({folder_stats(big)}) ==")
+    one = work / "one"
+    one.mkdir(exist_ok=True)
+    first = sorted(big.glob("*.jpg"))[0]
+    if not (one / first.name).exists():
+        os.link(first, one / first.name)
+    pipelines = {"imgcls": imgcls_cmd, "naive": naive_cmd}
+    if args.with_proposed:
+        pipelines["proposed"] = proposed_cmd
+    # start-up alone (one image), and a warm-up of the page cache / imports
+    startup = {}
+    for name, cmd in pipelines.items():
+        startup[name] = min(run_child(cmd(run, one, work / f"{name}-one.csv"))["wall"] for _ in range(2))
+        say(f"  start-up + 1 image, {name:8s}: {startup[name]:.2f} s  ({load()})")
+    results: dict[str, list[dict]] = {name: [] for name in pipelines}
+    order = list(pipelines)
+    for r in range(args.e2e_rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):  # A B, B A, ...
+            before = load()
+            res = run_child(pipelines[name](run, big, work / f"{name}.csv"))
+            res["load"] = f"{before} -> {load()}"
+            results[name].append(res)
+            say(f"  round {r + 1} {name:8s} wall {res['wall']:7.1f} s  {n / res['wall']:6.1f} img/s"
+                f"  cpu {1e3 * res['cpu'] / n:6.1f} ms/img  peak rss {res['rss_mb']:5.0f} MB  ({res['load']})")
+    ours, theirs = read_labels(work / "imgcls.csv"), read_labels(work / "naive.csv")
+    agree, common = agreement(ours, theirs)
+    diag = disagreement_causes(run, ours, theirs, work / "imgcls.csv")
+    wall = {name: min(r["wall"] for r in rs) for name, rs in results.items()}
+    cpu = {name: min(r["cpu"] for r in rs) for name, rs in results.items()}
+    per_round = [nv["wall"] / im["wall"] for im, nv in zip(results["imgcls"], results["naive"])]
+    say(f"  best wall: imgcls {wall['imgcls']:.1f} s ({n / wall['imgcls']:.1f} img/s), naive {wall['naive']:.1f} s"
+        f" ({n / wall['naive']:.1f} img/s)")
+    say(f"  speed-up (naive wall / imgcls wall): best {wall['naive'] / wall['imgcls']:.2f}x, per round "
+        + ", ".join(f"{x:.2f}x" for x in per_round) + "   [bar >= 5x]")
+    if "proposed" in results:
+        per_round_p = [nv["wall"] / im["wall"] for im, nv in zip(results["proposed"], results["naive"])]
+        say(f"  with the proposed _cuda change: {wall['proposed']:.1f} s ({n / wall['proposed']:.1f} img/s),"
+            f" speed-up best {wall['naive'] / wall['proposed']:.2f}x, per round "
+            + ", ".join(f"{x:.2f}x" for x in per_round_p))
+    say(f"  CPU time per image: imgcls {1e3 * cpu['imgcls'] / n:.1f} ms, naive {1e3 * cpu['naive'] / n:.1f} ms"
+        f" -> {cpu['naive'] / cpu['imgcls']:.2f}x less CPU")
+    say(f"  top-1 agreement imgcls vs naive: {100 * agree:.2f}% of {common};"
+        f" {100 * diag['confident_agreement']:.2f}% of the {diag['confident']} where imgcls is >= 50% sure")
+    if diag["disagree"]:
+        say(f"  of the {diag['disagree']} disagreements, {diag['fixed_by_full_decode']} go away when imgcls's engine"
+            f" gets a full-size decode instead of the reduced-size (DCT-scaled) one; median imgcls top-1 prob on"
+            f" them {diag['median_prob_disagree']:.2f} (images the model is unsure about)")
+    return {"disagreement": diag, "n": n, "wall": wall, "cpu": cpu, "startup": startup, "speedup_best": wall["naive"] / wall["imgcls"],
+            "speedup_rounds": per_round, "agreement": agree, "rounds": {k: [{x: v for x, v in r.items() if x != "stdout"}
+                                                                          for r in rs] for k, rs in results.items()}}
+
+
+def _decode_batch(paths, spec) -> np.ndarray:
+    from imgcls.data.decode import load_uint8
+
+    return np.stack([load_uint8(p, spec) for p in paths])
+
+
+def part_engine(args, run: Path, big: Path) -> dict:
+    import onnxruntime as ort
+
+    from imgcls.engines import OnnxEngine
+    from imgcls.export import quantize_int8
+    from imgcls.predict import load as imgcls_load
+
+    say(f"\n== 2. model only: batch {args.batch} of real 224 px images, {args.repeats} rounds after a warm-up ==")
+    predictor = imgcls_load(run)
+    spec = predictor.preprocess
+    paths = sorted(big.glob("*.jpg"))
+    batch = _decode_batch(paths[:args.batch], spec)
+    int8_path = run / f"model.int8-calib{args.calib}.onnx"  # cached per calibration size
+    if not int8_path.exists():
+        calib = paths[args.batch:args.batch + args.calib]
+        t0 = time.perf_counter()
+        quantize_int8(run / "model.onnx", int8_path,
+                      (_decode_batch(calib[i:i + 16], spec) for i in range(0, len(calib), 16)))
+        say(f"  quantized {int8_path} on {len(calib)} calibration images in {time.perf_counter() - t0:.0f} s")
+
+    plain = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    plain_int8 = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+    int8 = OnnxEngine(int8_path)
+    rows = {
+        f"imgcls.load(RUN): {predictor.backend} fp32": predictor.engine,
+        "ORT fp32, default session": lambda x: plain.run(None, {"images": x})[0],
+        "imgcls OnnxEngine int8": int8,
+        "ORT int8, default session": lambda x: plain_int8.run(None, {"images": x})[0],
+    }
+    say(f"  imgcls engine: {predictor.engine!r}")
+    samples: dict[str, list[float]] = {k: [] for k in rows}
+    for r in range(args.repeats + 1):
+        for name, call in rows.items():
+            t0 = time.perf_counter()
+            call(batch)
+            if r:
+                samples[name].append(len(batch) / (time.perf_counter() - t0))
+        say(f"  round {r}/{args.repeats} ({load()})")
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    best = {k: max(v) for k, v in samples.items()}
+    for name in rows:
+        say(f"  {name:42s} median {med[name]:6.1f} img/s  best {best[name]:6.1f}")
+    keys = list(rows)
+    ratio_engine = med[keys[0]] / med[keys[1]]
+    ratio_int8 = med[keys[2]] / med[keys[0]]
+    # the same ratios round by round (each round's calls are side by side)
+    per_round_engine = [a / b for a, b in zip(samples[keys[0]], samples[keys[1]])]
+    per_round_int8 = [a / b for a, b in zip(samples[keys[2]], samples[keys[0]])]
+    say(f"  imgcls engine / ORT fp32 default: {ratio_engine:.2f}x (median of medians; per-round median"
+        f" {statistics.median(per_round_engine):.2f}x)   [bar >= 1.0]")
+    say(f"  int8 / fp32 (imgcls engines): {ratio_int8:.2f}x (per-round median {statistics.median(per_round_int8):.2f}x)"
+        f"   [bar >= 1.2]")
+
+    # int8 vs fp32 top-1 on images neither the timing batch nor the calibration used
+    held = paths[args.batch + args.calib:][:args.agree_n]
+    same = total = 0
+    for i in range(0, len(held), 32):
+        x = _decode_batch(held[i:i + 32], spec)
+        same += int((predictor.engine(x).argmax(1) == int8(x).argmax(1)).sum())
+        total += len(x)
+    agree = same / total if total else float("nan")
+    say(f"  top-1 agreement int8 vs fp32: {100 * agree:.2f}% of {total} held-out images")
+    return {"median": med, "best": best, "engine_vs_ort": ratio_engine, "int8_vs_fp32": ratio_int8,
+            "per_round_engine": per_round_engine, "per_round_int8": per_round_int8, "int8_agreement": agree}
+
+
+def part_rss(args, run: Path, root: Path, work: Path) -> dict:
+    small_n = args.small_n
+    base_n = max(1, small_n // 10)
+    folders = {base_n: image_folder(root, "small", base_n), small_n: image_folder(root, "small", small_n)}
+    say(f"\n== 3. peak RSS of imgcls predict: {base_n} vs {small_n} files of {SMALL[0]}x{SMALL[1]}"
+        f" ({folder_stats(folders[small_n])}), fresh process each ==")
+    peaks: dict[int, list[float]] = {k: [] for k in folders}
+    for r in range(args.rss_rounds):
+        for k in (list(folders) if r % 2 == 0 else list(folders)[::-1]):
+            before = load()
+            res = run_child(imgcls_cmd(run, folders[k], work / f"rss-{k}.csv"))
+            peaks[k].append(res["rss_mb"])
+            say(f"  round {r + 1} {k:6d} files: peak rss {res['rss_mb']:6.1f} MB  wall {res['wall']:6.1f} s"
+                f" ({k / res['wall']:.0f} img/s)  ({before} -> {load()})")
+    check = time_v_peak_mb(imgcls_cmd(run, folders[base_n], work / "rss-check.csv"))
+    if check is not None:
+        say(f"  cross-check, /usr/bin/time -f %M on {base_n} files: {check:.1f} MB")
+    growth = max(peaks[small_n]) - max(peaks[base_n])
+    say(f"  peak RSS: {base_n} files {max(peaks[base_n]):.1f} MB, {small_n} files {max(peaks[small_n]):.1f} MB"
+        f" -> +{growth:.1f} MB   [bar <= +100 MB]")
+    return {"peaks_mb": peaks, "growth_mb": growth, "time_v_mb": check}
+
+
+def part_threads(args, run: Path, big: Path) -> dict:
+    from imgcls.data.records import Record
+    from imgcls.engines import OnnxEngine, available_cpus
+    from imgcls.predict import Predictor, default_decode_workers
+    from imgcls.predict import load as imgcls_load
+
+    base = imgcls_load(run)
+    records = [Record(p) for p in sorted(big.glob("*.jpg"))[:args.threads_n]]
+    n = len(records)
+    say(f"\n== 4. iter_probs end to end on {n} big images: decode workers x ORT intra-op threads,"
+        f" {args.repeats} rounds after a warm-up ==")
+    say(f"  defaults here: decode workers {default_decode_workers()}, ORT threads {available_cpus()}"
+        f" ({len(os.sched_getaffinity(0))} CPUs)")
+    configs = [(w, t) for w in (1, 2) for t in (1, 2)]
+    predictors = {c: Predictor(OnnxEngine(run / "model.onnx", threads=c[1]), base.labels, base.preprocess)
+                  for c in configs}
+    samples: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
+    for r in range(args.repeats + 1):
+        order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate who goes first
+        for c in order:
+            t0 = time.perf_counter()
+            for _ in predictors[c].iter_probs(records, args.batch, workers=c[0]):
+                pass
+            if r:
+                samples[c].append(n / (time.perf_counter() - t0))
+        say(f"  round {r}/{args.repeats} ({load()})" + ("" if not r else "  " + ", ".join(
+            f"w{c[0]}/t{c[1]} {samples[c][-1]:.1f}" for c in configs)))
+    med = {c: statistics.median(v) for c, v in samples.items()}
+    ref = med[(2, 2)]
+    for c in configs:
+        say(f"  decode workers {c[0]}, ORT threads {c[1]}: median {med[c]:6.1f} img/s  best {max(samples[c]):6.1f}"
+            f"  ({med[c] / ref:.2f}x of workers 2 / threads 2)")
+    best = max(configs, key=lambda c: med[c])
+    say(f"  best: decode workers {best[0]}, ORT threads {best[1]}")
+    return {"median": {f"w{c[0]}t{c[1]}": v for c, v in med.items()},
+            "samples": {f"w{c[0]}t{c[1]}": v for c, v in samples.items()}, "best": f"w{best[0]}t{best[1]}"}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("/tmp/imgcls-bench"), help="images and run directory")
+    parser.add_argument("--run", type=Path, help="run directory (default: <root>/run-lite0, made by make_run.py)")
+    parser.add_argument("--parts", nargs="+", default=["e2e", "engine", "rss", "threads"],
+                        choices=["e2e", "engine", "rss", "threads"])
+    parser.add_argument("--n", type=int, default=1000, help="big images for the end-to-end comparison")
+    parser.add_argument("--small-n", type=int, default=10000, help="small files for the RSS part (vs a tenth)")
+    parser.add_argument("--e2e-rounds", type=int, default=2, help="alternating imgcls/naive rounds")
+    parser.add_argument("--rss-rounds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (engine, threads)")
+    parser.add_argument("--calib", type=int, default=64, help="calibration images for int8")
+    parser.add_argument("--agree-n", type=int, default=256, help="images for int8 vs fp32 top-1 agreement")
+    parser.add_argument("--threads-n", type=int, default=256, help="big images per threads measurement")
+    parser.add_argument("--with-proposed", action="store_true",
+                        help="e2e: also run imgcls predict with the proposed imgcls.predict._cuda change")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--naive", nargs=3, metavar=("RUN", "INPUT", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.naive:
+        return naive_main(*map(Path, args.naive))
+
+    sys.path.insert(0, str(HERE))
+    from make_run import make_run
+
+    t_start = time.perf_counter()
+    say(f"imgcls predict benchmark; {len(os.sched_getaffinity(0))} CPUs; {load()}")
+    say(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    args.root.mkdir(parents=True, exist_ok=True)
+    run = make_run(args.run or args.root / "run-lite0")
+    need_big = max(args.n if "e2e" in args.parts else 0,
+                   args.batch + args.calib + args.agree_n if "engine" in args.parts else 0,
+                   args.threads_n if "threads" in args.parts else 0)
+    big = image_folder(args.root, "big", args.n) if need_big <= args.n else None
+    if big is None:  # the other parts want more images than --n; make them, use n for e2e
+        image_folder(args.root, "big", need_big)
+        big = image_folder(args.root, "big", args.n)
+    big_all = args.root / "big"
+    say(f"run {run}; images {big} ({folder_stats(big)})")
+    results: dict = {"load_start": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="imgcls-bench-") as tmp:
+        work = Path(tmp)
+        if "e2e" in args.parts:
+            results["e2e"] = part_e2e(args, run, big, work)
+        if "engine" in args.parts:
+            results["engine"] = part_engine(args, run, big_all)
+        if "rss" in args.parts:
+            results["rss"] = part_rss(args, run, args.root, work)
+        if "threads" in args.parts:
+            results["threads"] = part_threads(args, run, big_all)
+    results["load_end"] = os.getloadavg()
+    say(f"\n{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}"
+        f"   (benchmark took {time.perf_counter() - t_start:.0f} s)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

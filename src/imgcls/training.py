@@ -39,7 +39,7 @@ from .data.transforms import Augment
 from .errors import UserError
 from .metrics import compute_metrics, write_metrics
 from .models.classifier import Classifier
-from .models.pretrained import freeze_backbone, load_pretrained, param_groups, set_frozen_bn_eval, unfreeze
+from .models.pretrained import freeze_backbone, load_pretrained, locate_source, param_groups, set_frozen_bn_eval, unfreeze
 from .models.weights import load_weights_file
 from .models.registry import create_model, default_preprocess, model_spec
 from .report import plot_training_curves
@@ -282,8 +282,6 @@ def _resolve_normalization(cfg, preprocess, train_records, index, train_cache) -
 
 def _initial_weights(cfg, net: nn.Module):
     """Load --pretrained or --weights into ``net``; returns the LoadReport (or None)."""
-    if cfg.pretrained and cfg.weights:
-        raise UserError("use either --pretrained or --weights, not both")
     if cfg.pretrained:
         report = load_pretrained(cfg.model, net, model_spec(cfg.model).pretrained)
     elif cfg.weights:
@@ -461,7 +459,16 @@ class Fit:
 
 
 def _validate(cfg: TrainConfig) -> None:
-    model_spec(cfg.model)
+    """Fail fast, before a long scan of the data."""
+    entry = model_spec(cfg.model)
+    if cfg.pretrained and cfg.weights:
+        raise UserError("use either --pretrained or --weights, not both")
+    if cfg.pretrained:
+        if entry.pretrained is None:
+            raise UserError(f"{cfg.model} has no pretrained weights; see `imgcls models` for those that do")
+        locate_source(entry.pretrained)
+    if cfg.weights and not Path(cfg.weights).exists():
+        raise UserError(f"--weights {cfg.weights}: no such file or run directory")
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {cfg.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:

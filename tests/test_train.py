@@ -156,3 +156,27 @@ def test_amp_policy():
     else:
         with pytest.raises(UserError, match="no native bf16"):
             resolve_amp("bf16", cpu)
+
+
+def test_schedules_follow_their_formulas():
+    import math
+
+    from imgcls.training import SCHEDULES, TrainConfig
+
+    cfg = TrainConfig(data="", out="", step_size=2, gamma=0.1)
+    cosine, step = SCHEDULES["cosine"], SCHEDULES["step"]
+    # 10 epochs of 5 steps, 1 warm-up epoch
+    assert cosine(0, 50, 5, 5, cfg) == pytest.approx(1 / 5)
+    assert cosine(4, 50, 5, 5, cfg) == pytest.approx(1.0)
+    assert cosine(5, 50, 5, 5, cfg) == pytest.approx(1.0)
+    assert cosine(27, 50, 5, 5, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi * 22 / 45)))
+    assert step(9, 50, 0, 5, cfg) == pytest.approx(1.0) and step(10, 50, 0, 5, cfg) == pytest.approx(0.1)
+    assert step(20, 50, 0, 5, cfg) == pytest.approx(0.01)
+
+
+def test_sgd_step_schedule_and_clipping_run(tiny_tree, tmp_path):
+    result = imgcls.train(tiny_tree, tmp_path / "run", epochs=3, progress=False,
+                          **{**FAST, "optimizer": "sgd", "lr": 0.05, "schedule": "step", "step_size": 1,
+                             "gamma": 0.5, "clip_grad": 1.0, "label_smoothing": 0.1})
+    lrs = [float(r["lr"]) for r in csv.DictReader((result.run_dir / "metrics.csv").open())]
+    assert lrs == pytest.approx([0.05, 0.025, 0.0125])

@@ -1,6 +1,6 @@
 """Prediction speed and memory against the bars of issue #5 (not a test).
 
-    python benchmarks/predict.py                          # everything, the real sizes (~25 min on 2 cores)
+    python benchmarks/predict.py                          # everything, the real sizes (25-40 min on 2 shared cores)
     python benchmarks/predict.py --n 100 --small-n 2000   # a quick check
     python benchmarks/predict.py --parts e2e engine       # some parts only
 
@@ -23,8 +23,13 @@ Parts (``--parts``, default all):
     under ``inference_mode`` with the run's weights.  The two alternate
     (A B B A ... over ``--e2e-rounds``); also reported: the CPU seconds per
     image of each (user + sys of the child and its children, steadier than
-    wall time on a shared machine), start-up alone (one image), and top-1
-    agreement of the two CSVs.
+    wall time on a shared machine), start-up alone (one image), top-1
+    agreement of the two CSVs, and how many disagreements go away when
+    imgcls's engine gets a full-size decode (i.e. are due to reduced-size
+    JPEG decoding).  ``--with-proposed`` adds a third pipeline: ``imgcls
+    predict`` with ``imgcls.predict._cuda`` answering False, as the change
+    proposed for it does on a machine without GPU device nodes (no torch
+    import when the ONNX engine is used).
 ``engine``  (bars: imgcls engine / ORT fp32 >= 1.0; int8 / fp32 >= 1.2)
     Model-only images/s on one batch of real images (``--batch``), round-robin
     over ``--repeats`` rounds after a warm-up: the engine ``imgcls.load(RUN)``
@@ -113,8 +118,18 @@ def _make_one(args: tuple[str, int, tuple[int, int]]) -> None:
     os.replace(tmp, path)
 
 
+def image_folders(root: Path, kind: str, sizes) -> dict[int, Path]:
+    """A folder of exactly n images for each n in ``sizes`` (the largest made first: see image_folder)."""
+    sizes = sorted(set(sizes), reverse=True)
+    return {n: image_folder(root, kind, n) for n in sizes}
+
+
 def image_folder(root: Path, kind: str, n: int) -> Path:
-    """``root/kind`` holding at least ``n`` images (made once), or a hard-linked subset ``root/kind-n`` of exactly n."""
+    """``root/kind`` holding at least ``n`` images (made once), or a hard-linked subset ``root/kind-n`` of exactly n.
+
+    ``root/kind`` itself is returned when it holds exactly n images; ask for the largest
+    n first (:func:`image_folders`), or a later call may add files to a folder already handed out.
+    """
     size = BIG if kind == "big" else SMALL
     folder = root / kind
     folder.mkdir(parents=True, exist_ok=True)
@@ -273,7 +288,14 @@ def disagreement_causes(run: Path, ours: dict[str, str], theirs: dict[str, str],
             x = np.stack([resize_and_crop(open_image(p), spec) for p in chunk])
             top = predictor.engine(x).argmax(1)
             fixed += sum(predictor.labels[t] == theirs[p] for p, t in zip(chunk, top))
-    return {"confident": len(confident),
+    by_photo: dict[str, list[int]] = {}  # photo -> [disagreements, images]
+    for path in ours.keys() & theirs.keys():
+        stem = Path(path).stem
+        photo = PHOTOS[int(stem.split("_")[-1]) % len(PHOTOS)] if stem.split("_")[-1].isdigit() else "?"
+        counts = by_photo.setdefault(photo, [0, 0])
+        counts[0] += ours[path] != theirs[path]
+        counts[1] += 1
+    return {"by_photo": by_photo, "confident": len(confident),
             "confident_agreement": (sum(ours[p] == theirs[p] for p in confident) / len(confident)
                                     if confident else float("nan")),
             "disagree": len(differ), "fixed_by_full_decode": int(fixed),
@@ -345,6 +367,8 @@ def part_e2e(args, run: Path, big: Path, work: Path) -> dict:
         say(f"  of the {diag['disagree']} disagreements, {diag['fixed_by_full_decode']} go away when imgcls's engine"
             f" gets a full-size decode instead of the reduced-size (DCT-scaled) one; median imgcls top-1 prob on"
             f" them {diag['median_prob_disagree']:.2f} (images the model is unsure about)")
+        say("  disagreements by source photo: " + ", ".join(
+            f"{photo} {d}/{t}" for photo, (d, t) in sorted(diag["by_photo"].items())))
     return {"disagreement": diag, "n": n, "wall": wall, "cpu": cpu, "startup": startup, "speedup_best": wall["naive"] / wall["imgcls"],
             "speedup_rounds": per_round, "agreement": agree, "rounds": {k: [{x: v for x, v in r.items() if x != "stdout"}
                                                                           for r in rs] for k, rs in results.items()}}
@@ -411,13 +435,17 @@ def part_engine(args, run: Path, big: Path) -> dict:
 
     # int8 vs fp32 top-1 on images neither the timing batch nor the calibration used
     held = paths[args.batch + args.calib:][:args.agree_n]
-    same = total = 0
+    same = total = same_sure = sure = 0
     for i in range(0, len(held), 32):
         x = _decode_batch(held[i:i + 32], spec)
-        same += int((predictor.engine(x).argmax(1) == int8(x).argmax(1)).sum())
-        total += len(x)
+        fp32_probs = predictor.predict_arrays(x)
+        match = fp32_probs.argmax(1) == int8(x).argmax(1)
+        confident = fp32_probs.max(1) >= 0.5
+        same, total = same + int(match.sum()), total + len(x)
+        same_sure, sure = same_sure + int(match[confident].sum()), sure + int(confident.sum())
     agree = same / total if total else float("nan")
-    say(f"  top-1 agreement int8 vs fp32: {100 * agree:.2f}% of {total} held-out images")
+    say(f"  top-1 agreement int8 vs fp32: {100 * agree:.2f}% of {total} held-out images;"
+        f" {100 * same_sure / max(1, sure):.2f}% of the {sure} where fp32 is >= 50% sure")
     return {"median": med, "best": best, "engine_vs_ort": ratio_engine, "int8_vs_fp32": ratio_int8,
             "per_round_engine": per_round_engine, "per_round_int8": per_round_int8, "int8_agreement": agree}
 
@@ -425,7 +453,8 @@ def part_engine(args, run: Path, big: Path) -> dict:
 def part_rss(args, run: Path, root: Path, work: Path) -> dict:
     small_n = args.small_n
     base_n = max(1, small_n // 10)
-    folders = {base_n: image_folder(root, "small", base_n), small_n: image_folder(root, "small", small_n)}
+    folders = image_folders(root, "small", (small_n, base_n))
+    folders = {base_n: folders[base_n], small_n: folders[small_n]}
     say(f"\n== 3. peak RSS of imgcls predict: {base_n} vs {small_n} files of {SMALL[0]}x{SMALL[1]}"
         f" ({folder_stats(folders[small_n])}), fresh process each ==")
     peaks: dict[int, list[float]] = {k: [] for k in folders}
@@ -475,8 +504,10 @@ def part_threads(args, run: Path, big: Path) -> dict:
     med = {c: statistics.median(v) for c, v in samples.items()}
     ref = med[(2, 2)]
     for c in configs:
+        ratios = [a / b for a, b in zip(samples[c], samples[(2, 2)])]  # side by side, round by round
         say(f"  decode workers {c[0]}, ORT threads {c[1]}: median {med[c]:6.1f} img/s  best {max(samples[c]):6.1f}"
-            f"  ({med[c] / ref:.2f}x of workers 2 / threads 2)")
+            f"  ({med[c] / ref:.2f}x of workers 2 / threads 2; per round "
+            + " ".join(f"{x:.2f}" for x in ratios) + ")")
     best = max(configs, key=lambda c: med[c])
     say(f"  best: decode workers {best[0]}, ORT threads {best[1]}")
     return {"median": {f"w{c[0]}t{c[1]}": v for c, v in med.items()},
@@ -520,10 +551,7 @@ def main(argv: list[str] | None = None) -> None:
     need_big = max(args.n if "e2e" in args.parts else 0,
                    args.batch + args.calib + args.agree_n if "engine" in args.parts else 0,
                    args.threads_n if "threads" in args.parts else 0)
-    big = image_folder(args.root, "big", args.n) if need_big <= args.n else None
-    if big is None:  # the other parts want more images than --n; make them, use n for e2e
-        image_folder(args.root, "big", need_big)
-        big = image_folder(args.root, "big", args.n)
+    big = image_folders(args.root, "big", (need_big, args.n))[args.n]  # the other parts may want more than --n
     big_all = args.root / "big"
     say(f"run {run}; images {big} ({folder_stats(big)})")
     results: dict = {"load_start": os.getloadavg()}

@@ -133,6 +133,17 @@ def test_predict_from_onnx_file_without_torch(trained, tmp_path):
     assert row["label"] in {"cat", "dog", "fox", "owl", "yak"} and not row["error"]
 
 
+def test_loading_an_onnx_run_does_not_import_torch_without_a_gpu(trained):
+    import os
+
+    if any(os.path.exists(n) for n in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")):
+        pytest.skip("a GPU is present: torch is imported to use it")
+    code = (f"import sys, imgcls; p = imgcls.load({str(trained / 'run')!r}); "
+            "assert p.backend == 'onnxruntime'; assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_export_int8_reports_accuracy(trained, tmp_path):
     out = tmp_path / "m.int8.onnx"
     code = main(["-q", "export", str(trained / "run"), "--int8", "--out", str(out)])

@@ -91,8 +91,8 @@ def _head(path_or_bytes, n: int = 64) -> bytes:
         return b""
 
 
-def read_onnx_props(path_or_bytes: str | Path | bytes) -> dict[str, str]:
-    """All ``metadata_props`` of an ONNX file (or its bytes), as ONNX Runtime reads them."""
+def _open_session(path_or_bytes: str | Path | bytes, options, providers: list[str]):
+    """(ONNX Runtime session, display name), with user-facing errors for missing or corrupt files."""
     import onnxruntime as ort
 
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
@@ -102,14 +102,21 @@ def read_onnx_props(path_or_bytes: str | Path | bytes) -> dict[str, str]:
         if not path.is_file():
             raise UserError(f"ONNX model {path} not found; pass the path of an exported model.onnx")
         source, name = str(path), str(path)
+    try:
+        return ort.InferenceSession(source, options, providers=providers), name
+    except Exception as e:  # ORT raises its own Fail / InvalidProtobuf / InvalidGraph types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _not_onnx(name, first[:300], _head(source)) from None
+
+
+def read_onnx_props(path_or_bytes: str | Path | bytes) -> dict[str, str]:
+    """All ``metadata_props`` of an ONNX file (or its bytes), as ONNX Runtime reads them."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only reading metadata
     options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own Fail / InvalidProtobuf / InvalidGraph types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _not_onnx(name, first[:300], _head(path_or_bytes)) from None
+    session, _ = _open_session(path_or_bytes, options, ["CPUExecutionProvider"])
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
@@ -231,15 +238,6 @@ class OnnxEngine:
     ):
         import onnxruntime as ort
 
-        if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-            source, name = bytes(path_or_bytes), "<bytes>"
-        else:
-            path = Path(path_or_bytes)
-            if not path.is_file():
-                raise UserError(f"ONNX model {path} not found; pass the path of an exported model.onnx")
-            source, name = str(path), str(path)
-        self.name = name
-
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -262,11 +260,8 @@ class OnnxEngine:
             )
         use_cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in available
         providers = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(source, options, providers=providers)
-        except Exception as e:  # ORT raises its own Fail / InvalidProtobuf / InvalidGraph types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise _not_onnx(name, first[:300], _head(source)) from None
+        self.session, self.name = _open_session(path_or_bytes, options, providers)
+        name = self.name
         self.providers = self.session.get_providers()
 
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()

@@ -137,6 +137,7 @@ def test_fine_tune_from_another_run_replaces_the_head(tiny_tree, tmp_path):
 def test_freeze_backbone_trains_only_the_head(tiny_tree, tmp_path):
     first = imgcls.train(tiny_tree, tmp_path / "a", epochs=1, progress=False, **FAST)
     probe = imgcls.train(tiny_tree, tmp_path / "b", epochs=2, weights=str(first.run_dir), freeze="backbone",
+                         strategy="finetune",
                          progress=False, **FAST)
     a = load_file(first.run_dir / "model.safetensors")
     b = torch.load(probe.run_dir / "checkpoint.pt", weights_only=True)["model"]

@@ -26,7 +26,10 @@ def train(data: str | Path, out: str | Path, model: str = "resnet18", resume: bo
         saved.update({k: v for k, v in options.items() if k == "epochs" and v is not None})
         cfg = TrainConfig.from_dict(saved)
     else:
-        cfg = TrainConfig.from_dict({"data": str(data), "out": str(out), "model": model, **options})
+        from .transfer import apply_recipe_defaults  # defaults for pretrained starts, for options not given
+
+        cfg = TrainConfig.from_dict({"data": str(data), "out": str(out), "model": model,
+                                     **apply_recipe_defaults(options)})
     return run_training(cfg, resume=resume, progress=progress)
 
 

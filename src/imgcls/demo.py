@@ -45,7 +45,8 @@ def run_demo(out: str | Path | None = None, epochs: int = 15) -> dict:
                             "enabled": True}, label_smoothing=0.0)
     summary = result.summary
     predictor = load(result.run_dir)
-    samples = sorted((data / "test").rglob("*.png"))[:: max(1, len(list((data / "test").rglob("*.png"))) // 5)][:5]
+    test_images = sorted((data / "test").rglob("*.png"))
+    samples = test_images[:: len(test_images) // 5][:5]
     print("\nsample predictions:")
     for row in predictor.predict(samples):
         print(f"  {Path(row['path']).relative_to(data)}  ->  {row['label']}  (p={row['prob']:.3f})")

@@ -63,10 +63,8 @@ class Predictor:
         def decode(record: Record):
             try:
                 return load_uint8(record.path, spec), ""
-            except ImageError as err:
-                return None, str(err.reason if hasattr(err, "reason") else err)
-            except OSError as err:
-                return None, f"cannot read file: {err.strerror or err}"
+            except ImageError as err:  # every decoding failure, missing files included
+                return None, err.reason
 
         window = max(2, workers) * batch_size  # decoded images in flight, bounded
         with ThreadPoolExecutor(max_workers=workers) as pool:

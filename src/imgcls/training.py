@@ -39,7 +39,8 @@ from .data.transforms import Augment
 from .errors import UserError
 from .metrics import compute_metrics, write_metrics
 from .models.classifier import Classifier
-from .models.pretrained import freeze_backbone, load_pretrained, locate_source, param_groups, set_frozen_bn_eval, unfreeze
+from .models.pretrained import (freeze_backbone, load_pretrained, locate_source, param_groups, set_frozen_bn_eval,
+                                unfreeze)
 from .models.weights import load_weights_file
 from .models.registry import create_model, default_preprocess, model_spec
 from .report import plot_training_curves

@@ -67,7 +67,7 @@ def decode_all(records: list[Record], spec: Preprocess, augment: Augment | None,
         try:
             return base_image(record.path, spec, augment), None
         except ImageError as err:
-            return None, str(err.reason if hasattr(err, "reason") else err)
+            return None, err.reason
 
     arrays: list[np.ndarray | None] = []
     failures: list[tuple[Record, str]] = []

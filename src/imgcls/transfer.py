@@ -52,12 +52,13 @@ The head: the source weights' own classifier as a prior
     L2 logistic regression; without a source head (weights without one, or
     another class count than guessed) it is exactly that.
 
-Measured on ants vs bees (benchmarks/transfer.py, Lite0, 8 views): 96.7% val
-with the prior for seeds 0, 1 and 2, 94.1% without it; the whole
-``imgcls train`` in 91-116 s wall on 2 busy cores.  Partial fine-tuning of the
-last layers on cached feature maps (Lite0's conv_head + bn + classifier on the
-7x7x320 maps of 8-16 views, AdamW, 10 epochs) was tried without the prior and
-did not beat the plain probe (93.5-94.8%), so it is not used.
+Measured on ants vs bees (benchmarks/transfer.py, Lite0, 8 views): 97.4% val
+(149/153) with the prior for seeds 0, 1 and 2, 94.1% without it; the whole
+``imgcls train`` in 88-93 s wall on 2 cores shared with other jobs (load
+3.5).  Partial fine-tuning of the last layers on cached feature maps (Lite0's
+conv_head + bn + classifier on the 7x7x320 maps of 8-16 views, AdamW, 10
+epochs) was tried without the prior and did not beat the plain probe
+(93.5-94.8%), so it is not used.
 
 Defaults by strategy live in :data:`PRETRAINED_DEFAULTS`, applied by
 :func:`apply_recipe_defaults` to the options a caller did *not* set.
@@ -156,6 +157,8 @@ def apply_recipe_defaults(options: dict) -> dict:
 def choose_strategy(session, resume: bool = False) -> str:
     """The strategy this session runs (logged with the reason)."""
     cfg = session.cfg
+    if cfg.views < 1:
+        raise UserError(f"--views must be at least 1 (the center crop), not {cfg.views}")
     name, reason = resolve_strategy(cfg.strategy, pretrained=cfg.pretrained, weights=cfg.weights,
                                     device_type=session.device.type, resume=resume, freeze=cfg.freeze,
                                     head_epochs=cfg.head_epochs, backbone_lr_mult=cfg.backbone_lr_mult)
@@ -525,7 +528,8 @@ def fit_features(session, progress: bool = True):
     log.info("fast path: head fitted in %.1f s (%s, penalty %g chosen by %s)", t_head,
              f"source-head prior of {prior[0].shape[0]} classes, weight {fit.alpha:.3g}" if prior is not None
              else "no source-head prior", fit.lam,
-             f"{fit.folds}-fold cross-validation on train" if fit.folds else "default (too few images to cross-validate)")
+             f"{fit.folds}-fold cross-validation on train" if fit.folds
+             else "default (too few images to cross-validate)")
 
     def logits_of(feats):
         with torch.no_grad():

@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
+    for name in ("onnx_ir", "onnxscript"):  # the ONNX exporter logs ~80 INFO lines per export
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
     try:
         args.func(args)
     except UserError as err:

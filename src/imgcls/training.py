@@ -478,6 +478,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"unknown schedule {cfg.schedule!r}; use one of {', '.join(SCHEDULES)}")
     if cfg.freeze not in (None, "backbone"):
         raise UserError(f"unknown --freeze {cfg.freeze!r}; use: backbone")
+    if cfg.strategy not in ("auto", "features", "finetune"):
+        raise UserError(f"unknown strategy {cfg.strategy!r}; use auto, features or finetune")
+    if cfg.views < 1:
+        raise UserError(f"--views must be at least 1 (the center crop), not {cfg.views}")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("--epochs and --batch-size must be at least 1")
 

@@ -181,3 +181,38 @@ def test_sgd_step_schedule_and_clipping_run(tiny_tree, tmp_path):
                              "gamma": 0.5, "clip_grad": 1.0, "label_smoothing": 0.1})
     lrs = [float(r["lr"]) for r in csv.DictReader((result.run_dir / "metrics.csv").open())]
     assert lrs == pytest.approx([0.05, 0.025, 0.0125])
+
+
+def test_input_size_follows_small_images_when_training_from_scratch(tiny_tree, tmp_path):
+    opts = {**FAST, "model": "resnet18"}
+    # 32 px images: ResNet-18's default 224 would only upsample them; it trains at 32 with its small-image stem
+    small = imgcls.train(tiny_tree, tmp_path / "a", epochs=1, progress=False, **opts)
+    pre = json.loads((small.run_dir / "preprocess.json").read_text())
+    assert (pre["input_size"], pre["crop_pct"]) == (32, 1.0)
+    assert load_file(small.run_dir / "model.safetensors")["conv1.weight"].shape[-1] == 3  # 3x3 stem below 64 px
+    # fine-tuning from that run keeps its geometry, whatever the new images' size
+    make_class_tree(tmp_path / "big", {"elk": 6, "emu": 6}, size=(80, 96), seed=3)
+    tuned = imgcls.train(tmp_path / "big", tmp_path / "b", epochs=1, weights=str(small.run_dir), progress=False,
+                         **opts)
+    assert json.loads((tuned.run_dir / "preprocess.json").read_text())["input_size"] == 32
+    # an explicit size wins, and so do pretrained weights' preprocessing
+    from imgcls.data.sources import load_dataset
+    from imgcls.training import TrainConfig, _input_preprocess
+
+    records = load_dataset(tiny_tree).splits["all"]
+    explicit = _input_preprocess(TrainConfig(data=str(tiny_tree), out="x", model="resnet18", input_size=64), records)
+    assert (explicit.input_size, explicit.crop_pct) == (64, 0.875)
+    pretrained = _input_preprocess(TrainConfig(data=str(tiny_tree), out="x", model="efficientnet_lite0",
+                                               pretrained=True), records)
+    assert pretrained.input_size == 224
+
+
+def test_typical_short_side_reads_headers(tmp_path):
+    from imgcls.data.scan import typical_short_side
+
+    make_class_tree(tmp_path / "t", {"a": 3}, size=(40, 30), seed=0)
+    make_class_tree(tmp_path / "u", {"a": 2}, size=(100, 90), seed=0)
+    (tmp_path / "u" / "a" / "junk.jpg").write_text("not an image")
+    paths = sorted((tmp_path).rglob("*.*"))
+    assert typical_short_side(paths) == 30  # median of 30, 30, 30, 90, 90; the text file is ignored
+    assert typical_short_side([tmp_path / "u" / "a" / "junk.jpg"]) is None

@@ -32,7 +32,7 @@ from . import rundir
 from .data.dataset import CACHE_LIMIT_BYTES, ImageDataset, decode_all, estimate_cache_bytes
 from .data.preprocess import Preprocess
 from .data.records import Record
-from .data.scan import scan_paths
+from .data.scan import scan_paths, typical_short_side
 from .data.sources import load_dataset
 from .data.split import split_records
 from .data.transforms import Augment
@@ -266,13 +266,40 @@ class _Pixels:
         return self.dataset[i][0].numpy()
 
 
+def _input_preprocess(cfg: TrainConfig, train_records: list[Record]) -> Preprocess:
+    """The model's preprocessing, at an input size that suits the data when training from scratch.
+
+    A model's default size (224 for ResNet) is what its pretrained weights
+    expect.  Trained from scratch on small images (CIFAR's 32 px) it would only
+    upsample them and spend ~4x the compute for no information, so the size
+    becomes the images' median shorter side (within the model's range), with
+    no crop margin.  ``--input-size`` or pretrained weights keep the default;
+    weights from another imgcls run bring that run's preprocessing.
+    """
+    spec = default_preprocess(cfg.model, cfg.input_size)
+    if cfg.input_size is not None or cfg.pretrained:
+        return spec
+    if cfg.weights:
+        meta = rundir.weights_meta(cfg.weights)
+        return spec if meta is None else Preprocess.from_dict(meta["preprocess"])
+    side = typical_short_side([r.path for r in train_records], seed=cfg.seed)
+    if side is None:
+        return spec
+    size = max(model_spec(cfg.model).min_input_size, side)
+    if size >= spec.input_size:
+        return spec
+    log.info("input size %d px: the training images' median shorter side is %d px (the model's default is %d;"
+             " set --input-size to choose)", size, side, spec.input_size)
+    return spec.replace(input_size=size, crop_pct=1.0)
+
+
 def _resolve_normalization(cfg, preprocess, train_records, index, train_cache) -> Preprocess:
     """Mean/std follow the weights; a model trained from scratch uses its data's own."""
     if cfg.mean and cfg.std:
         return preprocess.replace(mean=cfg.mean, std=cfg.std)
     if cfg.weights:
         meta = rundir.weights_meta(cfg.weights)
-        if meta is not None:  # another imgcls run: keep its normalization (its geometry is ours already)
+        if meta is not None:  # another imgcls run: keep its normalization (and geometry, _input_preprocess)
             saved = Preprocess.from_dict(meta["preprocess"])
             return preprocess.replace(mean=saved.mean, std=saved.std)
         return preprocess
@@ -503,13 +530,13 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     torch.manual_seed(cfg.seed)
 
     splits, classes = _split_dataset(cfg)
-    preprocess = default_preprocess(cfg.model, cfg.input_size)
+    # a resumed run decodes exactly as it did before (the cache depends on the sizes)
+    preprocess = (Preprocess.load(run_dir / rundir.PREPROCESS) if resume
+                  else _input_preprocess(cfg, splits["train"]))
     caches = _scan(cfg, splits, preprocess, augment, run_dir, progress)
     _write_split(run_dir, splits)
     index = {c: i for i, c in enumerate(classes)}
-    if resume:
-        preprocess = Preprocess.load(run_dir / rundir.PREPROCESS)
-    else:
+    if not resume:
         preprocess = _resolve_normalization(cfg, preprocess, splits["train"], index, caches["train"])
     preprocess.save(run_dir / rundir.PREPROCESS)
     rundir.write_json(run_dir / rundir.LABELS, classes)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
+import statistics
 from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +29,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 from .decode import ImageError, open_image
 
-__all__ = ["check_image", "scan_paths", "find_duplicates", "default_workers"]
+__all__ = ["check_image", "scan_paths", "find_duplicates", "default_workers", "typical_short_side"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -64,6 +66,25 @@ def scan_paths(paths: Iterable[str | os.PathLike], workers: int | None = None,
         if reason is not None:
             bad.append((path, reason))
     return bad
+
+
+def typical_short_side(paths: list[str | os.PathLike], sample: int = 256, seed: int = 0) -> int | None:
+    """Median shorter side, in pixels, of up to ``sample`` of ``paths`` (a seeded sample).
+
+    Reads image headers only (Pillow opens lazily), so it costs milliseconds
+    even on a slow disk.  None when no sampled file is a readable image.
+    """
+    from PIL import Image
+
+    chosen = random.Random(seed).sample(list(paths), min(sample, len(paths)))
+    sides = []
+    for path in chosen:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except Exception:  # unreadable files are the scan's business, not this estimate's
+            continue
+    return int(statistics.median(sides)) if sides else None
 
 
 def find_duplicates(paths: Iterable[str | os.PathLike], workers: int | None = None,

@@ -18,8 +18,10 @@ Every allocator needs its own process (an allocator cannot be changed inside
 a running one), so the torch rows run in worker processes, one per allocator,
 and ONNX Runtime in this one.  The machine may be shared with others, so the
 rows are measured round-robin (one call of each row per round, ``--repeats``
-rounds after a warm-up round): a burst of someone else's load hits every row
-alike instead of the rows that happened to run during it.  Reported: best and
+rounds after a warm-up round, order reversed every round, a short pause before
+each call): a burst of someone else's load hits every row alike instead of the
+rows that happened to run during it, and no row runs beside the still-spinning
+threads of the row before it.  Reported: best and
 median images/s; the load average is printed before and after.
 """
 
@@ -185,7 +187,10 @@ def main() -> None:
     samples = {name: {label: [] for label in r} for name, r in rows.items()}
     for round_ in range(args.repeats + 1):
         for name, r in rows.items():
-            for label, run in r.items():
+            # order reversed every round and a pause before each call: threads that spin
+            # after their call (ORT's default, OpenMP's) would otherwise slow the next row
+            for label, run in (list(r.items()) if round_ % 2 else list(r.items())[::-1]):
+                time.sleep(0.2)
                 ips = run()
                 if round_:  # round 0 is the warm-up
                     samples[name][label].append(ips)

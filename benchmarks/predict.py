@@ -32,7 +32,9 @@ Parts (``--parts``, default all):
     import when the ONNX engine is used).
 ``engine``  (bars: imgcls engine / ORT fp32 >= 1.0; int8 / fp32 >= 1.2)
     Model-only images/s on one batch of real images (``--batch``), round-robin
-    over ``--repeats`` rounds after a warm-up: the engine ``imgcls.load(RUN)``
+    over ``--repeats`` rounds after a warm-up (order reversed each round, a
+    pause before every call so no row runs beside the still-spinning threads
+    of the one before): the engine ``imgcls.load(RUN)``
     picks, ONNX Runtime with its default session options on the same
     ``model.onnx``, and the int8 model (:func:`imgcls.export.quantize_int8`,
     calibrated on ``--calib`` big images that are not in the timed batch;
@@ -380,6 +382,9 @@ def _decode_batch(paths, spec) -> np.ndarray:
     return np.stack([load_uint8(p, spec) for p in paths])
 
 
+SETTLE = 0.2  # seconds between timed calls; see part_engine
+
+
 def part_engine(args, run: Path, big: Path) -> dict:
     import onnxruntime as ort
 
@@ -412,7 +417,12 @@ def part_engine(args, run: Path, big: Path) -> dict:
     say(f"  imgcls engine: {predictor.engine!r}")
     samples: dict[str, list[float]] = {k: [] for k in rows}
     for r in range(args.repeats + 1):
-        for name, call in rows.items():
+        # Fairness: a default ORT session's threads keep spinning for a while after run()
+        # returns, stealing the cores from whatever is timed next (measured: the row after
+        # one ran at 0.84-0.86x, 1.0x with a pause in between).  So each call starts after
+        # a SETTLE pause, and the order reverses every round.
+        for name, call in (list(rows.items()) if r % 2 else list(rows.items())[::-1]):
+            time.sleep(SETTLE)
             t0 = time.perf_counter()
             call(batch)
             if r:

@@ -26,10 +26,7 @@ Parts (``--parts``, default all):
     wall time on a shared machine), start-up alone (one image), top-1
     agreement of the two CSVs, and how many disagreements go away when
     imgcls's engine gets a full-size decode (i.e. are due to reduced-size
-    JPEG decoding).  ``--with-proposed`` adds a third pipeline: ``imgcls
-    predict`` with ``imgcls.predict._cuda`` answering False, as the change
-    proposed for it does on a machine without GPU device nodes (no torch
-    import when the ONNX engine is used).
+    JPEG decoding).
 ``engine``  (bars: imgcls engine / ORT fp32 >= 1.0; int8 / fp32 >= 1.2)
     Model-only images/s on one batch of real images (``--batch``), round-robin
     over ``--repeats`` rounds after a warm-up (order reversed each round, a
@@ -214,16 +211,6 @@ def imgcls_cmd(run: Path, inputs: Path, out: Path) -> list[str]:
     return [*head, "predict", str(run), str(inputs), "--out", str(out)]
 
 
-# `imgcls predict` with the change proposed for imgcls.predict._cuda (no torch import to learn that
-# there is no GPU): the same CLI, with _cuda answering False as the proposed check does on a
-# machine without GPU device nodes.  Only with --with-proposed.
-_PROPOSED_CLI = "import sys, imgcls.predict as P; P._cuda = lambda: False; from imgcls.cli import main; sys.exit(main())"
-
-
-def proposed_cmd(run: Path, inputs: Path, out: Path) -> list[str]:
-    return [sys.executable, "-c", _PROPOSED_CLI, "predict", str(run), str(inputs), "--out", str(out)]
-
-
 def naive_cmd(run: Path, inputs: Path, out: Path) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--naive", str(run), str(inputs), str(out)]
 
@@ -329,8 +316,6 @@ def part_e2e(args, run: Path, big: Path, work: Path) -> dict:
     if not (one / first.name).exists():
         os.link(first, one / first.name)
     pipelines = {"imgcls": imgcls_cmd, "naive": naive_cmd}
-    if args.with_proposed:
-        pipelines["proposed"] = proposed_cmd
     # start-up alone (one image), and a warm-up of the page cache / imports
     startup = {}
     for name, cmd in pipelines.items():
@@ -356,11 +341,6 @@ def part_e2e(args, run: Path, big: Path, work: Path) -> dict:
         f" ({n / wall['naive']:.1f} img/s)")
     say(f"  speed-up (naive wall / imgcls wall): best {wall['naive'] / wall['imgcls']:.2f}x, per round "
         + ", ".join(f"{x:.2f}x" for x in per_round) + "   [bar >= 5x]")
-    if "proposed" in results:
-        per_round_p = [nv["wall"] / im["wall"] for im, nv in zip(results["proposed"], results["naive"])]
-        say(f"  with the proposed _cuda change: {wall['proposed']:.1f} s ({n / wall['proposed']:.1f} img/s),"
-            f" speed-up best {wall['naive'] / wall['proposed']:.2f}x, per round "
-            + ", ".join(f"{x:.2f}x" for x in per_round_p))
     say(f"  CPU time per image: imgcls {1e3 * cpu['imgcls'] / n:.1f} ms, naive {1e3 * cpu['naive'] / n:.1f} ms"
         f" -> {cpu['naive'] / cpu['imgcls']:.2f}x less CPU")
     say(f"  top-1 agreement imgcls vs naive: {100 * agree:.2f}% of {common};"
@@ -542,8 +522,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib", type=int, default=64, help="calibration images for int8")
     parser.add_argument("--agree-n", type=int, default=256, help="images for int8 vs fp32 top-1 agreement")
     parser.add_argument("--threads-n", type=int, default=256, help="big images per threads measurement")
-    parser.add_argument("--with-proposed", action="store_true",
-                        help="e2e: also run imgcls predict with the proposed imgcls.predict._cuda change")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--naive", nargs=3, metavar=("RUN", "INPUT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -153,3 +153,14 @@ def test_export_int8_reports_accuracy(trained, tmp_path):
         assert code == 2 and not out.exists()  # refused, with the numbers
     else:
         assert code == 0 and out.exists()
+
+
+def test_final_metrics_come_from_the_exported_model_and_match_torch(trained):
+    import imgcls
+
+    run = trained / "run"
+    saved = json.loads((run / "test.json").read_text())
+    torch_metrics = imgcls.evaluate(run, trained / "data", split="test", backend="torch", write=False)
+    assert saved["accuracy"] == torch_metrics.accuracy
+    assert abs(saved["loss"] - torch_metrics.loss) < 1e-4
+    assert saved["confusion_matrix"] == torch_metrics.confusion.tolist()

@@ -638,20 +638,40 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
         plot_training_curves(run_dir / rundir.METRICS, run_dir / rundir.CURVES)
     if not fit.interrupted:
         s.model.net.load_state_dict(_load_net_state(run_dir / rundir.WEIGHTS))
-        logits, targets = predict_logits(s.model, s.loader(s.val_set), s.device, s.amp_dtype)
+        if s.cfg.export_onnx:
+            summary["onnx"] = _export(run_dir)
+        evaluate = _evaluator(s, summary.get("onnx"))
+        logits, targets = evaluate(s.val_set)
         write_metrics(compute_metrics(logits, targets, s.classes), run_dir, prefix="val")
         if s.splits.get("test"):
             test_set = ImageDataset(s.splits["test"], s.train_set.class_to_index, s.preprocess, None,
                                     s.caches.get("test"))
-            logits, targets = predict_logits(s.model, s.loader(test_set), s.device, s.amp_dtype)
+            logits, targets = evaluate(test_set)
             test = compute_metrics(logits, targets, s.classes)
             write_metrics(test, run_dir, prefix="test")
             summary["test_accuracy"] = test.accuracy
             summary["n_test"] = len(test_set)
-        if s.cfg.export_onnx:
-            summary["onnx"] = _export(run_dir)
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     return TrainResult(run_dir, summary)
+
+
+def _evaluator(s: Session, onnx_path: str | None):
+    """dataset -> (logits, targets) of the best weights: through the exported model on a CPU
+    (ONNX Runtime; its logits match torch's, export checks that, and it is 2-4x faster
+    than eager there), else the torch model on the training device."""
+    if onnx_path is None or s.device.type != "cpu":
+        return lambda dataset: predict_logits(s.model, s.loader(dataset), s.device, s.amp_dtype)
+    from .engines import OnnxEngine
+
+    engine = OnnxEngine(onnx_path)
+
+    def evaluate(dataset):
+        batches = [(engine(images.numpy()), targets.numpy()) for images, targets in s.loader(dataset)]
+        if not batches:
+            return np.zeros((0, len(s.classes)), np.float32), np.zeros(0, np.int64)
+        return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+    return evaluate
 
 
 def _export(run_dir: Path) -> str | None:

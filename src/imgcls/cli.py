@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="features: fit the head on frozen features (fast on CPUs); finetune: train by epochs;"
                         " auto: features when starting from weights on a CPU")
     p.add_argument("--views", type=int, help="features strategy: crops per training image (center + augmented)")
-    p.add_argument("--input-size", type=int, help="input side in pixels (default: the model's)")
+    p.add_argument("--input-size", type=int,
+                   help="input side in pixels (default: the model's; from scratch on smaller images, their median side)")
     p.add_argument("--norm", choices=["batch", "group", "layer", "instance"], help="swap the normalization layers")
     p.add_argument("--se", action="store_true", help="insert squeeze-and-excitation blocks")
     p.add_argument("--epochs", type=int)

@@ -62,7 +62,7 @@ class TrainConfig:
     backbone_lr_mult: float = 1.0      # discriminative rates: backbone lr = lr * this
     strategy: str = "auto"             # auto | features | finetune (transfer.py)
     views: int = 8                     # features strategy: crops per training image (center + augmented)
-    input_size: int | None = None
+    input_size: int | None = None      # None: the model's default; from scratch on smaller images, theirs
     norm: str | None = None
     se: bool = False
     epochs: int = 10

@@ -208,7 +208,7 @@ def imgcls_cmd(run: Path, inputs: Path, out: Path) -> list[str]:
     """The installed ``imgcls`` console script (beside this interpreter), as a user runs it."""
     script = Path(sys.executable).parent / "imgcls"
     head = [str(script)] if script.exists() else [sys.executable, "-m", "imgcls.cli"]
-    return [*head, "predict", str(run), str(inputs), "--out", str(out)]
+    return [*head, "predict", str(run), str(inputs), "--out", str(out), "--overwrite"]
 
 
 def naive_cmd(run: Path, inputs: Path, out: Path) -> list[str]:

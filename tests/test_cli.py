@@ -164,3 +164,45 @@ def test_final_metrics_come_from_the_exported_model_and_match_torch(trained):
     assert saved["accuracy"] == torch_metrics.accuracy
     assert abs(saved["loss"] - torch_metrics.loss) < 1e-4
     assert saved["confusion_matrix"] == torch_metrics.confusion.tolist()
+
+
+def test_interrupted_predict_keeps_its_rows_and_resume_finishes_it(trained, tmp_path, capsys):
+    import imgcls
+    from imgcls.predict import predict_to_csv
+
+    inputs = tmp_path / "new"
+    make_class_tree(inputs, {"cat": 5, "owl": 4}, seed=6)
+    full, out = tmp_path / "full.csv", tmp_path / "part.csv"
+    assert main(["-q", "predict", str(trained / "run"), str(inputs), "--out", str(full), "--top-k", "2"]) == 0
+    expected = list(csv.DictReader(full.open()))
+
+    predictor = imgcls.load(trained / "run")
+    engine, calls = predictor.engine, []
+
+    def interrupted_on_third_batch(batch):
+        calls.append(len(batch))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return engine(batch)
+
+    predictor.engine = interrupted_on_third_batch
+    with pytest.raises(KeyboardInterrupt):
+        predict_to_csv(predictor, [inputs], out, batch_size=2, top_k=2, progress=False)
+    kept = list(csv.DictReader(out.open()))
+    assert kept == expected[:4]  # the two finished batches survived the interrupt
+    with out.open("a") as handle:  # and a crash in the middle of writing a row is tolerated
+        handle.write(str(inputs / "cat" / "cat_4.png") + ",ca")  # cat_4 is not among the finished rows
+
+    # the same command again refuses to replace finished work ...
+    args = ["-q", "predict", str(trained / "run"), str(inputs), "--out", str(out), "--top-k", "2"]
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    # ... finishes it with --resume (no image predicted twice) ...
+    assert main(args + ["--resume"]) == 0
+    assert "(+ 4 kept from before)" in capsys.readouterr().out
+    assert list(csv.DictReader(out.open())) == expected
+    # ... refuses a resume with other columns, and starts afresh with --overwrite
+    assert main(args[:-2] + ["--top-k", "3", "--resume"]) == 2
+    assert "another --top-k" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    assert list(csv.DictReader(out.open())) == expected

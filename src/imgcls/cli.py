@@ -93,9 +93,11 @@ def cmd_predict(args) -> None:
 
     predictor = load(args.run, backend=args.backend)
     log.info("engine: %s", predictor.backend)
-    result = predict_to_csv(predictor, args.inputs, args.out, batch_size=args.batch_size, top_k=args.top_k)
-    print(f"{result['images']} images -> {result['out']}" + (f" ({result['errors']} unreadable, see the error column)"
-                                                              if result["errors"] else ""))
+    result = predict_to_csv(predictor, args.inputs, args.out, batch_size=args.batch_size, top_k=args.top_k,
+                            resume=args.resume, overwrite=args.overwrite)
+    kept = f" (+ {result['kept']} kept from before)" if result["kept"] else ""
+    unreadable = f" ({result['errors']} unreadable, see the error column)" if result["errors"] else ""
+    print(f"{result['images']} images{kept} -> {result['out']}{unreadable}")
 
 
 def cmd_stats(args) -> None:
@@ -226,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="--out exists (an interrupted run): keep its rows, predict only the images it lacks")
+    again.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("stats", help="per-channel mean and std of a dataset (for --mean/--std)")

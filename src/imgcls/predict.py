@@ -123,18 +123,36 @@ def default_decode_workers() -> int:
 
 
 def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Path, batch_size: int = 32,
-                   top_k: int = 1, progress: bool = True) -> dict:
-    """Write predictions to ``out`` row by row; returns counts."""
+                   top_k: int = 1, progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
+    """Write predictions to ``out`` row by row; returns counts.
+
+    Rows are flushed batch by batch, so a crash or Ctrl-C keeps every finished
+    prediction.  An existing ``out`` is never replaced silently: ``resume``
+    keeps its rows and predicts only the inputs it lacks (appending), and
+    ``overwrite`` starts it again; with neither it is an error.
+    """
     from tqdm.auto import tqdm
 
     records = collect_inputs(inputs)
     top_k = max(1, min(top_k, len(predictor.labels)))
+    columns = row_columns(top_k)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    kept = 0
+    if out.exists() and out.stat().st_size > 0 and not overwrite:
+        if not resume:
+            raise UserError(f"{out} already exists; add --resume to finish it (only the images it lacks are"
+                            " predicted) or --overwrite to replace it")
+        done = _finished_paths(out, columns)
+        kept = len(done)
+        records = [r for r in records if str(r.path) not in done]
+        log.info("resuming %s: %d rows kept, %d images to go", out, kept, len(records))
+    append = kept > 0
     done = errors = 0
-    with out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=row_columns(top_k))
-        writer.writeheader()
+    with out.open("a" if append else "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        if not append:
+            writer.writeheader()
         bar = tqdm(total=len(records), unit="img", desc="predict", disable=not progress)
         try:
             for row in predictor.iter_predict(records, batch_size, top_k):
@@ -144,9 +162,28 @@ def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Pa
                 bar.update()
                 if done % batch_size == 0:
                     handle.flush()
+        except KeyboardInterrupt:
+            log.warning("interrupted: %s holds %d predictions; run the same command with --resume to finish it",
+                        out, kept + done)
+            raise
         finally:
             bar.close()
-    return {"images": done, "errors": errors, "out": str(out)}
+    return {"images": done, "errors": errors, "kept": kept, "out": str(out)}
+
+
+def _finished_paths(out: Path, columns: list[str]) -> set[str]:
+    """Paths already predicted in ``out``; a last line cut off by a crash is dropped from the file."""
+    data = out.read_bytes()
+    if not data.endswith(b"\n"):  # killed mid-row: keep whole rows only
+        data = data[: data.rfind(b"\n") + 1]
+        with out.open("r+b") as handle:
+            handle.truncate(len(data))
+    lines = data.decode("utf-8").splitlines()
+    reader = csv.DictReader(lines)
+    if reader.fieldnames != columns:
+        raise UserError(f"{out} has columns {', '.join(reader.fieldnames or [])}, not {', '.join(columns)}"
+                        " (another --top-k?); resume with the options that wrote it, or use --overwrite")
+    return {row["path"] for row in reader}
 
 
 # --------------------------------------------------------------------------- loading

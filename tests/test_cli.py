@@ -79,8 +79,24 @@ def test_predict_single_file_matches_python_api(trained, tmp_path):
     (["train", "{tmp}/tree", "--out", "{tmp}/r", "--model", "cifarnet", "--input-size", "4096"], "out of range|takes inputs"),
     (["eval", "{tmp}/missing", "{tmp}/tree"], "no such run directory"),
     (["predict", "{tmp}/tree", "{tmp}/tree", "--out", "{tmp}/p.csv"], "not an imgcls run directory"),
+    (["train", "{tmp}/tree", "--out", "{tmp}/bad.csv"], "is a file"),
+    (["train", "{tmp}/tree", "--out", "{tmp}/r", "--model", "resnet18", "--input-size", "16"], "from 32 to 384 px"),
+    (["train", "{tmp}/tree", "--out", "{tmp}/r", "--lr", "-1"], "--lr -1.0 is out of range"),
+    (["train", "{tmp}/tree", "--out", "{tmp}/r", "--val-fraction", "1"], "--val-fraction 1.0 is out of range"),
+    (["train", "{tmp}/tree", "--out", "{tmp}/r", "--label-smoothing", "1.5"], "--label-smoothing"),
+    (["stats", "{tmp}/bad.csv/inside"], "no such file|Not a directory"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, args, message):
+    _assert_one_line_error(tmp_path, capsys, args, message)
+
+
+def test_file_system_errors_exit_2_with_one_line(trained, tmp_path, capsys):
+    # the helper writes {tmp}/bad.csv: a file, so no folder can be made under it
+    args = ["predict", str(trained / "run"), str(trained / "data" / "test"), "--out", "{tmp}/bad.csv/p.csv"]
+    _assert_one_line_error(tmp_path, capsys, args, "bad.csv.*check the path, its permissions and free space")
+
+
+def _assert_one_line_error(tmp_path, capsys, args, message):
     import re
 
     make_class_tree(tmp_path / "tree", {"a": 2, "b": 2})

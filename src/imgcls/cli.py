@@ -295,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `imgcls models | head`
         sys.stderr.close()
         return 0
+    except OSError as err:  # the file system refused: a path, permissions, a full disk
+        if args.verbose:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"imgcls: error: {where}{err.strerror or err}; check the path, its permissions and free space",
+              file=sys.stderr)
+        return 2
     return 0
 
 

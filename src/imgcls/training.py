@@ -511,6 +511,27 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"--views must be at least 1 (the center crop), not {cfg.views}")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("--epochs and --batch-size must be at least 1")
+    if cfg.input_size is not None and not entry.min_input_size <= cfg.input_size <= entry.max_input_size:
+        raise UserError(f"{cfg.model} takes inputs from {entry.min_input_size} to {entry.max_input_size} px,"
+                        f" not {cfg.input_size}; pick another --input-size")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; the run directory needs a new or existing folder")
+    for name, value, ok, rule in (
+        ("lr", cfg.lr, cfg.lr is None or cfg.lr > 0, "> 0"),
+        ("weight-decay", cfg.weight_decay, cfg.weight_decay is None or cfg.weight_decay >= 0, ">= 0"),
+        ("momentum", cfg.momentum, 0 <= cfg.momentum < 1, "in [0, 1)"),
+        ("label-smoothing", cfg.label_smoothing, 0 <= cfg.label_smoothing < 1, "in [0, 1)"),
+        ("val-fraction", cfg.val_fraction, 0 < cfg.val_fraction < 1, "in (0, 1)"),
+        ("warmup-epochs", cfg.warmup_epochs, cfg.warmup_epochs >= 0, ">= 0"),
+        ("clip-grad", cfg.clip_grad, cfg.clip_grad is None or cfg.clip_grad > 0, "> 0"),
+        ("patience", cfg.patience, cfg.patience is None or cfg.patience >= 1, ">= 1"),
+        ("step-size", cfg.step_size, cfg.step_size >= 1, ">= 1"),
+        ("backbone-lr-mult", cfg.backbone_lr_mult, cfg.backbone_lr_mult >= 0, ">= 0"),
+        ("workers", cfg.workers, cfg.workers is None or cfg.workers >= 0, ">= 0"),
+    ):
+        if not ok:
+            raise UserError(f"--{name} {value} is out of range: it must be {rule}")
 
 
 def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Session:

@@ -87,6 +87,16 @@ def test_bad_files_are_listed_and_skipped(tmp_path):
     assert result.summary["n_train"] + result.summary["n_val"] == 20 + len(zoo) - len(expected_bad)
 
 
+def test_a_class_with_no_readable_image_is_refused(tmp_path):
+    make_class_tree(tmp_path / "data", {"a": 6, "b": 3})
+    for path in (tmp_path / "data" / "b").iterdir():
+        path.write_bytes(b"")  # every file of class b is empty
+    with pytest.raises(UserError, match=r"no readable training images left for class\(es\) b; see .*scan.json"):
+        imgcls.train(tmp_path / "data", tmp_path / "run", epochs=1, progress=False, **FAST)
+    reasons = {u["reason"] for u in json.loads((tmp_path / "run" / "scan.json").read_text())["unreadable"]}
+    assert reasons == {"zero bytes"}
+
+
 def test_early_stopping(tiny_tree, tmp_path):
     result = imgcls.train(tiny_tree, tmp_path / "run", epochs=10, patience=1, progress=False,
                           **{**FAST, "lr": 1e-9})

@@ -201,7 +201,7 @@ def _write_split(run_dir: Path, splits: dict[str, list[Record]]) -> None:
     rundir.atomic_write(run_dir / "split.csv", "\n".join(lines) + "\n")
 
 
-def _scan(cfg, splits, spec, augment, run_dir, progress):
+def _scan(cfg, splits, classes, spec, augment, run_dir, progress):
     """Pre-flight: decode every file once; drop the unreadable ones (listed in scan.json).
 
     Small datasets keep the decoded pixels (the RAM cache); larger ones only check."""
@@ -230,10 +230,10 @@ def _scan(cfg, splits, spec, augment, run_dir, progress):
         "ram_cache": use_cache, "cache_megabytes": round(cache_bytes / 2**20, 1)})
     for r, s, why in problems:
         log.warning("skipped unreadable file %s: %s", r.path, why)
-    empty = [c for c, k in counts["train"].items() if k == 0]
-    missing = sorted(set(rec.label for recs in splits.values() for rec in recs) - set(counts["train"]))
-    if empty or missing:
-        raise UserError(f"no readable training images left for class(es) {', '.join(empty + missing)}; see {run_dir / rundir.SCAN}")
+    missing = [c for c in classes if not counts["train"].get(c)]
+    if missing:
+        raise UserError(f"no readable training images left for class(es) {', '.join(missing)}; see"
+                        f" {run_dir / rundir.SCAN}")
     return caches
 
 
@@ -554,7 +554,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     # a resumed run decodes exactly as it did before (the cache depends on the sizes)
     preprocess = (Preprocess.load(run_dir / rundir.PREPROCESS) if resume
                   else _input_preprocess(cfg, splits["train"]))
-    caches = _scan(cfg, splits, preprocess, augment, run_dir, progress)
+    caches = _scan(cfg, splits, classes, preprocess, augment, run_dir, progress)
     _write_split(run_dir, splits)
     index = {c: i for i, c in enumerate(classes)}
     if not resume:

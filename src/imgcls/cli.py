@@ -46,14 +46,14 @@ def cmd_train(args) -> None:
         "label_column": args.label_column, "mean": args.mean, "std": args.std,
     }.items() if v is not None}
     if args.resume:
-        result = train(None, args.resume, resume=True, epochs=args.epochs)
+        result = train(None, args.resume, resume=True, progress=not args.quiet, epochs=args.epochs)
     else:
         if not args.data or not args.out:
             raise UserError("imgcls train needs DATA and --out RUN_DIR (or --resume RUN_DIR)")
         augment = _augment_from_args(args)
         if augment is not None:
             options["augment"] = augment
-        result = train(args.data, args.out, model=args.model, **options)
+        result = train(args.data, args.out, model=args.model, progress=not args.quiet, **options)
     s = result.summary
     print(f"best val accuracy {s['best_val_accuracy']:.4f} (epoch {s['best_epoch']}/{s['epochs']}), "
           f"{s['train_seconds']:.0f} s" + (f", test accuracy {s['test_accuracy']:.4f}" if "test_accuracy" in s else ""))
@@ -79,7 +79,7 @@ def cmd_eval(args) -> None:
     from .api import evaluate
 
     metrics = evaluate(args.run, args.data, split=args.split, backend=args.backend, batch_size=args.batch_size,
-                       progress=not args.json)
+                       progress=not (args.json or args.quiet))
     if args.json:
         print(json.dumps(metrics.to_dict(), indent=2))
     else:
@@ -94,7 +94,7 @@ def cmd_predict(args) -> None:
     predictor = load(args.run, backend=args.backend)
     log.info("engine: %s", predictor.backend)
     result = predict_to_csv(predictor, args.inputs, args.out, batch_size=args.batch_size, top_k=args.top_k,
-                            resume=args.resume, overwrite=args.overwrite)
+                            resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     kept = f" (+ {result['kept']} kept from before)" if result["kept"] else ""
     unreadable = f" ({result['errors']} unreadable, see the error column)" if result["errors"] else ""
     print(f"{result['images']} images{kept} -> {result['out']}{unreadable}")
@@ -160,7 +160,7 @@ def cmd_export(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgcls", description="Train, evaluate and apply image classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings, errors and results only (no progress bars)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="train and apply a small CNN on a built-in dataset (no data needed)")

@@ -29,9 +29,9 @@ Parts (``--parts``, default all):
     JPEG decoding).
 ``engine``  (bars: imgcls engine / ORT fp32 >= 1.0; int8 / fp32 >= 1.2)
     Model-only images/s on one batch of real images (``--batch``), round-robin
-    over ``--repeats`` rounds after a warm-up (order reversed each round, a
-    pause before every call so no row runs beside the still-spinning threads
-    of the one before): the engine ``imgcls.load(RUN)``
+    over ``--repeats`` rounds after a warm-up (each row in its own process,
+    order reversed each round, a pause before every call so no row runs
+    beside the still-spinning threads of the one before): the engine ``imgcls.load(RUN)``
     picks, ONNX Runtime with its default session options on the same
     ``model.onnx``, and the int8 model (:func:`imgcls.export.quantize_int8`,
     calibrated on ``--calib`` big images that are not in the timed batch;
@@ -365,9 +365,47 @@ def _decode_batch(paths, spec) -> np.ndarray:
 SETTLE = 0.2  # seconds between timed calls; see part_engine
 
 
-def part_engine(args, run: Path, big: Path) -> dict:
-    import onnxruntime as ort
+def engine_worker(kind: str, model: Path, batch_file: Path) -> None:
+    """One engine in its own process: answers each stdin line with the images/s of one call."""
+    x = np.load(batch_file)
+    if kind == "imgcls":
+        from imgcls.predict import load as imgcls_load
 
+        call = imgcls_load(model).engine
+    elif kind == "imgcls-onnx":
+        from imgcls.engines import OnnxEngine
+
+        call = OnnxEngine(model)
+    else:  # "ort": ONNX Runtime's default session
+        import onnxruntime as ort
+
+        plain = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        call = lambda batch: plain.run(None, {"images": batch})[0]  # noqa: E731
+    print(json.dumps({"ready": repr(call)}), flush=True)
+    for _ in sys.stdin:
+        t0 = time.perf_counter()
+        call(x)
+        print(json.dumps({"ips": len(x) / (time.perf_counter() - t0)}), flush=True)
+
+
+class EngineProcess:
+    def __init__(self, kind: str, model: Path, batch_file: Path):
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--engine-worker", kind,
+                                      str(model), str(batch_file)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.name = json.loads(self.proc.stdout.readline())["ready"]
+
+    def __call__(self) -> float:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["ips"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def part_engine(args, run: Path, big: Path, work: Path) -> dict:
     from imgcls.engines import OnnxEngine
     from imgcls.export import quantize_int8
     from imgcls.predict import load as imgcls_load
@@ -376,7 +414,8 @@ def part_engine(args, run: Path, big: Path) -> dict:
     predictor = imgcls_load(run)
     spec = predictor.preprocess
     paths = sorted(big.glob("*.jpg"))
-    batch = _decode_batch(paths[:args.batch], spec)
+    batch_file = work / "engine-batch.npy"
+    np.save(batch_file, _decode_batch(paths[:args.batch], spec))
     int8_path = run / f"model.int8-calib{args.calib}.onnx"  # cached per calibration size
     if not int8_path.exists():
         calib = paths[args.batch:args.batch + args.calib]
@@ -385,29 +424,29 @@ def part_engine(args, run: Path, big: Path) -> dict:
                       (_decode_batch(calib[i:i + 16], spec) for i in range(0, len(calib), 16)))
         say(f"  quantized {int8_path} on {len(calib)} calibration images in {time.perf_counter() - t0:.0f} s")
 
-    plain = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
-    plain_int8 = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
-    int8 = OnnxEngine(int8_path)
+    # Fairness, three ways.  (1) Every row runs in its own process: two identical ORT sessions
+    # in one process differ by ~2% depending on which was created first.  (2) A SETTLE pause
+    # before each call: a default session's threads keep spinning after run() returns and
+    # slowed the row timed after it to 0.84-0.86x.  (3) The order reverses every round.
     rows = {
-        f"imgcls.load(RUN): {predictor.backend} fp32": predictor.engine,
-        "ORT fp32, default session": lambda x: plain.run(None, {"images": x})[0],
-        "imgcls OnnxEngine int8": int8,
-        "ORT int8, default session": lambda x: plain_int8.run(None, {"images": x})[0],
+        "imgcls.load(RUN) fp32": EngineProcess("imgcls", run, batch_file),
+        "ORT fp32, default session": EngineProcess("ort", run / "model.onnx", batch_file),
+        "imgcls OnnxEngine int8": EngineProcess("imgcls-onnx", int8_path, batch_file),
+        "ORT int8, default session": EngineProcess("ort", int8_path, batch_file),
     }
-    say(f"  imgcls engine: {predictor.engine!r}")
+    say(f"  imgcls engine: {rows['imgcls.load(RUN) fp32'].name}")
     samples: dict[str, list[float]] = {k: [] for k in rows}
-    for r in range(args.repeats + 1):
-        # Fairness: a default ORT session's threads keep spinning for a while after run()
-        # returns, stealing the cores from whatever is timed next (measured: the row after
-        # one ran at 0.84-0.86x, 1.0x with a pause in between).  So each call starts after
-        # a SETTLE pause, and the order reverses every round.
-        for name, call in (list(rows.items()) if r % 2 else list(rows.items())[::-1]):
-            time.sleep(SETTLE)
-            t0 = time.perf_counter()
-            call(batch)
-            if r:
-                samples[name].append(len(batch) / (time.perf_counter() - t0))
-        say(f"  round {r}/{args.repeats} ({load()})")
+    try:
+        for r in range(args.repeats + 1):
+            for name, call in (list(rows.items()) if r % 2 else list(rows.items())[::-1]):
+                time.sleep(SETTLE)
+                ips = call()
+                if r:
+                    samples[name].append(ips)
+            say(f"  round {r}/{args.repeats} ({load()})")
+    finally:
+        for proc in rows.values():
+            proc.close()
     med = {k: statistics.median(v) for k, v in samples.items()}
     best = {k: max(v) for k, v in samples.items()}
     for name in rows:
@@ -422,6 +461,7 @@ def part_engine(args, run: Path, big: Path) -> dict:
         f" {statistics.median(per_round_engine):.2f}x)   [bar >= 1.0]")
     say(f"  int8 / fp32 (imgcls engines): {ratio_int8:.2f}x (per-round median {statistics.median(per_round_int8):.2f}x)"
         f"   [bar >= 1.2]")
+    int8 = OnnxEngine(int8_path)
 
     # int8 vs fp32 top-1 on images neither the timing batch nor the calibration used
     held = paths[args.batch + args.calib:][:args.agree_n]
@@ -524,9 +564,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads-n", type=int, default=256, help="big images per threads measurement")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--naive", nargs=3, metavar=("RUN", "INPUT", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--engine-worker", nargs=3, metavar=("KIND", "MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.naive:
         return naive_main(*map(Path, args.naive))
+    if args.engine_worker:
+        return engine_worker(args.engine_worker[0], *map(Path, args.engine_worker[1:]))
 
     sys.path.insert(0, str(HERE))
     from make_run import make_run
@@ -548,7 +591,7 @@ def main(argv: list[str] | None = None) -> None:
         if "e2e" in args.parts:
             results["e2e"] = part_e2e(args, run, big, work)
         if "engine" in args.parts:
-            results["engine"] = part_engine(args, run, big_all)
+            results["engine"] = part_engine(args, run, big_all, work)
         if "rss" in args.parts:
             results["rss"] = part_rss(args, run, args.root, work)
         if "threads" in args.parts:

@@ -244,10 +244,11 @@ class OnnxEngine:
         self.threads = int(threads) if threads else available_cpus()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
-        # Idle workers sleep instead of spinning (lite0, batch 32, 2 cores, measured side by
-        # side): model-only it ties ORT's spinning default on a quiet machine (0.99-1.02x)
-        # and wins 1.11x with 3 busy processes beside it; in `predict`, where decode threads
-        # share the cores, it is 1.04x faster.  The price: ~10% at batch 1 (`spin=True`).
+        # Idle workers sleep instead of spinning (benchmarks/spin.py: lite0, batch 32, 2 cores):
+        # model-only it ties ORT's spinning default on a quiet machine (1.00x) and wins 1.13x
+        # with 3 busy processes beside it; in the predict pipeline, where decode threads share
+        # the cores, it beats spinning 1.01x quiet and 1.09x busy.  The price: ~12% model-only
+        # at batch 1, where spinning hides the threads' wake-up (`spin=True`).
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         options.log_severity_level = 3  # errors only; warnings about unused initializers are noise
 

@@ -207,7 +207,7 @@ def test_interrupted_predict_keeps_its_rows_and_resume_finishes_it(trained, tmp_
     kept = list(csv.DictReader(out.open()))
     assert kept == expected[:4]  # the two finished batches survived the interrupt
     with out.open("a") as handle:  # and a crash in the middle of writing a row is tolerated
-        handle.write(str(inputs / "cat" / "cat_4.png") + ",ca")  # cat_4 is not among the finished rows
+        handle.write(str(inputs / "cat" / "cat_0004.png") + ",ca")  # not among the finished rows
 
     # the same command again refuses to replace finished work ...
     args = ["-q", "predict", str(trained / "run"), str(inputs), "--out", str(out), "--top-k", "2"]

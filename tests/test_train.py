@@ -87,6 +87,22 @@ def test_bad_files_are_listed_and_skipped(tmp_path):
     assert result.summary["n_train"] + result.summary["n_val"] == 20 + len(zoo) - len(expected_bad)
 
 
+def test_identical_files_are_reported_with_their_splits_and_labels(tmp_path, caplog):
+    make_class_tree(tmp_path / "data" / "train", {"a": 6, "b": 6})
+    make_class_tree(tmp_path / "data" / "val", {"a": 2, "b": 2}, seed=1)
+    train_a = tmp_path / "data" / "train" / "a"
+    shutil.copy(train_a / "a_0000.png", tmp_path / "data" / "val" / "b" / "copy.png")  # leak + conflicting label
+    shutil.copy(train_a / "a_0001.png", train_a / "again.png")                        # harmless copy
+    with caplog.at_level("WARNING", logger="imgcls"):
+        result = imgcls.train(tmp_path / "data", tmp_path / "run", epochs=1, progress=False, **FAST)
+    groups = json.loads((result.run_dir / "scan.json").read_text())["duplicates"]
+    as_sets = sorted((sorted(os.path.basename(p) for p in g["paths"]), sorted(g["splits"]), sorted(g["labels"]))
+                     for g in groups)
+    assert as_sets == [(["a_0000.png", "copy.png"], ["train", "val"], ["a", "b"]),
+                       (["a_0001.png", "again.png"], ["train", "train"], ["a", "a"])]
+    assert "2 group(s) of identical files: 1 across splits" in caplog.text and "1 with different labels" in caplog.text
+
+
 def test_a_class_with_no_readable_image_is_refused(tmp_path):
     make_class_tree(tmp_path / "data", {"a": 6, "b": 3})
     for path in (tmp_path / "data" / "b").iterdir():

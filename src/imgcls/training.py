@@ -32,7 +32,7 @@ from . import rundir
 from .data.dataset import CACHE_LIMIT_BYTES, ImageDataset, decode_all, estimate_cache_bytes
 from .data.preprocess import Preprocess
 from .data.records import Record
-from .data.scan import scan_paths, typical_short_side
+from .data.scan import find_duplicates, scan_paths, typical_short_side
 from .data.sources import load_dataset
 from .data.split import split_records
 from .data.transforms import Augment
@@ -224,17 +224,32 @@ def _scan(cfg, splits, classes, spec, augment, run_dir, progress):
         problems += [(r, name, bad[id(r)]) for r in records if id(r) in bad]
         splits[name] = [r for r in records if id(r) not in bad]
     counts = {name: dict(sorted(Counter(r.label for r in recs).items())) for name, recs in splits.items()}
+    duplicates = _duplicates(splits, workers)
     rundir.write_json(run_dir / rundir.SCAN, {
         "counts": counts,
         "unreadable": [{"path": str(r.path), "split": s, "reason": why} for r, s, why in problems],
+        "duplicates": duplicates,
         "ram_cache": use_cache, "cache_megabytes": round(cache_bytes / 2**20, 1)})
     for r, s, why in problems:
         log.warning("skipped unreadable file %s: %s", r.path, why)
+    if duplicates:
+        leaks = sum(len(set(d["splits"])) > 1 for d in duplicates)
+        conflicts = sum(len(set(d["labels"])) > 1 for d in duplicates)
+        log.warning("%d group(s) of identical files: %d across splits (validation scores them as if unseen), %d"
+                    " with different labels; listed in %s", len(duplicates), leaks, conflicts, run_dir / rundir.SCAN)
     missing = [c for c in classes if not counts["train"].get(c)]
     if missing:
         raise UserError(f"no readable training images left for class(es) {', '.join(missing)}; see"
                         f" {run_dir / rundir.SCAN}")
     return caches
+
+
+def _duplicates(splits: dict[str, list[Record]], workers: int) -> list[dict]:
+    """Groups of byte-identical files, each with the split and label of every copy."""
+    where = {r.path: (name, r.label) for name, records in splits.items() for r in records}
+    return [{"paths": [str(p) for p in group], "splits": [where[p][0] for p in group],
+             "labels": [where[p][1] for p in group]}
+            for group in find_duplicates(list(where), workers=workers)]
 
 
 def compute_mean_std(images, limit: int = 2000) -> tuple[list[float], list[float]]:

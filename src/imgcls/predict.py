@@ -143,9 +143,9 @@ def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Pa
         if not resume:
             raise UserError(f"{out} already exists; add --resume to finish it (only the images it lacks are"
                             " predicted) or --overwrite to replace it")
-        done = _finished_paths(out, columns)
-        kept = len(done)
-        records = [r for r in records if str(r.path) not in done]
+        finished = _finished_paths(out, columns)
+        kept = len(finished)
+        records = [r for r in records if str(r.path) not in finished]
         log.info("resuming %s: %d rows kept, %d images to go", out, kept, len(records))
     append = kept > 0
     done = errors = 0

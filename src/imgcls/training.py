@@ -286,7 +286,8 @@ def _input_preprocess(cfg: TrainConfig, train_records: list[Record]) -> Preproce
 
     A model's default size (224 for ResNet) is what its pretrained weights
     expect.  Trained from scratch on small images (CIFAR's 32 px) it would only
-    upsample them and spend ~4x the compute for no information, so the size
+    upsample them and spend more compute for no information (ResNet-18: 1,814 M
+    multiply-adds per image at 224 px, 555 M at 32 px), so the size
     becomes the images' median shorter side (within the model's range), with
     no crop margin.  ``--input-size`` or pretrained weights keep the default;
     weights from another imgcls run bring that run's preprocessing.

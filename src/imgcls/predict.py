@@ -145,7 +145,7 @@ def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Pa
                             " predicted) or --overwrite to replace it")
         finished = _finished_paths(out, columns)
         kept = len(finished)
-        records = [r for r in records if str(r.path) not in finished]
+        records = [r for r in records if os.path.abspath(r.path) not in finished]
         log.info("resuming %s: %d rows kept, %d images to go", out, kept, len(records))
     append = kept > 0
     done = errors = 0
@@ -172,7 +172,8 @@ def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Pa
 
 
 def _finished_paths(out: Path, columns: list[str]) -> set[str]:
-    """Paths already predicted in ``out``; a last line cut off by a crash is dropped from the file."""
+    """Paths already predicted in ``out`` (absolute, so ``photos/x.jpg`` matches ``./photos/x.jpg``);
+    a last line cut off by a crash is dropped from the file."""
     data = out.read_bytes()
     if not data.endswith(b"\n"):  # killed mid-row: keep whole rows only
         data = data[: data.rfind(b"\n") + 1]
@@ -183,7 +184,7 @@ def _finished_paths(out: Path, columns: list[str]) -> set[str]:
     if reader.fieldnames != columns:
         raise UserError(f"{out} has columns {', '.join(reader.fieldnames or [])}, not {', '.join(columns)}"
                         " (another --top-k?); resume with the options that wrote it, or use --overwrite")
-    return {row["path"] for row in reader}
+    return {os.path.abspath(row["path"]) for row in reader}
 
 
 # --------------------------------------------------------------------------- loading

@@ -228,3 +228,21 @@ def test_interrupted_predict_keeps_its_rows_and_resume_finishes_it(trained, tmp_
     assert "another --top-k" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
     assert list(csv.DictReader(out.open())) == expected
+
+
+def test_prediction_batches_default_to_8_on_a_cpu(trained, tmp_path):
+    import imgcls
+
+    inputs = tmp_path / "new"
+    make_class_tree(inputs, {"cat": 10, "owl": 10}, seed=7)
+    for backend in ("onnx", "torch"):
+        predictor = imgcls.load(trained / "run", backend=backend)
+        engine, sizes = predictor.engine, []
+        predictor.engine = lambda batch: sizes.append(len(batch)) or engine(batch)
+        rows = predictor.predict([inputs])
+        assert len(rows) == 20 and sizes == [8, 8, 4], backend  # 8 a call: as fast as 32 there, a quarter the memory
+        sizes.clear()
+        predictor.predict([inputs], batch_size=32)
+        assert sizes == [20]
+    with pytest.raises(imgcls.UserError, match="at least 1"):
+        predictor.predict([inputs], batch_size=0)

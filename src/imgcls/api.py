@@ -34,7 +34,7 @@ def train(data: str | Path, out: str | Path, model: str = "resnet18", resume: bo
 
 
 def evaluate(run: str | Path, data: str | Path, split: str | None = None, backend: str = "auto",
-             batch_size: int = 32, write: bool = True, progress: bool = False):
+             batch_size: int | None = None, write: bool = True, progress: bool = False):
     """Metrics of a trained model on labelled data (its ``test`` split, else
     ``val``, else everything).  Writes ``eval.json`` and the confusion matrix
     (CSV, PNG) into the run directory when ``run`` is one."""

@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="which split of DATA (default: test, else val, else all)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, help="images per engine call (default: 8 on a CPU, 32 on a GPU)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="classify files, folders (recursive) or a CSV of paths")
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders or CSVs with a path column")
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--top-k", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, help="images per engine call (default: 8 on a CPU, 32 on a GPU)")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",

@@ -40,6 +40,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(1, keepdims=True)
 
 
+# Images per engine call when none is given.  On a CPU 8 is as fast as 32 and holds a
+# quarter of the activations: 1,000 2048x1536 JPEGs with Lite0 (ORT, 2 cores) took
+# 8.97-9.33 s at 8, 9.04-9.14 at 16 and 9.15-9.21 at 32, with peak RSS 233 / 347 / 546 MB.
+# A GPU wants bigger batches.
+CPU_BATCH, GPU_BATCH = 8, 32
+
+
 @dataclass
 class Predictor:
     """A model ready to predict: engine + labels + preprocessing."""
@@ -49,15 +56,19 @@ class Predictor:
     preprocess: Preprocess
     model_name: str = ""
     backend: str = ""
+    batch_size: int = CPU_BATCH     # default images per engine call (CPU_BATCH / GPU_BATCH)
 
     def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N,3,S,S) -> probabilities (N,K)."""
         return _softmax(np.asarray(self.engine(batch), dtype=np.float64))
 
-    def iter_probs(self, records: Iterable[Record], batch_size: int = 32,
+    def iter_probs(self, records: Iterable[Record], batch_size: int | None = None,
                    workers: int | None = None) -> Iterator[tuple[Record, np.ndarray | None, str]]:
         """Yield ``(record, probabilities or None, error)`` per record, in order."""
         workers = workers or default_decode_workers()
+        batch_size = self.batch_size if batch_size is None else batch_size
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, not {batch_size}")
         spec = self.preprocess
 
         def decode(record: Record):
@@ -87,7 +98,7 @@ class Predictor:
                 for record, array, error in decoded:
                     yield record, (None if array is None else next(probs)), error
 
-    def iter_predict(self, inputs: Iterable[str | Path | Record], batch_size: int = 32, top_k: int = 1,
+    def iter_predict(self, inputs: Iterable[str | Path | Record], batch_size: int | None = None, top_k: int = 1,
                      workers: int | None = None) -> Iterator[dict]:
         """Yield one CSV row per input, in input order (columns: :func:`row_columns`)."""
         records = [r if isinstance(r, Record) else Record(Path(r)) for r in inputs]
@@ -95,7 +106,7 @@ class Predictor:
         for record, probs, error in self.iter_probs(records, batch_size, workers):
             yield self._row(record, probs, error, top_k)
 
-    def predict(self, inputs: Iterable[str | Path], batch_size: int = 32, top_k: int = 1) -> list[dict]:
+    def predict(self, inputs: Iterable[str | Path], batch_size: int | None = None, top_k: int = 1) -> list[dict]:
         """Files and folders (recursive) or CSVs of paths -> list of row dicts."""
         return list(self.iter_predict(collect_inputs(list(inputs)), batch_size, top_k))
 
@@ -122,7 +133,7 @@ def default_decode_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
-def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Path, batch_size: int = 32,
+def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Path, batch_size: int | None = None,
                    top_k: int = 1, progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
     """Write predictions to ``out`` row by row; returns counts.
 
@@ -160,7 +171,7 @@ def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Pa
                 done += 1
                 errors += bool(row["error"])
                 bar.update()
-                if done % batch_size == 0:
+                if done % (batch_size or predictor.batch_size) == 0:
                     handle.flush()
         except KeyboardInterrupt:
             log.warning("interrupted: %s holds %d predictions; run the same command with --resume to finish it",
@@ -217,7 +228,8 @@ def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     classifier, meta = build_torch_classifier(weights)
     engine = TorchEngine(classifier, device=device)
-    return Predictor(engine, list(meta["labels"]), classifier.preprocess, meta["model"], f"torch ({engine.device})")
+    return Predictor(engine, list(meta["labels"]), classifier.preprocess, meta["model"], f"torch ({engine.device})",
+                     GPU_BATCH if engine.device.type == "cuda" else CPU_BATCH)
 
 
 def _onnx_predictor(path: Path) -> Predictor:
@@ -226,7 +238,9 @@ def _onnx_predictor(path: Path) -> Predictor:
     engine = OnnxEngine(path)
     if not engine.labels or engine.preprocess is None:
         raise UserError(f"{path}: this ONNX file carries no imgcls labels/preprocessing; export it with `imgcls export`")
-    return Predictor(engine, list(engine.labels), engine.preprocess, engine.metadata.get("model") or "", "onnxruntime")
+    on_gpu = "CUDAExecutionProvider" in engine.providers
+    return Predictor(engine, list(engine.labels), engine.preprocess, engine.metadata.get("model") or "", "onnxruntime",
+                     GPU_BATCH if on_gpu else CPU_BATCH)
 
 
 def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predictor:

@@ -47,6 +47,10 @@ Parts (``--parts``, default all):
     images with decode workers {1, 2} x ORT intra-op threads {1, 2}
     (``OnnxEngine(threads=...)``), round-robin over ``--repeats`` rounds,
     plus what the defaults resolve to.
+``batch``
+    ``imgcls predict RUN big/ --batch-size B`` for B in ``--batches`` (default
+    8 16 32), alternating over ``--e2e-rounds`` rounds: wall time and peak
+    RSS per batch size (the figures behind ``imgcls.predict.CPU_BATCH``).
 
 The machine may be shared: every figure comes with the load average at the
 time, and ratios are taken between runs made side by side.
@@ -504,6 +508,23 @@ def part_rss(args, run: Path, root: Path, work: Path) -> dict:
     return {"peaks_mb": peaks, "growth_mb": growth, "time_v_mb": check}
 
 
+def part_batch(args, run: Path, big: Path, work: Path) -> dict:
+    n = len(list(big.glob("*.jpg")))
+    say(f"\n== 5. imgcls predict on {n} big JPEGs by --batch-size {args.batches}, {args.e2e_rounds} rounds ==")
+    results: dict[int, list[dict]] = {b: [] for b in args.batches}
+    for r in range(args.e2e_rounds):
+        for b in (args.batches if r % 2 == 0 else args.batches[::-1]):
+            res = run_child(imgcls_cmd(run, big, work / f"batch{b}.csv") + ["--batch-size", str(b)])
+            results[b].append(res)
+            say(f"  round {r + 1} batch {b:3d}: wall {res['wall']:6.2f} s  {n / res['wall']:6.1f} img/s"
+                f"  peak rss {res['rss_mb']:5.0f} MB  ({load()})")
+    summary = {b: {"wall_best": min(x["wall"] for x in rs), "rss_mb": max(x["rss_mb"] for x in rs)}
+               for b, rs in results.items()}
+    for b, row in summary.items():
+        say(f"  batch {b:3d}: best wall {row['wall_best']:.2f} s, peak rss {row['rss_mb']:.0f} MB")
+    return summary
+
+
 def part_threads(args, run: Path, big: Path) -> dict:
     from imgcls.data.records import Record
     from imgcls.engines import OnnxEngine, available_cpus
@@ -551,8 +572,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("/tmp/imgcls-bench"), help="images and run directory")
     parser.add_argument("--run", type=Path, help="run directory (default: <root>/run-lite0, made by make_run.py)")
-    parser.add_argument("--parts", nargs="+", default=["e2e", "engine", "rss", "threads"],
-                        choices=["e2e", "engine", "rss", "threads"])
+    parser.add_argument("--parts", nargs="+", default=["e2e", "engine", "rss", "threads", "batch"],
+                        choices=["e2e", "engine", "rss", "threads", "batch"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32], help="batch part: sizes to compare")
     parser.add_argument("--n", type=int, default=1000, help="big images for the end-to-end comparison")
     parser.add_argument("--small-n", type=int, default=10000, help="small files for the RSS part (vs a tenth)")
     parser.add_argument("--e2e-rounds", type=int, default=2, help="alternating imgcls/naive rounds")
@@ -596,6 +618,8 @@ def main(argv: list[str] | None = None) -> None:
             results["rss"] = part_rss(args, run, args.root, work)
         if "threads" in args.parts:
             results["threads"] = part_threads(args, run, big_all)
+        if "batch" in args.parts:
+            results["batch"] = part_batch(args, run, big, work)
     results["load_end"] = os.getloadavg()
     say(f"\n{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}"
         f"   (benchmark took {time.perf_counter() - t_start:.0f} s)")

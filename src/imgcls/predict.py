@@ -41,9 +41,9 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 # Images per engine call when none is given.  On a CPU 8 is as fast as 32 and holds a
-# quarter of the activations: 1,000 2048x1536 JPEGs with Lite0 (ORT, 2 cores) took
-# 8.97-9.33 s at 8, 9.04-9.14 at 16 and 9.15-9.21 at 32, with peak RSS 233 / 347 / 546 MB.
-# A GPU wants bigger batches.
+# quarter of the activations (`benchmarks/predict.py --parts batch`: 1,000 2048x1536 JPEGs,
+# Lite0 on ORT, 2 cores: best wall 9.37 s at 8, 9.98 at 16, 10.57 at 32; peak RSS 228 /
+# 340 / 533 MB).  A GPU wants bigger batches.
 CPU_BATCH, GPU_BATCH = 8, 32
 
 

@@ -246,3 +246,11 @@ def test_prediction_batches_default_to_8_on_a_cpu(trained, tmp_path):
         assert sizes == [20]
     with pytest.raises(imgcls.UserError, match="at least 1"):
         predictor.predict([inputs], batch_size=0)
+
+
+@pytest.mark.parametrize("shape", ["3x0x0", "banana", "3x224"])
+def test_summary_input_shape_is_checked(shape, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["summary", "cifarnet", "--input", shape])
+    assert exit_info.value.code == 2
+    assert "argument --input" in capsys.readouterr().err

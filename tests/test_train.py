@@ -160,6 +160,14 @@ def test_fine_tune_from_another_run_replaces_the_head(tiny_tree, tmp_path):
         json.loads((first.run_dir / "preprocess.json").read_text())["mean"]
 
 
+def test_weights_of_another_architecture_are_refused_before_the_scan(tiny_tree, tmp_path):
+    first = imgcls.train(tiny_tree, tmp_path / "a", epochs=1, progress=False, **FAST)
+    with pytest.raises(UserError, match="holds a cifarnet, not a resnet18; add --model cifarnet"):
+        imgcls.train(tiny_tree, tmp_path / "b", epochs=1, weights=str(first.run_dir), progress=False,
+                     **{**FAST, "model": "resnet18"})
+    assert not (tmp_path / "b" / "scan.json").exists()
+
+
 def test_freeze_backbone_trains_only_the_head(tiny_tree, tmp_path):
     first = imgcls.train(tiny_tree, tmp_path / "a", epochs=1, progress=False, **FAST)
     probe = imgcls.train(tiny_tree, tmp_path / "b", epochs=2, weights=str(first.run_dir), freeze="backbone",

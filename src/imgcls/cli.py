@@ -18,6 +18,8 @@ def _input_shape(text: str) -> tuple[int, int, int]:
         c, h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected CxHxW like 3x224x224, got {text!r}") from None
+    if min(c, h, w) < 1:
+        raise argparse.ArgumentTypeError(f"every side must be at least 1, got {text!r}")
     return c, h, w
 
 

@@ -515,6 +515,10 @@ def _validate(cfg: TrainConfig) -> None:
         locate_source(entry.pretrained)
     if cfg.weights and not Path(cfg.weights).exists():
         raise UserError(f"--weights {cfg.weights}: no such file or run directory")
+    source = rundir.weights_meta(cfg.weights) if cfg.weights else None
+    if source is not None and source["model"] != cfg.model:
+        raise UserError(f"--weights {cfg.weights} holds a {source['model']}, not a {cfg.model};"
+                        f" add --model {source['model']} to fine-tune it")
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {cfg.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:

@@ -223,10 +223,13 @@ def test_interrupted_predict_keeps_its_rows_and_resume_finishes_it(trained, tmp_
         return [{**row, "path": os.path.abspath(row["path"])} for row in rows]
 
     assert absolute(csv.DictReader(out.open())) == absolute(expected)
-    # ... refuses a resume with other columns, and starts afresh with --overwrite
+    # ... refuses a resume with other columns, and starts afresh with --overwrite (or when only a header is there)
     assert main(args[:-2] + ["--top-k", "3", "--resume"]) == 2
     assert "another --top-k" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
+    assert list(csv.DictReader(out.open())) == expected
+    out.write_text(full.read_text().splitlines()[0] + "\n")
+    assert main(args) == 0
     assert list(csv.DictReader(out.open())) == expected
 
 

@@ -150,7 +150,7 @@ def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Pa
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = 0
-    if out.exists() and out.stat().st_size > 0 and not overwrite:
+    if not overwrite and _holds_rows(out):  # a file with a header alone holds nothing to lose
         if not resume:
             raise UserError(f"{out} already exists; add --resume to finish it (only the images it lacks are"
                             " predicted) or --overwrite to replace it")
@@ -180,6 +180,15 @@ def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Pa
         finally:
             bar.close()
     return {"images": done, "errors": errors, "kept": kept, "out": str(out)}
+
+
+def _holds_rows(out: Path) -> bool:
+    """True when ``out`` exists with at least one line after its header."""
+    try:
+        with out.open("rb") as handle:
+            return len([line for _, line in zip(range(2), handle) if line.strip()]) > 1
+    except FileNotFoundError:
+        return False
 
 
 def _finished_paths(out: Path, columns: list[str]) -> set[str]:

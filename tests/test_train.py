@@ -103,6 +103,23 @@ def test_identical_files_are_reported_with_their_splits_and_labels(tmp_path, cap
     assert "2 group(s) of identical files: 1 across splits" in caplog.text and "1 with different labels" in caplog.text
 
 
+def test_decoding_on_the_fly_trains_exactly_like_the_ram_cache(tmp_path):
+    # large datasets skip the RAM cache and decode in DataLoader workers every epoch
+    make_class_tree(tmp_path / "data", {"cat": 12, "dog": 12, "fox": 12}, size=(40, 36))
+    cached = imgcls.train(tmp_path / "data", tmp_path / "ram", epochs=2, progress=False, **{**FAST, "cache": "ram"})
+    streamed = imgcls.train(tmp_path / "data", tmp_path / "none", epochs=2, progress=False,
+                            **{**FAST, "cache": "none"})
+    assert json.loads((streamed.run_dir / "scan.json").read_text())["ram_cache"] is False
+    a, b = load_file(cached.run_dir / "model.safetensors"), load_file(streamed.run_dir / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # worker processes, with unreadable files among the images
+    write_bad_file_zoo(tmp_path / "data" / "cat")
+    workers = imgcls.train(tmp_path / "data", tmp_path / "workers", epochs=3, progress=False,
+                           **{**FAST, "cache": "none", "workers": 2})
+    assert workers.summary["best_val_accuracy"] >= 0.8
+    assert json.loads((workers.run_dir / "scan.json").read_text())["unreadable"]
+
+
 def test_a_class_with_no_readable_image_is_refused(tmp_path):
     make_class_tree(tmp_path / "data", {"a": 6, "b": 3})
     for path in (tmp_path / "data" / "b").iterdir():

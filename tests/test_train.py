@@ -267,3 +267,24 @@ def test_typical_short_side_reads_headers(tmp_path):
     paths = sorted((tmp_path).rglob("*.*"))
     assert typical_short_side(paths) == 30  # median of 30, 30, 30, 90, 90; the text file is ignored
     assert typical_short_side([tmp_path / "u" / "a" / "junk.jpg"]) is None
+
+
+def test_class_weights_formula():
+    from imgcls.training import class_weights
+
+    assert class_weights([0, 0, 0, 1], 2, "none") is None
+    w = class_weights([0, 0, 0, 1, 2, 2], 3, "balanced")
+    assert torch.allclose(w, torch.tensor([6 / 9, 6 / 3, 6 / 6]))
+    assert torch.isclose(w[torch.tensor([0, 0, 0, 1, 2, 2])].mean(), torch.tensor(1.0))  # the loss keeps its scale
+
+
+def test_balanced_class_weights_change_the_training_loss(tmp_path):
+    make_class_tree(tmp_path / "data", {"common": 24, "rare": 4})
+    runs = {mode: imgcls.train(tmp_path / "data", tmp_path / mode, epochs=1, class_weights=mode, progress=False,
+                               **FAST) for mode in ("none", "balanced")}
+    loss = {mode: float(next(csv.DictReader((r.run_dir / "metrics.csv").open()))["train_loss"])
+            for mode, r in runs.items()}
+    assert loss["none"] != pytest.approx(loss["balanced"], rel=1e-3)
+    assert "class_weights: balanced" in (runs["balanced"].run_dir / "config.yaml").read_text()
+    with pytest.raises(UserError, match="unknown --class-weights"):
+        imgcls.train(tmp_path / "data", tmp_path / "bad", epochs=1, class_weights="inverse", progress=False, **FAST)

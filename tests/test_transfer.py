@@ -251,3 +251,23 @@ def test_fit_head_uses_an_informative_prior_and_folds_into_one_linear():
     idx = [0, 1, n - 1]
     tiny = transfer.fit_head(feats[idx], y[idx], K, None)  # a class with one image: no cross-validation
     assert tiny.folds == 0 and tiny.lam == transfer.FALLBACK_LAMBDA
+
+
+def test_balanced_class_weights_rescue_a_rare_class():
+    from imgcls.training import class_weights
+
+    rng = np.random.default_rng(0)
+
+    def overlapping(n0, n1):  # two classes one standard deviation and a half apart, along one feature
+        x = rng.normal(0, 1, (n0 + n1, 1, 16))
+        x[n0:, :, 0] += 1.5
+        return x.astype(np.float32), np.array([0] * n0 + [1] * n1)
+
+    feats, y = overlapping(380, 20)
+    test, y_test = overlapping(500, 500)
+    recall = {}
+    for mode in ("none", "balanced"):
+        fit = transfer.fit_head(feats, y, 2, None, weight=class_weights(y, 2, mode))
+        pred = (torch.from_numpy(test[:, 0]) @ fit.weight.T + fit.bias).argmax(1).numpy()
+        recall[mode] = (pred[y_test == 1] == 1).mean()
+    assert recall["none"] < 0.2 and recall["balanced"] > 0.5, recall

@@ -42,7 +42,8 @@ def cmd_train(args) -> None:
         "input_size": args.input_size, "norm": args.norm, "se": args.se or None, "epochs": args.epochs,
         "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
         "weight_decay": args.weight_decay, "schedule": args.schedule, "warmup_epochs": args.warmup_epochs,
-        "label_smoothing": args.label_smoothing, "clip_grad": args.clip_grad, "amp": args.amp,
+        "label_smoothing": args.label_smoothing, "class_weights": args.class_weights, "clip_grad": args.clip_grad,
+        "amp": args.amp,
         "val_fraction": args.val_fraction, "patience": args.patience, "seed": args.seed, "workers": args.workers,
         "cache": args.cache, "device": args.device, "path_column": args.path_column,
         "label_column": args.label_column, "mean": args.mean, "std": args.std,
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["cosine", "step", "constant"])
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--class-weights", choices=["none", "balanced"],
+                   help="balanced: weigh each class in the loss as if all were equally frequent (imbalanced data)")
     p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
     p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision (auto: on GPUs; on CPUs only when asked: bf16)")
     p.add_argument("--no-augment", action="store_true", help="no augmentation (eval transform for training)")

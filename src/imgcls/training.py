@@ -76,6 +76,7 @@ class TrainConfig:
     step_size: int = 7                 # schedule "step": decay every step_size epochs
     gamma: float = 0.1                 # ... by this factor
     label_smoothing: float = 0.1
+    class_weights: str = "none"        # none | balanced: loss weight n / (K n_c) per class, against imbalance
     clip_grad: float | None = None
     amp: str = "auto"                  # auto | off | bf16 | fp16
     augment: dict = field(default_factory=lambda: Augment().to_dict())
@@ -355,6 +356,21 @@ def _loader(dataset, cfg, shuffle, generator=None, workers=None):
                       drop_last=shuffle and len(dataset) > cfg.batch_size)
 
 
+def class_weights(targets, num_classes: int, mode: str) -> torch.Tensor | None:
+    """Loss weights per class: None for ``none``; ``n / (K n_c)`` for ``balanced``.
+
+    Balanced weights make every class weigh as much in the loss as if the
+    classes were equally frequent (scikit-learn's ``class_weight="balanced"``),
+    so a rare species is not traded away for the common "empty" class.  With
+    every class present (training requires it) the weights average 1 over the
+    training images, so the loss keeps its scale.
+    """
+    if mode == "none":
+        return None
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    return torch.tensor(counts.sum() / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_dtype, clip_grad, scaler,
                     progress_desc: str | None = None, frozen_backbone: bool = False):
     from tqdm.auto import tqdm
@@ -527,6 +543,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"unknown --freeze {cfg.freeze!r}; use: backbone")
     if cfg.strategy not in ("auto", "features", "finetune"):
         raise UserError(f"unknown strategy {cfg.strategy!r}; use auto, features or finetune")
+    if cfg.class_weights not in ("none", "balanced"):
+        raise UserError(f"unknown --class-weights {cfg.class_weights!r}; use none or balanced")
     if cfg.views < 1:
         raise UserError(f"--views must be at least 1 (the center crop), not {cfg.views}")
     if cfg.epochs < 1 or cfg.batch_size < 1:
@@ -607,7 +625,9 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: schedule(step, total_steps, warmup_steps, steps_per_epoch, cfg))
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    weight = class_weights(s.train_set.targets, len(s.classes), cfg.class_weights)
+    criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(s.device),
+                                    label_smoothing=cfg.label_smoothing)
 
     start_epoch, best, best_epoch, bad_epochs = 0, -1.0, 0, 0
     if resume:

@@ -360,8 +360,8 @@ def _prior_map(X: torch.Tensor, Y: torch.Tensor, K: int, Wp: torch.Tensor, bp: t
 class _Solver:
     """L-BFGS on ``CE(a P + X V^T + c) + lam E|x|^2 |V|^2``, warm-started across calls."""
 
-    def __init__(self, X, Y, K, prior_map):
-        self.X, self.Y = X, Y
+    def __init__(self, X, Y, K, prior_map, weight=None):
+        self.X, self.Y, self.weight = X, Y, weight
         self.scale = float((X * X).sum(1).mean()) or 1.0
         D = X.shape[1]
         self.V = torch.zeros(K, D, requires_grad=True)
@@ -392,7 +392,8 @@ class _Solver:
 
         def closure():
             opt.zero_grad()
-            loss = F.cross_entropy(self.logits(self.X, self.P), self.Y) + penalty * (self.V * self.V).sum()
+            loss = (F.cross_entropy(self.logits(self.X, self.P), self.Y, weight=self.weight)
+                    + penalty * (self.V * self.V).sum())
             loss.backward()
             return loss
 
@@ -425,7 +426,7 @@ def _rows(feats: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[torch.Ten
     return torch.from_numpy(f.reshape(-1, f.shape[-1])), torch.from_numpy(np.repeat(y[mask], f.shape[1]))
 
 
-def _solver(feats: np.ndarray, y: np.ndarray, mask: np.ndarray, K: int, prior) -> _Solver:
+def _solver(feats: np.ndarray, y: np.ndarray, mask: np.ndarray, K: int, prior, weight=None) -> _Solver:
     """A solver on all views of the ``mask`` images; the prior's class map from their center views
     (what the class looks like at prediction time: a random crop may miss the object; this had the
     lower cross-validated loss on the ants/bees training set in all 6 view draws tried)."""
@@ -433,31 +434,37 @@ def _solver(feats: np.ndarray, y: np.ndarray, mask: np.ndarray, K: int, prior) -
     prior_map = None
     if prior is not None:
         prior_map = _prior_map(torch.from_numpy(feats[mask, 0]), torch.from_numpy(y[mask]), K, *prior)
-    return _Solver(X, Y, K, prior_map)
+    return _Solver(X, Y, K, prior_map, weight)
 
 
 def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0,
-             lambdas=LAMBDAS) -> HeadFit:
+             lambdas=LAMBDAS, weight: torch.Tensor | None = None) -> HeadFit:
     """Fit the linear head on ``feats`` (n, views, D; view 0 = center crop) and targets ``y``.
 
     ``prior``: the source classifier ``(W (M, D), b (M,))`` or None.  The
-    penalty is chosen by cross-validation on the images (module docstring)."""
+    penalty is chosen by cross-validation on the images (module docstring).
+    ``weight``: per-class loss weights (K,), used in the fit and in the
+    cross-validated loss alike."""
     feats = np.ascontiguousarray(feats, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
+    # each image's weight in the cross-validated loss, scaled to average 1
+    sample_weight = np.ones(len(y)) if weight is None else weight.numpy()[y].astype(np.float64)
+    sample_weight = sample_weight / sample_weight.mean()
     fold, k = _folds(y, K, seed)
     cv = []
     if k:
         losses = np.zeros((len(lambdas), len(y)))
         correct = np.zeros((len(lambdas), len(y)))
         for f in range(k):
-            solver = _solver(feats, y, fold != f, K, prior)
+            solver = _solver(feats, y, fold != f, K, prior, weight)
             Xt = torch.from_numpy(feats[fold == f, 0])
             Yt = torch.from_numpy(y[fold == f])
             for j, lam in enumerate(lambdas):
                 solver.fit(lam)
                 with torch.no_grad():
                     out = solver.logits(Xt)
-                    losses[j, fold == f] = F.cross_entropy(out, Yt, reduction="none").numpy()
+                    losses[j, fold == f] = (F.cross_entropy(out, Yt, reduction="none").numpy()
+                                            * sample_weight[fold == f])
                     correct[j, fold == f] = (out.argmax(1) == Yt).numpy()
         mean = losses.mean(1)
         se = losses.std(1, ddof=1) / math.sqrt(len(y))
@@ -467,7 +474,7 @@ def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0
                "accuracy": round(float(correct[j].mean()), 4)} for j, lam in enumerate(lambdas)]
     else:
         chosen = min(range(len(lambdas)), key=lambda j: abs(math.log(lambdas[j] / FALLBACK_LAMBDA)))
-    solver = _solver(feats, y, np.ones(len(y), bool), K, prior)
+    solver = _solver(feats, y, np.ones(len(y), bool), K, prior, weight)
     for lam in lambdas[:chosen + 1]:  # down the path to the chosen penalty, warm-started
         solver.fit(lam)
     weight, bias, alpha = solver.folded()
@@ -480,7 +487,7 @@ def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0
 def fit_features(session, progress: bool = True):
     """The ``features`` strategy: fit the head on frozen features of ``views`` crops per
     training image; the head goes back into ``session.model``, which is saved."""
-    from .training import Fit, append_metrics, fit_epochs
+    from .training import Fit, append_metrics, class_weights, fit_epochs
 
     t_start = time.perf_counter()
     s, cfg = session, session.cfg
@@ -515,7 +522,8 @@ def fit_features(session, progress: bool = True):
         prior = source_head(s)
         if prior is not None and prior[0].shape[1] != train_feats.shape[2]:
             prior = None
-        fit = fit_head(train_feats, y, len(s.classes), prior, cfg.seed)
+        weight = class_weights(y, len(s.classes), cfg.class_weights)
+        fit = fit_head(train_feats, y, len(s.classes), prior, cfg.seed, weight=weight)
         t_head = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)

@@ -546,7 +546,7 @@ def part_threads(args, run: Path, big: Path) -> dict:
         order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate who goes first
         for c in order:
             t0 = time.perf_counter()
-            for _ in predictors[c].iter_probs(records, args.batch, workers=c[0]):
+            for _ in predictors[c].iter_probs(records, workers=c[0]):
                 pass
             if r:
                 samples[c].append(n / (time.perf_counter() - t0))

@@ -28,16 +28,15 @@ median images/s; the load average is printed before and after.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+from worker_process import WorkerProcess, refuse, serve
 
 MODELS = {"lite0": "timm tf_efficientnet_lite0", "resnet50": "torchvision resnet50"}
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
@@ -69,18 +68,17 @@ def time_call(engine, batch) -> float:
 
 
 def worker(allocator: str, batch_size: int) -> None:
-    """Reads 'model layout' lines, answers images/s of one call as JSON lines."""
+    """Answers 'model layout' lines with the images/s of one call (see worker_process)."""
     import torch
 
     from imgcls.engines import TorchEngine, tune_cpu_allocator
 
     if allocator == "tuned malloc" and not tune_cpu_allocator():
-        print(json.dumps({"error": "tune_cpu_allocator() is not available here"}), flush=True)
-        return
+        return refuse("tune_cpu_allocator() is not available here")
     batch = batch_of(batch_size)
     models, engines = {}, {}
-    print(json.dumps({"ready": torch.get_num_threads()}), flush=True)
-    for line in sys.stdin:
+
+    def handle(line: str) -> dict:
         name, layout = line.split()
         key = (name, layout)
         if key not in engines:
@@ -89,30 +87,16 @@ def worker(allocator: str, batch_size: int) -> None:
                 models[name] = build(name)
             # tune_allocator=False: the allocator is this process's fixed setting
             engines[key] = TorchEngine(models[name], channels_last=layout == "channels_last", tune_allocator=False)
-        print(json.dumps({"ips": time_call(engines[key], batch)}), flush=True)
+        return {"ips": time_call(engines[key], batch)}
+
+    serve(handle, ready=torch.get_num_threads())
 
 
-class Worker:
-    def __init__(self, allocator: str, batch_size: int):
-        env = dict(os.environ)
-        if ALLOCATORS[allocator]:
-            env["LD_PRELOAD"] = ALLOCATORS[allocator]
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", allocator, "--batch", str(batch_size)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-        )
-        reply = json.loads(self.proc.stdout.readline() or '{"error": "worker died"}')
-        if "error" in reply:
-            raise RuntimeError(reply["error"])
-
-    def __call__(self, name: str, layout: str) -> float:
-        self.proc.stdin.write(f"{name} {layout}\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())["ips"]
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+def start_worker(allocator: str, batch_size: int) -> WorkerProcess:
+    env = dict(os.environ)
+    if ALLOCATORS[allocator]:
+        env["LD_PRELOAD"] = ALLOCATORS[allocator]
+    return WorkerProcess([sys.executable, __file__, "--worker", allocator, "--batch", str(batch_size)], env=env)
 
 
 # ----------------------------------------------------------------------------- ONNX Runtime
@@ -166,7 +150,7 @@ def main() -> None:
             allocators.append("jemalloc")
         else:
             print(f"(no {JEMALLOC}: apt-get install libjemalloc2 for the jemalloc rows)")
-    workers = {a: Worker(a, args.batch) for a in allocators}
+    workers = {a: start_worker(a, args.batch) for a in allocators}
 
     batch = batch_of(args.batch)
     rows: dict[str, dict[str, object]] = {}  # model -> label -> callable
@@ -176,7 +160,7 @@ def main() -> None:
         for alloc in allocators:
             for layout in ("eager", "channels_last"):
                 label = f"torch {'eager fp32' if layout == 'eager' else 'channels_last'} [{alloc}]"
-                rows[name][label] = (lambda w=workers[alloc], n=name, lay=layout: w(n, lay))
+                rows[name][label] = (lambda w=workers[alloc], n=name, lay=layout: w.ask(f"{n} {lay}")["ips"])
         for label, path in (("ORT fp32", fp32), ("ORT int8", int8)):
             engine = OnnxEngine(path, spin=args.spin)
             rows[name][label] = (lambda e=engine: time_call(e, batch))

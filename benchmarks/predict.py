@@ -71,6 +71,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from worker_process import WorkerProcess, serve
 
 HERE = Path(__file__).resolve().parent
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -385,28 +386,18 @@ def engine_worker(kind: str, model: Path, batch_file: Path) -> None:
 
         plain = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         call = lambda batch: plain.run(None, {"images": batch})[0]  # noqa: E731
-    print(json.dumps({"ready": repr(call)}), flush=True)
-    for _ in sys.stdin:
+
+    def handle(_line: str) -> dict:
         t0 = time.perf_counter()
         call(x)
-        print(json.dumps({"ips": len(x) / (time.perf_counter() - t0)}), flush=True)
+        return {"ips": len(x) / (time.perf_counter() - t0)}
+
+    serve(handle, ready=repr(call))
 
 
-class EngineProcess:
-    def __init__(self, kind: str, model: Path, batch_file: Path):
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--engine-worker", kind,
-                                      str(model), str(batch_file)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
-        self.name = json.loads(self.proc.stdout.readline())["ready"]
-
-    def __call__(self) -> float:
-        self.proc.stdin.write("\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())["ips"]
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+def engine_process(kind: str, model: Path, batch_file: Path) -> WorkerProcess:
+    return WorkerProcess([sys.executable, str(Path(__file__).resolve()), "--engine-worker", kind, str(model),
+                          str(batch_file)])
 
 
 def part_engine(args, run: Path, big: Path, work: Path) -> dict:
@@ -433,18 +424,18 @@ def part_engine(args, run: Path, big: Path, work: Path) -> dict:
     # before each call: a default session's threads keep spinning after run() returns and
     # slowed the row timed after it to 0.84-0.86x.  (3) The order reverses every round.
     rows = {
-        "imgcls.load(RUN) fp32": EngineProcess("imgcls", run, batch_file),
-        "ORT fp32, default session": EngineProcess("ort", run / "model.onnx", batch_file),
-        "imgcls OnnxEngine int8": EngineProcess("imgcls-onnx", int8_path, batch_file),
-        "ORT int8, default session": EngineProcess("ort", int8_path, batch_file),
+        "imgcls.load(RUN) fp32": engine_process("imgcls", run, batch_file),
+        "ORT fp32, default session": engine_process("ort", run / "model.onnx", batch_file),
+        "imgcls OnnxEngine int8": engine_process("imgcls-onnx", int8_path, batch_file),
+        "ORT int8, default session": engine_process("ort", int8_path, batch_file),
     }
-    say(f"  imgcls engine: {rows['imgcls.load(RUN) fp32'].name}")
+    say(f"  imgcls engine: {rows['imgcls.load(RUN) fp32'].ready}")
     samples: dict[str, list[float]] = {k: [] for k in rows}
     try:
         for r in range(args.repeats + 1):
-            for name, call in (list(rows.items()) if r % 2 else list(rows.items())[::-1]):
+            for name, worker in (list(rows.items()) if r % 2 else list(rows.items())[::-1]):
                 time.sleep(SETTLE)
-                ips = call()
+                ips = worker.ask()["ips"]
                 if r:
                     samples[name].append(ips)
             say(f"  round {r}/{args.repeats} ({load()})")

@@ -28,12 +28,12 @@ import argparse
 import multiprocessing
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from worker_process import WorkerProcess, serve
 
 ROWS = {
     "spin off": {"session.intra_op.allow_spinning": "0"},
@@ -56,8 +56,7 @@ def session(path: Path, config: dict | None):
 
 
 def worker(row: str, mode: str, args) -> None:
-    """One row in its own process (two identical sessions in one process differ by ~2%,
-    by creation order): answers each stdin line with the items/s of one call."""
+    """One row in its own process: answers each stdin line with the items/s of one call."""
     run = args.root / "run-lite0"
     s = session(run / "model.onnx", ROWS.get(row))
     if mode == "model":
@@ -78,36 +77,26 @@ def worker(row: str, mode: str, args) -> None:
 
         def call():
             return sum(1 for _ in predictor.iter_probs(records))
-    print("ready", flush=True)
-    for _ in sys.stdin:
+
+    def handle(_line: str) -> dict:
         t0 = time.perf_counter()
         n = call()
-        print(n / (time.perf_counter() - t0), flush=True)
+        return {"per_second": n / (time.perf_counter() - t0)}
+
+    serve(handle)
 
 
-class Row:
-    def __init__(self, row: str, mode: str, argv: list[str]):
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", row, mode, *argv],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout.readline().strip() == "ready"
-
-    def __call__(self) -> float:
-        self.proc.stdin.write("\n")
-        self.proc.stdin.flush()
-        return float(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+def start_row(row: str, mode: str, argv: list[str]) -> WorkerProcess:
+    return WorkerProcess([sys.executable, __file__, "--worker", row, mode, *argv])
 
 
-def round_robin(rows: dict[str, Row], rounds: int) -> dict[str, float]:
+def round_robin(rows: dict[str, WorkerProcess], rounds: int) -> dict[str, float]:
     """Median items/s per row; order reversed every round, a pause before each call."""
     samples = {name: [] for name in rows}
     for r in range(rounds + 1):
-        for name, call in (list(rows.items()) if r % 2 else list(rows.items())[::-1]):
+        for name, row in (list(rows.items()) if r % 2 else list(rows.items())[::-1]):
             time.sleep(0.2)
-            value = call()
+            value = row.ask()["per_second"]
             if r:  # round 0 warms up
                 samples[name].append(value)
     return {name: statistics.median(v) for name, v in samples.items()}
@@ -150,7 +139,7 @@ def main() -> None:
             ("pipeline", list(ROWS), max(2, args.rounds // 3), "spin off",
              f"predict pipeline ({args.images} JPEGs, decode threads beside), images/s"),
         ):
-            rows = {name: Row(name, mode, argv) for name in names}
+            rows = {name: start_row(name, mode, argv) for name in names}
             try:
                 report(title, round_robin(rows, rounds), base)
             finally:

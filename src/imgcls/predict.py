@@ -145,6 +145,7 @@ def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Pa
     from tqdm.auto import tqdm
 
     records = collect_inputs(inputs)
+    batch_size = predictor.batch_size if batch_size is None else batch_size
     top_k = max(1, min(top_k, len(predictor.labels)))
     columns = row_columns(top_k)
     out = Path(out)
@@ -171,7 +172,7 @@ def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Pa
                 done += 1
                 errors += bool(row["error"])
                 bar.update()
-                if done % (batch_size or predictor.batch_size) == 0:
+                if done % batch_size == 0:
                     handle.flush()
         except KeyboardInterrupt:
             log.warning("interrupted: %s holds %d predictions; run the same command with --resume to finish it",

@@ -11,9 +11,14 @@
       checkpoint.pt       last epoch's full training state, for --resume
       metrics.csv         one row per epoch
       summary.json        headline numbers
-      scan.json           pre-flight scan: counts per class, unreadable files
-      model.onnx          exported model (cached), labels + preprocess in metadata
-      *.png               training curves, confusion matrix
+      scan.json           pre-flight scan: counts per class, unreadable files, duplicates
+      split.csv           which image went to train / val / test (csv module: any path survives)
+      features.json       the features strategy: views, penalty, prior, timings
+      model.onnx          exported model, labels + preprocess in metadata
+      model.int8.onnx     int8 model, when exported and it passed its accuracy gate
+      export.json         the int8 gate's accuracies
+      <prefix>.json, <prefix>_confusion_matrix.csv/.png   metrics (prefix val, test, eval)
+      training_curves.png
 
 Writes are atomic (temp file + rename), so a crash or Ctrl-C never leaves a
 half-written file behind.
@@ -21,6 +26,8 @@ half-written file behind.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
@@ -40,10 +47,24 @@ METRICS = "metrics.csv"
 SUMMARY = "summary.json"
 SCAN = "scan.json"
 ONNX = "model.onnx"
+INT8 = "model.int8.onnx"
+EXPORT = "export.json"
+SPLIT = "split.csv"
+FEATURES = "features.json"
 CURVES = "training_curves.png"
+SPLIT_COLUMNS = ("path", "label", "group", "split")
+# files of a run that nothing but training may write
+OWN_FILES = (CONFIG, LABELS, PREPROCESS, WEIGHTS, CHECKPOINT, METRICS, SUMMARY, SCAN, SPLIT, FEATURES)
+
+
+def metrics_files(prefix: str) -> dict[str, str]:
+    """The names of one evaluation's outputs (prefix ``val``, ``test`` or ``eval``)."""
+    return {"json": f"{prefix}.json", "confusion_csv": f"{prefix}_confusion_matrix.csv",
+            "confusion_png": f"{prefix}_confusion_matrix.png"}
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write ``path`` through a temp file and a rename: readers see the old or the new file, never half."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -111,3 +132,23 @@ def read_weights_meta(path: str | Path) -> dict:
 
 def model_meta(model_name: str, labels: list[str], preprocess: Preprocess, build: dict) -> dict:
     return {"model": model_name, "labels": list(labels), "preprocess": preprocess.to_dict(), "build": build}
+
+
+def write_split(path: str | Path, rows) -> None:
+    """``split.csv`` from ``(path, label, group, split)`` rows, quoted by the csv module."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(SPLIT_COLUMNS)
+    writer.writerows(["" if v is None else str(v) for v in row] for row in rows)
+    atomic_write(path, out.getvalue())
+
+
+def read_split(path: str | Path) -> list[dict[str, str]]:
+    """The rows of ``split.csv`` as dicts (path, label, group, split); [] when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SPLIT
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))

@@ -463,7 +463,7 @@ def part_engine(args, run: Path, big: Path, work: Path) -> dict:
     same = total = same_sure = sure = 0
     for i in range(0, len(held), 32):
         x = _decode_batch(held[i:i + 32], spec)
-        fp32_probs = predictor.predict_arrays(x)
+        fp32_probs = predictor.predict_proba(x)
         match = fp32_probs.argmax(1) == int8(x).argmax(1)
         confident = fp32_probs.max(1) >= 0.5
         same, total = same + int(match.sum()), total + len(x)
@@ -519,7 +519,8 @@ def part_batch(args, run: Path, big: Path, work: Path) -> dict:
 def part_threads(args, run: Path, big: Path) -> dict:
     from imgcls.data.records import Record
     from imgcls.engines import OnnxEngine, available_cpus
-    from imgcls.predict import Predictor, default_decode_workers
+    from imgcls.predict import Predictor
+    from imgcls.system import default_workers as default_decode_workers
     from imgcls.predict import load as imgcls_load
 
     base = imgcls_load(run)

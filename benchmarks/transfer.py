@@ -96,7 +96,7 @@ def classic_worker(data: str, epochs: int, seed: int) -> None:
 
     from imgcls.data.dataset import ImageDataset, decode_all
     from imgcls.data.sources import load_dataset
-    from imgcls.data.transforms import Augment
+    from imgcls.data.preprocess import Augment
     from imgcls.engines import tune_cpu_allocator
     from imgcls.models.classifier import Classifier
     from imgcls.models.pretrained import load_pretrained
@@ -164,28 +164,30 @@ def run_ablation(data: Path, work: Path) -> list[dict]:
     import numpy as np
     import torch
 
-    from imgcls import transfer
     from imgcls.metrics import compute_metrics
-    from imgcls.training import TrainConfig, prepare
+    from imgcls.train import features
+    from imgcls.train.config import TrainConfig
+    from imgcls.train.head import fit_head
+    from imgcls.train.prepare import prepare
 
     before = load()
     session = prepare(TrainConfig(data=str(data), out=str(work / "ablation"), model=MODEL, pretrained=True),
                       progress=False)
-    extractor, _ = transfer.feature_extractor(session.model.net)
+    extractor, _ = features.feature_extractor(session.model.net)
     sample = np.stack([session.val_set[i][0].numpy() for i in range(4)])
-    engine, name = transfer._feature_engine(session, extractor, sample)
+    engine, name = features._feature_engine(session, extractor, sample)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    feats, y = transfer.compute_features(engine, session.train_set, 8, seed=0)
-    val, y_val = transfer.compute_features(engine, session.val_set, 1)
+    feats, y = features.compute_features(engine, session.train_set, 8, seed=0)
+    val, y_val = features.compute_features(engine, session.val_set, 1)
     seconds = time.perf_counter() - t0
-    prior = transfer.source_head(session)
+    prior = session.source.report.source_head
     rows = []
     for use_prior in (True, False):
         for views in (8, 1):
             t1 = time.perf_counter()
-            fit = transfer.fit_head(feats[:, :views], y, len(session.classes), prior if use_prior else None)
+            fit = fit_head(feats[:, :views], y, len(session.classes), prior if use_prior else None)
             logits = (torch.from_numpy(val[:, 0]) @ fit.weight.T + fit.bias).numpy()
             acc = compute_metrics(logits, y_val, session.classes).accuracy
             rows.append({"row": f"ablation: {'prior' if use_prior else 'no prior'}, {views} view(s)",

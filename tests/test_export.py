@@ -213,3 +213,67 @@ def test_auto_falls_back_to_torchscript(tmp_path, monkeypatch):
                                           " torchscript exporter failed"):
         export_onnx(clf, ["a", "b"], tmp_path / "n.onnx", "cifarnet")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+# ----------------------------------------------------------------------------- export_run's int8 gate
+
+
+def _write_run(trained, root):
+    """A run directory around the trained tiny net: weights + split.csv (train, val with one unreadable file)."""
+    from PIL import Image
+
+    from imgcls import rundir
+
+    clf, _, _ = trained
+    labels = ["top-left", "top-right", "bottom-left"]
+    run = root / "run"
+    run.mkdir()
+    rundir.save_weights(run / rundir.WEIGHTS, clf.net.state_dict(),
+                        rundir.model_meta("cifarnet", labels, SMALL, {"norm": None, "se": False}))
+    rows = []
+    for split, n, seed in (("train", 24, 5), ("val", 20, 6)):
+        x, y = _separable(n, np.random.default_rng(seed))
+        for i, (image, k) in enumerate(zip(x, y)):
+            path = root / split / f"{i}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(image.transpose(1, 2, 0)).save(path)
+            rows.append((str(path), labels[k], "", split))
+    broken = root / "val" / "broken.png"
+    broken.write_bytes(b"not an image")
+    rows.append((str(broken), labels[0], "", "val"))
+    rundir.write_split(run / rundir.SPLIT, rows)
+    return run, labels, rows
+
+
+def test_export_run_int8_gate_reports_accuracy_on_the_readable_val_images(trained, tmp_path):
+    from imgcls import rundir
+    from imgcls.data.decode import ImageError, load_uint8
+
+    run, labels, rows = _write_run(trained, tmp_path)
+    int8 = export.export_run(run, int8=True, max_int8_loss=1.0)
+    assert int8 == run / rundir.INT8 and int8.exists() and (run / rundir.ONNX).exists()
+    report = rundir.read_json(run / rundir.EXPORT)
+    val = [r for r in rows if r[3] == "val"]
+    assert report["n_val"] == len(val) == 21  # every val row of split.csv, the unreadable one too
+
+    def accuracy(path):  # the gate's meaning: top-1 accuracy over the val images that can be read
+        engine, hits, n = OnnxEngine(path), 0, 0
+        for file, label, _, _ in val:
+            try:
+                image = load_uint8(file, SMALL)
+            except ImageError:
+                continue
+            hits += int(engine(image[None])[0].argmax() == labels.index(label))
+            n += 1
+        assert n == 20
+        return hits / n
+
+    assert report["fp32_val_accuracy"] == pytest.approx(accuracy(run / rundir.ONNX), abs=1e-12)
+    assert report["int8_val_accuracy"] == pytest.approx(accuracy(int8), abs=1e-12)
+    assert report["fp32_val_accuracy"] >= 0.9  # the tiny net learned; the gate saw real images
+
+    # a gate that int8 cannot pass refuses the file and keeps the numbers
+    int8.unlink()
+    with pytest.raises(UserError, match="points of validation accuracy"):
+        export.export_run(run, int8=True, max_int8_loss=-1.0)
+    assert not int8.exists() and rundir.read_json(run / rundir.EXPORT)["n_val"] == 21

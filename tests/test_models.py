@@ -1,17 +1,16 @@
 """Model registry: every entry builds, runs and trains; library wrappers match
 the libraries; the hand-written architectures match their papers.
 
-Runtime (two shared cores): structure, parameter counts and shapes are
-checked on the ``meta`` device (no memory, no initialization).  The training
-step builds models up to ``REAL_INIT_LIMIT`` parameters for real (cifarnet,
-softmax, ResNet-18/34/50, SE-ResNets, ConvNeXt-T, ConvNeXt V2, EfficientNets).
-Bigger ones (AlexNet, VGGs, ResNet-101/152, ConvNeXt-S/B/L) would spend
-seconds each on random initialization and on gradients for up to 200M
-weights (about 60 s for all of them), so they are built on ``meta`` (the
-full builder runs), their parameters are placed in one reused, pre-touched
-buffer with cheap deterministic values, and the step trains the first and
-the last weight only: the backward pass still runs through every layer to
-reach the first one.
+Runtime: structure, parameter counts and shapes are checked on the ``meta``
+device (no memory, no initialization).  The training step builds models up to
+``REAL_INIT_LIMIT`` parameters for real (cifarnet, softmax, ResNet-18/34/50,
+SE-ResNets, ConvNeXt-T, ConvNeXt V2, EfficientNets).  Bigger ones (AlexNet,
+VGGs, ResNet-101/152, ConvNeXt-S/B/L) would spend seconds each on random
+initialization and on gradients for up to 200M weights, so they are built on
+``meta`` (the full builder runs), their parameters are placed in one reused,
+pre-touched buffer with cheap deterministic values, and the step trains the
+first and the last weight only: the backward pass still runs through every
+layer to reach the first one.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from torch import nn
 
 from imgcls.errors import UserError
 from imgcls.models import blocks, classic
+from imgcls.models.heads import HEAD_ATTR, classifier_head
 from imgcls.models.registry import create_model, default_preprocess, list_models, model_spec
 
 NAMES = [spec.name for spec in list_models()]
@@ -121,6 +121,29 @@ def test_pretrained_sources_and_preprocess_follow_the_weights():
         pre = model_spec(name).preprocess
         assert (pre.input_size, pre.resize) == (32, "squash")
     assert default_preprocess("resnet18", 64).input_size == 64
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declared_classifier_produces_the_logits(name):
+    spec = model_spec(name)
+    net = meta_model(name, 3).eval()
+    head = net.get_submodule(spec.classifier)
+    assert getattr(net, HEAD_ATTR) == spec.classifier and classifier_head(net) is head
+    # the last layer with one output per class ...
+    with_classes = [m for m in net.modules()
+                    if getattr(m, "out_features", None) == 3 or getattr(m, "out_channels", None) == 3]
+    assert isinstance(head, (nn.Linear, nn.Conv2d)) and with_classes[-1] is head
+    # ... whose output is the very tensor the net returns
+    seen = []
+    hook = head.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        size = spec.default_input_size
+        logits = net(torch.empty(1, 3, size, size, device="meta"))
+    finally:
+        hook.remove()
+    assert len(seen) == 1 and seen[0] is logits
+    if name in TIMM:
+        assert spec.classifier == timm.models.get_pretrained_cfg(TIMM[name]).classifier
 
 
 # --- parameter counts -------------------------------------------------------------

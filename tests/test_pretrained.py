@@ -1,5 +1,5 @@
 """Pretrained weight sources (offline), EfficientNet-Lite key mapping, head
-replacement and freezing."""
+replacement, and the head / freezing helpers of models/heads.py."""
 
 from __future__ import annotations
 
@@ -18,16 +18,20 @@ from imgcls.errors import UserError
 from imgcls.models import registry
 from imgcls.models.classifier import Classifier
 from imgcls.models.classic import CifarNet
-from imgcls.models.pretrained import (
+from imgcls.models.heads import (
     classifier_head,
-    efficientnet_lite_path,
     freeze_backbone,
-    load_pretrained,
-    map_efficientnet_lite,
+    head_prefix,
+    head_state_keys,
     param_groups,
-    pretrained_available,
     set_frozen_bn_eval,
     unfreeze,
+)
+from imgcls.models.pretrained import (
+    efficientnet_lite_path,
+    load_pretrained,
+    map_efficientnet_lite,
+    pretrained_available,
 )
 from imgcls.models.weights import read_state_dict
 
@@ -133,6 +137,10 @@ def test_lite_head_replaced_for_other_classes(lite0):
             assert torch.equal(value, ref[key]), key
     assert net.classifier.weight.shape == (5, 1280)
     assert torch.equal(net.classifier.weight, fresh)
+    # the file's 1000-class head stays available in the report
+    weight, bias = report.source_head
+    assert weight.shape == (1000, 1280) and bias.shape == (1000,)
+    assert torch.equal(weight, full.classifier.weight) and torch.equal(bias, full.classifier.bias)
 
 
 def test_lite_package_missing(monkeypatch):
@@ -147,8 +155,7 @@ def test_lite_package_missing(monkeypatch):
 
 
 def _register(monkeypatch, name: str, source: str) -> None:
-    registry._ensure_loaded()
-    spec = registry.ModelSpec(name, "test", lambda n, s, norm, se: nn.Identity(), pretrained=source)
+    spec = registry.ModelSpec(name, "test", lambda n, s, norm, se: nn.Identity(), classifier="", pretrained=source)
     monkeypatch.setitem(registry._REGISTRY, name, spec)
 
 
@@ -177,15 +184,6 @@ def test_torchvision_source_only_from_local_cache(offline_caches, monkeypatch):
         if not key.startswith("classifier."):
             assert torch.equal(value, fake[key]), key
     assert net.classifier[1].weight.shape[0] == 3
-
-
-def test_torchvision_old_densenet_keys_renamed(offline_caches):
-    from imgcls.models.pretrained import _torchvision_state_dict
-
-    path = offline_caches / "d.pth"
-    torch.save({"features.denseblock1.denselayer1.norm.1.weight": torch.ones(2), "features.conv0.weight": torch.ones(1)}, path)
-    out = _torchvision_state_dict("torchvision:DenseNet121_Weights.IMAGENET1K_V1", path, nn.Identity())
-    assert set(out) == {"features.denseblock1.denselayer1.norm1.weight", "features.conv0.weight"}
 
 
 def test_unknown_or_absent_sources():
@@ -248,9 +246,23 @@ def test_pretrained_available_without_source(monkeypatch):
     (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 3)), "2"),
 ])
 def test_classifier_head_found(build, expected):
+    # nets built outside the registry carry no declaration: the generic search
     net = build()
     head = classifier_head(net)
     assert dict(net.named_modules())[expected] is head
+
+
+def test_declared_head_wins_and_survives_wrapping():
+    net = registry.create_model("cifarnet", 3)
+    assert net.imgcls_classifier == "classifier.5"
+    net.imgcls_classifier = "classifier.3"  # a declaration is followed, not second-guessed
+    assert classifier_head(net) is net.classifier[3] and head_prefix(net) == "classifier.3"
+    net.imgcls_classifier = "classifier.5"
+    wrapped = Classifier(net, Preprocess(input_size=32))
+    assert classifier_head(wrapped) is net.classifier[5]
+    assert head_prefix(wrapped) == "net.classifier.5"
+    assert head_state_keys(wrapped) == {"net.classifier.5.weight", "net.classifier.5.bias"}
+    assert freeze_backbone(wrapped) == ["net.classifier.5.weight", "net.classifier.5.bias"]
 
 
 def _bn_net():

@@ -1,4 +1,4 @@
-"""The softmax-classifier module against torch and against the lecture's worked values."""
+"""The softmax-classifier module (NumPy) against torch and against the lecture's worked values."""
 
 import math
 from fractions import Fraction
@@ -97,7 +97,7 @@ Y = [0, 1, 0, 1, 1]
 )
 def test_lecture_likelihood(p, expected):
     got = sm.likelihood(p, Y)
-    assert got.dtype == torch.float64 and got.ndim == 0
+    assert isinstance(got, np.generic) and got.dtype == np.float64 and got.ndim == 0
     assert got.item() == pytest.approx(expected, abs=1e-6)
     assert sm.negative_log_likelihood(p, Y, reduction="sum").item() == pytest.approx(-math.log(expected), abs=1e-5)
 
@@ -115,14 +115,14 @@ def test_lecture_likelihood_shrinks_with_more_data():
 def test_nll_is_minus_log_likelihood(gen):
     p = torch.rand(8, generator=gen, dtype=torch.float64) * 0.98 + 0.01
     y = torch.randint(0, 2, (8,), generator=gen)
-    _close(sm.negative_log_likelihood(p, y, "sum"), -torch.log(sm.likelihood(p, y)))
+    _close(sm.negative_log_likelihood(p, y, "sum"), -torch.log(torch.as_tensor(sm.likelihood(p, y))))
     _close(sm.negative_log_likelihood(p, y), F.binary_cross_entropy(p, y.double()))
 
     probs = F.softmax(_logits(gen, n=6, k=4), dim=1)
     idx = torch.randint(0, 4, (6,), generator=gen)
     _close(sm.likelihood(probs, idx), probs[torch.arange(6), idx].prod())
     _close(sm.likelihood(probs, idx), sm.likelihood(probs, F.one_hot(idx, 4)))
-    _close(sm.negative_log_likelihood(probs, idx, "sum"), -torch.log(sm.likelihood(probs, idx)))
+    _close(sm.negative_log_likelihood(probs, idx, "sum"), -torch.log(torch.as_tensor(sm.likelihood(probs, idx))))
 
 
 def test_nll_equals_cross_entropy_for_one_hot(gen):
@@ -148,7 +148,7 @@ def test_binary_is_softmax_over_zero_and_logit(gen):
 
 def test_log_softmax_is_stable():
     out = sm.log_softmax([1000.0, 0.0])
-    assert torch.isfinite(out).all()
+    assert np.isfinite(out).all()
     _close(out, torch.tensor([0.0, -1000.0], dtype=torch.float64))
     _close(sm.softmax([1000.0, 0.0]), torch.tensor([1.0, 0.0], dtype=torch.float64))
     _close(sm.cross_entropy([[1000.0, 0.0]], [1]), torch.tensor(1000.0, dtype=torch.float64))
@@ -158,15 +158,39 @@ def test_softmax_rows_sum_to_one(gen):
     z = _logits(gen, n=50, k=10, scale=50.0)
     p = sm.softmax(z)
     assert ((p >= 0) & (p <= 1)).all()
-    _close(p.sum(dim=1), torch.ones(50, dtype=torch.float64), atol=1e-12)
+    _close(p.sum(axis=1), torch.ones(50, dtype=torch.float64), atol=1e-12)
     _close(sm.softmax(z + 123.0), p)  # shift invariance
 
 
 def test_input_types():
-    assert sm.softmax([1, 2, 3]).dtype == torch.float64  # plain numbers -> float64
-    assert sm.softmax(np.array([1.0, 2.0])).dtype == torch.float64
-    assert sm.softmax(torch.tensor([1.0, 2.0])).dtype == torch.float32  # tensors keep their dtype
+    assert sm.softmax([1, 2, 3]).dtype == np.float64  # plain numbers -> float64
+    assert sm.softmax(np.array([1.0, 2.0])).dtype == np.float64
+    assert sm.softmax(np.array([1.0, 2.0], np.float32)).dtype == np.float32  # float arrays keep their dtype
+    assert sm.softmax(torch.tensor([1.0, 2.0])).dtype == np.float32  # so do tensors
+    assert sm.softmax(torch.tensor([1, 2])).dtype == np.float64  # integer tensors -> float64
+    assert sm.softmax(torch.tensor([1.0, 2.0], requires_grad=True)).dtype == np.float32  # detached, not an error
+    _close(sm.softmax(torch.tensor([1.0, 2.0], dtype=torch.bfloat16)), F.softmax(torch.tensor([1.0, 2.0]), 0))
     assert sm.likelihood(torch.tensor([0.5, 0.25]), torch.tensor([True, False])).item() == pytest.approx(0.375)
+    for out in (sm.softmax(torch.tensor([1.0, 2.0])), sm.cross_entropy([[1.0, 2.0]], [1])):
+        assert isinstance(out, (np.ndarray, np.generic))  # NumPy out, whatever came in
+
+
+def test_module_runs_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch':\n"
+            "            raise ImportError('blocked: ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from imgcls import softmax as sm\n"
+            "print(round(float(sm.likelihood([0.1, 0.8, 0.2, 0.7, 0.9], [0, 1, 0, 1, 1])), 6))\n"
+            "assert 'torch' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0.36288"
 
 
 # -- bad inputs -----------------------------------------------------------------

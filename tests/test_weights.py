@@ -214,3 +214,46 @@ def test_prefixed_keys_prefer_exact_names():
     report = apply_state_dict(net, source)
     assert report.ok and report.loaded == list(source)
     assert torch.equal(net.model.weight, torch.full((4, 4), 3.0))
+
+
+# --------------------------------------------------------------------------- the file's own head
+
+
+def test_source_head_kept_when_the_head_is_replaced(tmp_path):
+    # ImageNet-shaped weights (a 1000-class head) into a 2-class net
+    source = _trained_like(seed=0, num_classes=1000).state_dict()
+    torch.save({"module." + k: v for k, v in source.items()}, tmp_path / "imagenet.pth")
+    net = _trained_like(seed=1, num_classes=2)
+    report = load_weights_file(tmp_path / "imagenet.pth", net)
+    assert report.head_replaced and report.ok
+    weight, bias = report.source_head
+    assert weight.shape == (1000, 16) and bias.shape == (1000,)
+    assert weight.dtype == bias.dtype == torch.float32 and weight.device.type == "cpu"
+    assert torch.equal(weight, source["fc.weight"]) and torch.equal(bias, source["fc.bias"])
+    assert net.fc.weight.shape == (2, 16)
+    assert "source_head" not in report.to_dict()
+    json.dumps(report.to_dict())
+
+
+def test_source_head_of_a_registry_net_and_when_absent():
+    from imgcls.models.registry import create_model
+
+    torch.manual_seed(0)
+    source = create_model("cifarnet", 1000).state_dict()  # declared head: classifier.5
+    report = apply_state_dict(create_model("cifarnet", 2), source)
+    assert report.head_replaced
+    assert torch.equal(report.source_head[0], source["classifier.5.weight"])
+    assert torch.equal(report.source_head[1], source["classifier.5.bias"])
+    assert report.source_head[0].data_ptr() != source["classifier.5.weight"].data_ptr()  # a copy
+
+    same = _trained_like(seed=0).state_dict()  # same class count: the loaded head itself
+    net = _trained_like(seed=1)
+    report = apply_state_dict(net, same)
+    assert not report.head_replaced and torch.equal(report.source_head[0], net.fc.weight)
+
+    headless = {k: v for k, v in same.items() if not k.startswith("fc.")}
+    assert apply_state_dict(_trained_like(seed=1), headless).source_head is None
+    other_input = dict(same, **{"fc.weight": torch.zeros(1000, 8), "fc.bias": torch.zeros(1000)})
+    assert apply_state_dict(_trained_like(seed=1), other_input).source_head is None
+    no_bias = {k: v for k, v in same.items() if k != "fc.bias"}
+    assert apply_state_dict(_trained_like(seed=1), no_bias).source_head is None

@@ -5,32 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 
 from .errors import UserError
+from .train import train  # noqa: F401 - the API's train (imgcls.train is the same, callable)
 
 log = logging.getLogger("imgcls")
-
-
-def train(data: str | Path, out: str | Path, model: str = "resnet18", resume: bool = False, progress: bool = True,
-          **options):
-    """Train a classifier on a class-folder tree or CSV; returns a ``TrainResult``
-    (``.run_dir``, ``.summary``).  ``options`` are :class:`imgcls.train.TrainConfig` fields."""
-    from .training import TrainConfig, train as run_training
-    from . import rundir
-
-    if resume:
-        saved = rundir.read_yaml(Path(out) / rundir.CONFIG) if (Path(out) / rundir.CONFIG).exists() else None
-        if saved is None:
-            raise UserError(f"{out}: nothing to resume (no {rundir.CONFIG})")
-        saved.update({k: v for k, v in options.items() if k == "epochs" and v is not None})
-        cfg = TrainConfig.from_dict(saved)
-    else:
-        from .transfer import apply_recipe_defaults  # defaults for pretrained starts, for options not given
-
-        cfg = TrainConfig.from_dict({"data": str(data), "out": str(out), "model": model,
-                                     **apply_recipe_defaults(options)})
-    return run_training(cfg, resume=resume, progress=progress)
 
 
 def evaluate(run: str | Path, data: str | Path, split: str | None = None, backend: str = "auto",
@@ -41,7 +20,7 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
     from tqdm.auto import tqdm
 
     from .data.sources import load_dataset
-    from .metrics import compute_metrics, write_metrics
+    from .metrics import metrics_of_stream, write_metrics
     from .predict import load
 
     predictor = load(run, backend=backend)
@@ -55,20 +34,13 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
     unknown = sorted({r.label for r in records} - set(labels))
     if unknown:
         raise UserError(f"{data}: class(es) {', '.join(unknown)} are not among the model's classes ({', '.join(labels)})")
-    index = {label: i for i, label in enumerate(labels)}
-    probs, targets, failed = [], [], []
-    stream = predictor.iter_probs(records, batch_size=batch_size)
-    for record, p, error in tqdm(stream, total=len(records), disable=not progress, desc="evaluate"):
-        if p is None:
-            failed.append((str(record.path), error))
-            continue
-        probs.append(p)
-        targets.append(index[record.label])
-    if not probs:
+    stream = predictor.iter_logits(records, batch_size=batch_size)
+    metrics, failed = metrics_of_stream(tqdm(stream, total=len(records), disable=not progress, desc="evaluate"),
+                                        labels)
+    if metrics is None:
         raise UserError(f"{data}: none of the {len(records)} images could be read")
-    metrics = compute_metrics(np.log(np.clip(np.stack(probs), 1e-12, None)), np.array(targets), labels)
-    for path, reason in failed:
-        log.warning("not evaluated (unreadable): %s: %s", path, reason)
+    for record, reason in failed:
+        log.warning("not evaluated (unreadable): %s: %s", record.path, reason)
     if write and Path(run).is_dir():
         write_metrics(metrics, run, prefix="eval")
     return metrics

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .train.config import add_train_arguments
 
 log = logging.getLogger("imgcls")
 
@@ -33,49 +34,20 @@ def cmd_demo(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .api import train
+    from .train import train
+    from .train.config import options_from_args
 
-    options = {k: v for k, v in {
-        "pretrained": args.pretrained or None, "weights": args.weights, "freeze": args.freeze,
-        "head_epochs": args.head_epochs, "backbone_lr_mult": args.backbone_lr_mult, "strategy": args.strategy,
-        "views": args.views,
-        "input_size": args.input_size, "norm": args.norm, "se": args.se or None, "epochs": args.epochs,
-        "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
-        "weight_decay": args.weight_decay, "schedule": args.schedule, "warmup_epochs": args.warmup_epochs,
-        "label_smoothing": args.label_smoothing, "class_weights": args.class_weights, "clip_grad": args.clip_grad,
-        "amp": args.amp,
-        "val_fraction": args.val_fraction, "patience": args.patience, "seed": args.seed, "workers": args.workers,
-        "cache": args.cache, "device": args.device, "path_column": args.path_column,
-        "label_column": args.label_column, "mean": args.mean, "std": args.std,
-    }.items() if v is not None}
+    options = options_from_args(args)
     if args.resume:
-        result = train(None, args.resume, resume=True, progress=not args.quiet, epochs=args.epochs)
+        result = train(None, args.resume, resume=True, progress=not args.quiet, epochs=options.get("epochs"))
     else:
         if not args.data or not args.out:
             raise UserError("imgcls train needs DATA and --out RUN_DIR (or --resume RUN_DIR)")
-        augment = _augment_from_args(args)
-        if augment is not None:
-            options["augment"] = augment
-        result = train(args.data, args.out, model=args.model, progress=not args.quiet, **options)
+        result = train(args.data, args.out, progress=not args.quiet, **options)
     s = result.summary
     print(f"best val accuracy {s['best_val_accuracy']:.4f} (epoch {s['best_epoch']}/{s['epochs']}), "
           f"{s['train_seconds']:.0f} s" + (f", test accuracy {s['test_accuracy']:.4f}" if "test_accuracy" in s else ""))
     print(f"run directory: {result.run_dir}")
-
-
-def _augment_from_args(args) -> dict | None:
-    from .data.transforms import Augment
-
-    if args.no_augment:
-        return Augment.off().to_dict()
-    changes = {}
-    if args.no_flip:
-        changes["hflip"] = False
-    if args.color_jitter is not None:
-        changes["color_jitter"] = args.color_jitter
-    if args.crop_scale is not None:
-        changes["crop_scale"] = (args.crop_scale, 1.0)
-    return {**Augment().to_dict(), **changes} if changes else None
 
 
 def cmd_eval(args) -> None:
@@ -104,16 +76,14 @@ def cmd_predict(args) -> None:
 
 
 def cmd_stats(args) -> None:
-    from .data.dataset import ImageDataset
     from .data.preprocess import Preprocess
     from .data.sources import load_dataset
-    from .training import _Pixels, compute_mean_std
+    from .data.stats import records_mean_std
 
     dataset = load_dataset(args.data)
     records = [r for recs in dataset.splits.values() for r in recs]
     spec = Preprocess(input_size=args.input_size, resize="squash", crop_pct=1.0)
-    index = {c: i for i, c in enumerate(dataset.classes)}
-    mean, std = compute_mean_std(_Pixels(ImageDataset(records, index, spec)), limit=args.limit)
+    mean, std = records_mean_std(records, spec, limit=args.limit)
     print(f"images: {len(records)} in {len(dataset.classes)} classes")
     print(f"mean: {', '.join(f'{m:.4f}' for m in mean)}")
     print(f"std:  {', '.join(f'{s:.4f}' for s in std)}")
@@ -175,46 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="folder of class folders (optionally train/ val/ test/) or a CSV")
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (optionally with more --epochs)")
-    p.add_argument("--model", default="resnet18", help="architecture name (see `imgcls models`)")
-    p.add_argument("--pretrained", action="store_true", help="start from the model's ImageNet weights (offline)")
-    p.add_argument("--weights", help="start from a local .safetensors/.pth file or another run directory")
-    p.add_argument("--freeze", choices=["backbone"], help="train the classifier head only (linear probe)")
-    p.add_argument("--head-epochs", type=int, help="two-phase fine-tuning: train the head alone this many epochs first")
-    p.add_argument("--backbone-lr-mult", type=float, help="backbone learning rate = lr x this (discriminative rates)")
-    p.add_argument("--strategy", choices=["auto", "features", "finetune"],
-                   help="features: fit the head on frozen features (fast on CPUs); finetune: train by epochs;"
-                        " auto: features when starting from weights on a CPU")
-    p.add_argument("--views", type=int, help="features strategy: crops per training image (center + augmented)")
-    p.add_argument("--input-size", type=int,
-                   help="input side in pixels (default: the model's; from scratch on smaller images, their median side)")
-    p.add_argument("--norm", choices=["batch", "group", "layer", "instance"], help="swap the normalization layers")
-    p.add_argument("--se", action="store_true", help="insert squeeze-and-excitation blocks")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"])
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["cosine", "step", "constant"])
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--class-weights", choices=["none", "balanced"],
-                   help="balanced: weigh each class in the loss as if all were equally frequent (imbalanced data)")
-    p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
-    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision (auto: on GPUs; on CPUs only when asked: bf16)")
-    p.add_argument("--no-augment", action="store_true", help="no augmentation (eval transform for training)")
-    p.add_argument("--no-flip", action="store_true", help="no horizontal flips (text, digits, asymmetric objects)")
-    p.add_argument("--color-jitter", type=float, help="brightness/contrast/saturation jitter, 0 = off")
-    p.add_argument("--crop-scale", type=float, help="smallest area fraction of random resized crops")
-    p.add_argument("--mean", type=float, nargs=3, help="normalization mean (R G B, in [0,1])")
-    p.add_argument("--std", type=float, nargs=3, help="normalization std (R G B)")
-    p.add_argument("--val-fraction", type=float, help="held-out share when the data has no val split")
-    p.add_argument("--patience", type=int, help="early stopping: epochs without val improvement")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--workers", type=int, help="data loading workers")
-    p.add_argument("--cache", choices=["auto", "ram", "none"], help="keep decoded images in RAM")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--path-column", help="CSV column with image paths (default: path)")
-    p.add_argument("--label-column", help="CSV column with labels (default: label)")
+    add_train_arguments(p)  # every option of TrainConfig, declared once in train/config.py
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="metrics of a trained model on labelled data")

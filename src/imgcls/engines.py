@@ -13,15 +13,17 @@ too), so prediction code never knows which backend runs.
 * :func:`read_onnx_metadata` reads the labels / preprocess spec / model name /
   imgcls version that :func:`imgcls.export.export_onnx` stores in the file's
   ``metadata_props`` (through ONNX Runtime: no torch, no ``onnx`` package).
+* :func:`stream_logits` is the one decode -> engine loop: records in, one
+  ``(record, logits or None, error)`` per record out, for prediction,
+  evaluation and the int8 gate alike.
 
-Why the CPU allocator matters (see ``benchmarks/engines.py``): glibc serves
-big blocks (activations of a batch) with fresh ``mmap`` pages and returns them
-on ``free``, so every forward pass page-faults its activations in again; on
-the reference 2-core machine that made PyTorch eager 2-3x slower.
-:func:`tune_cpu_allocator` (called by :class:`TorchEngine` on CPU unless told
-not to) keeps freed memory in the process instead, as a caching allocator (or
-jemalloc via ``LD_PRELOAD``) would.  ONNX Runtime has its own arena and does
-not need it.
+Why the CPU allocator matters: glibc serves big blocks (activations of a
+batch) with fresh ``mmap`` pages and returns them on ``free``, so every
+forward pass page-faults its activations in again, which makes PyTorch eager
+much slower (docs/decisions.md).  :func:`tune_cpu_allocator` (called by
+:class:`TorchEngine` on CPU unless told not to) keeps freed memory in the
+process instead, as a caching allocator (or jemalloc via ``LD_PRELOAD``)
+would.  ONNX Runtime has its own arena and does not need it.
 """
 
 from __future__ import annotations
@@ -29,16 +31,22 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from .errors import UserError
+from .system import available_cpus, default_workers
+
+if TYPE_CHECKING:
+    from .data.preprocess import Preprocess
+    from .data.records import Record
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
-META_PREFIX = "imgcls."
 META_LABELS = "imgcls.labels"
 META_PREPROCESS = "imgcls.preprocess"
 META_MODEL = "imgcls.model"
@@ -52,21 +60,6 @@ def imgcls_version() -> str:
         return version("imgcls")
     except Exception:  # not installed (running from a source tree)
         return "0+unknown"
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    try:  # containers: cpu.max = "quota period" or "max period"
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -218,7 +211,7 @@ class OnnxEngine:
     ``device``: ``"cpu"`` (default), ``"cuda"`` (CUDAExecutionProvider; a
     UserError when this onnxruntime build has none) or ``"auto"`` (CUDA when
     available).  ``threads``: intra-op threads, default every CPU this process
-    may use (:func:`available_cpus`); inter-op threads are 1 (one graph runs
+    may use (:func:`imgcls.system.available_cpus`); inter-op threads are 1 (one graph runs
     sequentially, so more would only oversubscribe the cores).  ``spin``:
     let idle intra-op threads busy-wait (ORT's default; off here, see below).
 
@@ -244,11 +237,8 @@ class OnnxEngine:
         self.threads = int(threads) if threads else available_cpus()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
-        # Idle workers sleep instead of spinning (benchmarks/spin.py: lite0, batch 32, 2 cores):
-        # model-only it ties ORT's spinning default on a quiet machine (1.00x) and wins 1.13x
-        # with 3 busy processes beside it; in the predict pipeline, where decode threads share
-        # the cores, it beats spinning 1.01x quiet and 1.09x busy.  The price: ~12% model-only
-        # at batch 1, where spinning hides the threads' wake-up (`spin=True`).
+        # idle workers sleep instead of spinning: spinning steals the cores the decode threads and
+        # other processes need, and only pays off at batch 1 (docs/decisions.md)
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         options.log_severity_level = 3  # errors only; warnings about unused initializers are noise
 
@@ -426,8 +416,56 @@ class TorchEngine:
         return f"TorchEngine(device={self.device}, channels_last={self.channels_last}, amp={self.amp_dtype})"
 
 
-def load_engine(path_or_module, **kwargs):
-    """An engine for a ``.onnx`` path/bytes (OnnxEngine) or a torch module (TorchEngine)."""
-    if isinstance(path_or_module, (str, Path, bytes, bytearray, memoryview)):
-        return OnnxEngine(path_or_module, **kwargs)
-    return TorchEngine(path_or_module, **kwargs)
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def stream_logits(
+    engine: Callable[[np.ndarray], np.ndarray],
+    preprocess: Preprocess,
+    records: Iterable[Record],
+    batch_size: int,
+    workers: int | None = None,
+) -> Iterator[tuple[Record, np.ndarray | None, str]]:
+    """Yield ``(record, logits row (K,) or None, error)`` per record, in input order.
+
+    Images are decoded with ``preprocess`` in a pool of ``workers`` threads
+    (default :func:`imgcls.system.default_workers`; Pillow and simplejpeg
+    release the GIL) a few batches ahead of ``engine``, through a bounded
+    window, so memory stays flat however many records there are.  A record
+    that cannot be decoded gets ``None`` and the decoder's reason and never
+    stops the stream.  ``engine`` is called with uint8 batches of at most
+    ``batch_size`` decoded images.
+    """
+    from .data.decode import ImageError, load_uint8  # Pillow: only when images are decoded
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    workers = workers or default_workers()
+
+    def decode(record: Record):
+        try:
+            return load_uint8(record.path, preprocess), ""
+        except ImageError as err:  # every decoding failure, missing files included
+            return None, err.reason
+
+    window = max(2, workers) * batch_size  # decoded images in flight, bounded
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        feed = iter(records)
+
+        def refill():
+            for record in feed:
+                pending.append((record, pool.submit(decode, record)))
+                if len(pending) >= window:
+                    return
+
+        refill()
+        while pending:
+            batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+            refill()
+            decoded = [(record, *future.result()) for record, future in batch]
+            good = [array for _, array, _ in decoded if array is not None]
+            rows = iter(np.asarray(engine(np.stack(good))) if good else ())
+            for record, array, error in decoded:
+                yield record, (None if array is None else next(rows)), error

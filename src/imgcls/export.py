@@ -11,9 +11,9 @@ so ``imgcls.engines.OnnxEngine(path)`` needs nothing else.
 Exporter: the torch.export-based exporter (``dynamo=True``, opset 18) first,
 the legacy TorchScript exporter (opset 17) as the fallback.  Both export
 cifarnet, resnet18, timm tf_efficientnet_lite0 and convnext with the same
-parity, but the dynamo graph of tf_efficientnet_lite0 runs ~1.3x faster in
-ONNX Runtime (static "same" padding instead of a computed Pad), and the
-TorchScript exporter is deprecated since torch 2.9.
+parity, but the dynamo graph runs faster in ONNX Runtime where a model pads
+"same" (static padding instead of a computed Pad), and the TorchScript
+exporter is deprecated since torch 2.9 (docs/decisions.md).
 
 Parity rule: ``max |ort - torch| <= atol * max(1, max |torch logit|)`` with
 ``atol = 1e-4``, i.e. absolute 1e-4 for logits up to 1, relative to the largest
@@ -22,9 +22,10 @@ A file that fails it is not written (an older file at the path stays).
 
 int8: :func:`quantize_int8` = ``quant_pre_process`` + ``quantize_static``
 (QDQ, per-channel int8 weights, uint8 activations, MinMax calibration on the
-caller's uint8 batches); 2.5-3.5x the fp32 throughput of ONNX Runtime on the
-reference CPU (see ``benchmarks/engines.py``).  Use :func:`agreement` /
-:func:`compare_engines` to gate it on validation data.
+caller's uint8 batches), for a several times higher CPU throughput than fp32
+(docs/decisions.md).  Use :func:`agreement` / :func:`compare_engines` to gate
+it on validation data; :func:`export_run` gates it on a run's validation
+split.
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .engines import INPUT_NAME, OUTPUT_NAME, OnnxEngine, encode_metadata, read_onnx_props
+from . import rundir
+from .data.records import Record
+from .engines import INPUT_NAME, OUTPUT_NAME, OnnxEngine, encode_metadata, read_onnx_props, stream_logits
 from .errors import UserError
+from .metrics import metrics_of_stream
+from .models.classifier import Classifier
 
 PARITY_ATOL = 1e-4
 DYNAMO_OPSET = 18
@@ -307,10 +312,11 @@ def quantize_int8(
 
     ``calibration_batches``: uint8 images (N, 3, S, S), preprocessed like the
     model's inputs (a few hundred training images are plenty).
-    ``quant_format``: ``"qdq"`` (default; fastest here) or ``"qoperator"``.
+    ``quant_format``: ``"qdq"`` (default; the faster one on our CPUs) or ``"qoperator"``.
     ``method``: ``"minmax"`` (default), ``"entropy"`` or ``"percentile"``.
     ``pre_process`` runs onnxruntime's ``quant_pre_process`` (shape inference
-    + graph optimization) first, which makes the quantized graph ~10% faster.
+    + graph optimization) first, which makes the quantized graph faster
+    (docs/decisions.md).
     ``reduce_range`` (7-bit weights) avoids the u8 x s8 saturation of x86 CPUs
     without VNNI (AVX2-only) at some accuracy cost; the reference CPU has VNNI.
     The int8 file gets ``imgcls.quantization`` metadata.  Gate it on
@@ -433,45 +439,43 @@ def compare_engines(reference, candidate, batches: Iterable[np.ndarray], labels:
 
 # ----------------------------------------------------------------------------- run directories
 
-
-def _split_paths(run: Path, split: str, limit: int) -> list[Path]:
-    import csv
-
-    path = run / "split.csv"
-    if not path.exists():
-        return []
-    with path.open(newline="") as handle:
-        rows = [(Path(r["path"]), r["label"]) for r in csv.DictReader(handle) if r["split"] == split]
-    step = max(1, len(rows) // limit) if limit else 1
-    return rows[::step][:limit] if limit else rows
+_GATE_BATCH = 32  # images per engine call for the gate's accuracies and the calibration batches
+_CALIBRATION_IMAGES = 256
 
 
-def _load_batches(rows, spec, batch_size: int = 32):
-    """(uint8 batch, label list) from (path, label) rows; unreadable files skipped."""
+def _split_records(rows: list[dict], split: str) -> list[Record]:
+    """The ``split`` rows of a run's split.csv as labelled records."""
+    return [Record(Path(r["path"]), r["label"]) for r in rows if r["split"] == split]
+
+
+def _spread(records: list[Record], limit: int) -> list[Record]:
+    """At most ``limit`` records, evenly spaced over the list (every class, not the first ones)."""
+    step = max(1, len(records) // limit)
+    return records[::step][:limit]
+
+
+def _image_batches(records: Iterable[Record], spec, batch_size: int = _GATE_BATCH):
+    """uint8 batches of the records' images (parity sample, calibration); unreadable files skipped."""
     from .data.decode import ImageError, load_uint8
 
-    images, labels = [], []
-    for path, label in rows:
+    images = []
+    for record in records:
         try:
-            images.append(load_uint8(path, spec))
-            labels.append(label)
+            images.append(load_uint8(record.path, spec))
         except ImageError:
             continue
         if len(images) == batch_size:
-            yield np.stack(images), labels
-            images, labels = [], []
+            yield np.stack(images)
+            images = []
     if images:
-        yield np.stack(images), labels
+        yield np.stack(images)
 
 
-def _accuracy(engine, rows, spec, labels: list[str]) -> float:
-    index = {label: i for i, label in enumerate(labels)}
-    correct = total = 0
-    for batch, names in _load_batches(rows, spec):
-        pred = np.asarray(engine(batch)).argmax(1)
-        correct += int(sum(pred[i] == index[n] for i, n in enumerate(names)))
-        total += len(names)
-    return correct / max(1, total)
+def _val_accuracy(onnx_path: Path, val: list[Record], spec, labels: list[str]) -> float:
+    """Top-1 accuracy on the readable validation images, through the path evaluation takes;
+    0.0 when none is readable."""
+    metrics, _ = metrics_of_stream(stream_logits(OnnxEngine(onnx_path), spec, val, _GATE_BATCH), labels)
+    return metrics.accuracy if metrics is not None else 0.0
 
 
 def export_run(run: str | Path, out: str | Path | None = None, int8: bool = False,
@@ -483,30 +487,28 @@ def export_run(run: str | Path, out: str | Path | None = None, int8: bool = Fals
     the numbers) when it loses more than ``max_int8_loss`` of validation
     accuracy; both accuracies go to ``export.json`` in the run directory.
     """
-    from . import rundir
-    from .predict import build_torch_classifier
-
     run = rundir.require_run_dir(run)
     if not run.is_dir():
         raise UserError(f"{run}: export takes a run directory")
-    classifier, meta = build_torch_classifier(run / rundir.WEIGHTS)
+    classifier, meta = Classifier.from_file(run / rundir.WEIGHTS)
     spec = classifier.preprocess
     labels = meta["labels"]
-    val_rows = _split_paths(run, "val", 0)
-    sample = next(_load_batches(val_rows[:8], spec), (None, None))[0]
+    split = rundir.read_split(run)
+    val = _split_records(split, "val")
+    sample = next(_image_batches(val[:8], spec), None)
     fp32_path = Path(out) if out and not int8 else run / rundir.ONNX
     if not int8 or not fp32_path.exists():
         export_onnx(classifier, labels, fp32_path, meta["model"], sample=sample)
     if not int8:
         return fp32_path
-    int8_path = Path(out) if out else run / "model.int8.onnx"
-    calibration = (batch for batch, _ in _load_batches(_split_paths(run, "train", 256), spec))
+    int8_path = Path(out) if out else run / rundir.INT8
+    calibration = _image_batches(_spread(_split_records(split, "train"), _CALIBRATION_IMAGES), spec)
     quantize_int8(fp32_path, int8_path, calibration)
-    fp32_acc = _accuracy(OnnxEngine(fp32_path), val_rows, spec, labels)
-    int8_acc = _accuracy(OnnxEngine(int8_path), val_rows, spec, labels)
-    report = {"fp32_val_accuracy": fp32_acc, "int8_val_accuracy": int8_acc, "n_val": len(val_rows),
+    fp32_acc = _val_accuracy(fp32_path, val, spec, labels)
+    int8_acc = _val_accuracy(int8_path, val, spec, labels)
+    report = {"fp32_val_accuracy": fp32_acc, "int8_val_accuracy": int8_acc, "n_val": len(val),
               "int8_file": str(int8_path)}
-    rundir.write_json(run / "export.json", report)
+    rundir.write_json(run / rundir.EXPORT, report)
     if fp32_acc - int8_acc > max_int8_loss:
         int8_path.unlink(missing_ok=True)
         raise UserError(f"int8 quantization loses {100 * (fp32_acc - int8_acc):.1f} points of validation accuracy"

@@ -1,4 +1,10 @@
-"""Evaluation metrics from logits and labels (scikit-learn does the counting)."""
+"""Evaluation metrics from logits and labels (scikit-learn does the counting).
+
+:func:`compute_metrics` takes arrays; :func:`metrics_of_stream` takes the
+``(record, logits or None, error)`` stream of :func:`imgcls.engines.stream_logits`
+(or ``Predictor.iter_logits``), so evaluation and the int8 gate score logits
+one way.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,15 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
+
+from .errors import UserError
+from .softmax import log_softmax
+
+if TYPE_CHECKING:
+    from .data.records import Record
 
 
 @dataclass
@@ -59,8 +72,7 @@ def compute_metrics(logits: np.ndarray, targets: np.ndarray, labels: list[str]) 
     k = len(labels)
     classes = np.arange(k)
     pred = logits.argmax(1)
-    shifted = logits - logits.max(1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    log_probs = log_softmax(logits, dim=1)
     loss = float(-log_probs[np.arange(len(targets)), targets].mean()) if len(targets) else float("nan")
     precision, recall, f1, support = precision_recall_fscore_support(
         targets, pred, labels=classes, zero_division=0)
@@ -74,14 +86,37 @@ def compute_metrics(logits: np.ndarray, targets: np.ndarray, labels: list[str]) 
         confusion=confusion_matrix(targets, pred, labels=classes), labels=list(labels), n=int(len(targets)))
 
 
+def metrics_of_stream(stream: Iterable[tuple[Record, np.ndarray | None, str]],
+                      labels: list[str]) -> tuple[Metrics | None, list[tuple[Record, str]]]:
+    """(Metrics of the rows that have logits, [(record, error)] of those that have none).
+
+    ``stream`` yields ``(record, logits (K,) or None, error)`` with
+    ``record.label`` one of ``labels`` (the model's classes, in output order).
+    The Metrics are None when no record has logits (nothing could be read).
+    """
+    index = {label: i for i, label in enumerate(labels)}
+    rows, targets, failures = [], [], []
+    for record, logits, error in stream:
+        if logits is None:
+            failures.append((record, error))
+            continue
+        if record.label not in index:
+            raise UserError(f"{record.path}: class {record.label!r} is not among the model's classes"
+                            f" ({', '.join(labels)})")
+        rows.append(logits)
+        targets.append(index[record.label])
+    if not rows:
+        return None, failures
+    return compute_metrics(np.stack(rows), np.array(targets), labels), failures
+
+
 def write_metrics(metrics: Metrics, out_dir: str | Path, prefix: str = "eval") -> dict[str, Path]:
     """eval.json, confusion_matrix.csv and .png in ``out_dir``."""
     from .report import plot_confusion
-    from .rundir import atomic_write, write_json
+    from .rundir import atomic_write, metrics_files, write_json
 
     out_dir = Path(out_dir)
-    paths = {"json": out_dir / f"{prefix}.json", "confusion_csv": out_dir / f"{prefix}_confusion_matrix.csv",
-             "confusion_png": out_dir / f"{prefix}_confusion_matrix.png"}
+    paths = {kind: out_dir / name for kind, name in metrics_files(prefix).items()}
     write_json(paths["json"], metrics.to_dict())
     atomic_write(paths["confusion_csv"], metrics.confusion_csv())
     plot_confusion(metrics.confusion, metrics.labels, paths["confusion_png"])

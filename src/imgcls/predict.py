@@ -1,10 +1,11 @@
 """Streaming batch prediction: files in, trustworthy rows out.
 
-Decoding runs in a thread pool (Pillow and simplejpeg release the GIL) a few
-batches ahead of the engine, through a bounded window, so memory stays flat
-however many files there are.  A file that cannot be read becomes a row with
-an ``error`` and never stops the batch.  CSV rows are flushed as they are
-produced: a crash or Ctrl-C keeps every finished prediction.
+Decoding runs in a thread pool a few batches ahead of the engine, through a
+bounded window, so memory stays flat however many files there are
+(:func:`imgcls.engines.stream_logits`, shared with evaluation and export).
+A file that cannot be read becomes a row with an ``error`` and never stops
+the batch.  CSV rows are flushed as they are produced: a crash or Ctrl-C
+keeps every finished prediction.
 
 This module imports torch only when the torch engine is used, so predicting
 from a ``model.onnx`` file works with the runtime install alone.
@@ -15,9 +16,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import sys
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -25,25 +23,18 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from . import rundir
-from .data.decode import ImageError, load_uint8
 from .data.preprocess import Preprocess
 from .data.records import Record
 from .data.sources import collect_inputs
+from .engines import stream_logits
 from .errors import UserError
+from .softmax import softmax
+from .system import cuda_available
 
 log = logging.getLogger("imgcls")
 
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(1, keepdims=True)
-
-
-# Images per engine call when none is given.  On a CPU 8 is as fast as 32 and holds a
-# quarter of the activations (`benchmarks/predict.py --parts batch`: 1,000 2048x1536 JPEGs,
-# Lite0 on ORT, 2 cores: best wall 9.37 s at 8, 9.98 at 16, 10.57 at 32; peak RSS 228 /
-# 340 / 533 MB).  A GPU wants bigger batches.
+# Images per engine call when none is given: on a CPU 8 is as fast as 32 with a quarter of
+# the activation memory; a GPU wants bigger batches (docs/decisions.md).
 CPU_BATCH, GPU_BATCH = 8, 32
 
 
@@ -58,45 +49,22 @@ class Predictor:
     backend: str = ""
     batch_size: int = CPU_BATCH     # default images per engine call (CPU_BATCH / GPU_BATCH)
 
-    def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 (N,3,S,S) -> probabilities (N,K)."""
-        return _softmax(np.asarray(self.engine(batch), dtype=np.float64))
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N,3,S,S) -> probabilities (N,K), float64."""
+        return softmax(np.asarray(self.engine(batch), dtype=np.float64))
+
+    def iter_logits(self, records: Iterable[Record], batch_size: int | None = None,
+                    workers: int | None = None) -> Iterator[tuple[Record, np.ndarray | None, str]]:
+        """Yield ``(record, logits (K,) or None, error)`` per record, in order
+        (batches of ``batch_size``, default :attr:`batch_size`)."""
+        batch_size = self.batch_size if batch_size is None else batch_size
+        yield from stream_logits(self.engine, self.preprocess, records, batch_size, workers)
 
     def iter_probs(self, records: Iterable[Record], batch_size: int | None = None,
                    workers: int | None = None) -> Iterator[tuple[Record, np.ndarray | None, str]]:
-        """Yield ``(record, probabilities or None, error)`` per record, in order."""
-        workers = workers or default_decode_workers()
-        batch_size = self.batch_size if batch_size is None else batch_size
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-        spec = self.preprocess
-
-        def decode(record: Record):
-            try:
-                return load_uint8(record.path, spec), ""
-            except ImageError as err:  # every decoding failure, missing files included
-                return None, err.reason
-
-        window = max(2, workers) * batch_size  # decoded images in flight, bounded
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending: deque = deque()
-            feed = iter(records)
-
-            def refill():
-                for record in feed:
-                    pending.append((record, pool.submit(decode, record)))
-                    if len(pending) >= window:
-                        return
-
-            refill()
-            while pending:
-                batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
-                refill()
-                decoded = [(record, *future.result()) for record, future in batch]
-                good = [array for _, array, _ in decoded if array is not None]
-                probs = iter(self.predict_arrays(np.stack(good)) if good else ())
-                for record, array, error in decoded:
-                    yield record, (None if array is None else next(probs)), error
+        """Yield ``(record, probabilities (K,) or None, error)`` per record, in order."""
+        for record, logits, error in self.iter_logits(records, batch_size, workers):
+            yield record, (None if logits is None else softmax(np.asarray(logits, dtype=np.float64))), error
 
     def iter_predict(self, inputs: Iterable[str | Path | Record], batch_size: int | None = None, top_k: int = 1,
                      workers: int | None = None) -> Iterator[dict]:
@@ -127,10 +95,6 @@ class Predictor:
 def row_columns(top_k: int) -> list[str]:
     ranked = [f"{kind}_{r + 1}" for r in range(top_k) for kind in ("label", "prob")] if top_k > 1 else []
     return ["path", "label", "prob", *ranked, "error"]
-
-
-def default_decode_workers() -> int:
-    return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Path, batch_size: int | None = None,
@@ -211,32 +175,14 @@ def _finished_paths(out: Path, columns: list[str]) -> set[str]:
 # --------------------------------------------------------------------------- loading
 
 
-def build_torch_classifier(weights: Path):
-    """model.safetensors (with imgcls metadata) -> (Classifier in eval mode, metadata)."""
-    from safetensors.torch import load_file
-
-    from .models.classifier import Classifier
-    from .models.registry import create_model
-
-    meta = rundir.read_weights_meta(weights)
-    preprocess = Preprocess.from_dict(meta["preprocess"])
-    build = meta.get("build", {})
-    net = create_model(meta["model"], len(meta["labels"]), preprocess.input_size, build.get("norm"), build.get("se", False))
-    try:
-        net.load_state_dict(load_file(str(weights)))
-    except RuntimeError as err:
-        raise UserError(f"{weights}: the weights do not fit model {meta['model']}: {str(err).splitlines()[0]}") from None
-    return Classifier(net, preprocess).eval(), meta
-
-
 def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
-    import torch
-
     from .engines import TorchEngine
+    from .models.classifier import Classifier  # torch: only for the torch backend
+    from .system import resolve_device
 
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    classifier, meta = build_torch_classifier(weights)
+        device = resolve_device("auto")
+    classifier, meta = Classifier.from_file(weights)
     engine = TorchEngine(classifier, device=device)
     return Predictor(engine, list(meta["labels"]), classifier.preprocess, meta["model"], f"torch ({engine.device})",
                      GPU_BATCH if engine.device.type == "cuda" else CPU_BATCH)
@@ -271,23 +217,9 @@ def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predi
             return _torch_predictor(path, device)
         raise UserError(f"{path}: expected a run directory, a .safetensors or an .onnx file")
     onnx_file = path / rundir.ONNX
-    if backend == "onnx" or (backend == "auto" and onnx_file.exists() and device in ("auto", "cpu") and not _cuda()):
+    if backend == "onnx" or (backend == "auto" and onnx_file.exists() and device in ("auto", "cpu")
+                             and not cuda_available()):
         if not onnx_file.exists():
             raise UserError(f"{path} has no {rundir.ONNX}; create it with `imgcls export {path}`")
         return _onnx_predictor(onnx_file)
     return _torch_predictor(path / rundir.WEIGHTS, device)
-
-
-# device nodes of the NVIDIA driver, ROCm and WSL2's GPU bridge: without any of them torch cannot see a
-# GPU, so there is no need to import it (~2.5 s and ~480 MB before the first image; benchmarks/predict.py)
-_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
-
-
-def _cuda() -> bool:
-    if sys.platform == "darwin" or (sys.platform.startswith("linux") and not any(map(os.path.exists, _GPU_NODES))):
-        return False
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()

@@ -152,3 +152,18 @@ def read_split(path: str | Path) -> list[dict[str, str]]:
         return []
     with path.open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
+
+
+METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds",
+                  "images_per_second")
+
+
+def append_metrics(run_dir: str | Path, row: dict) -> None:
+    """One row of ``metrics.csv``, flushed at once so that a crash keeps the history."""
+    path = Path(run_dir) / METRICS
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

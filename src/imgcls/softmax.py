@@ -1,8 +1,11 @@
 """The softmax classifier, written out: logits -> probabilities -> likelihood -> loss.
 
 This module is the theory in executable form, small enough to read and check
-against torch.  Training does not use it (it uses torch's fused losses, which
-compute the same numbers faster); the tests pin both to the same values.
+against torch, and the implementation that runs: prediction turns logits into
+probabilities with :func:`softmax` and evaluation scores them with
+:func:`log_softmax`, in NumPy, so neither needs torch.  Training uses torch's
+fused losses, which compute the same numbers on the training device; the tests
+pin both to the same values.
 
 From logits to a loss
 ---------------------
@@ -53,14 +56,16 @@ Multi-class, binary, multi-label
   cross-entropy averaged over all N x K entries.
 
 Inputs may be torch tensors, NumPy arrays or (nested) lists; plain Python
-numbers become float64 and integer tensors float64.  Every function returns a
-tensor.  Malformed inputs (mismatched shapes, probabilities outside [0, 1],
-class indices out of range) raise :class:`ValueError`.
+numbers become float64, integer and boolean arrays or tensors float64, and
+floating ones keep their dtype (float32 stays float32).  Every function
+returns a NumPy array, the reductions a 0-d NumPy scalar.  Malformed inputs
+(mismatched shapes, probabilities outside [0, 1], class indices out of range)
+raise :class:`ValueError`.
 """
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 __all__ = [
     "softmax",
@@ -76,30 +81,32 @@ __all__ = [
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def softmax(logits, dim: int = -1) -> torch.Tensor:
+def softmax(logits, dim: int = -1) -> np.ndarray:
     """``exp(z_k - max z) / sum_j exp(z_j - max z)`` along ``dim``; each slice sums to 1."""
     z = _floats(logits, "logits")
-    e = torch.exp(z - z.amax(dim=dim, keepdim=True))
-    return e / e.sum(dim=dim, keepdim=True)
+    e = np.exp(z - z.max(axis=dim, keepdims=True))
+    return e / e.sum(axis=dim, keepdims=True)
 
 
-def log_softmax(logits, dim: int = -1) -> torch.Tensor:
+def log_softmax(logits, dim: int = -1) -> np.ndarray:
     """``log softmax(z)_k = (z_k - m) - log sum_j exp(z_j - m)`` with ``m = max z`` along ``dim``.
 
     Finite for any finite logits: ``log_softmax([1000, 0]) == [0, -1000]``.
     """
     z = _floats(logits, "logits")
-    shifted = z - z.amax(dim=dim, keepdim=True)
-    return shifted - torch.log(torch.exp(shifted).sum(dim=dim, keepdim=True))
+    shifted = z - z.max(axis=dim, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=dim, keepdims=True))
 
 
-def sigmoid(logits) -> torch.Tensor:
+def sigmoid(logits) -> np.ndarray:
     """``1 / (1 + exp(-z))``, elementwise: P(y = 1) for a binary or multi-label logit."""
-    return torch.sigmoid(_floats(logits, "logits"))
+    z = _floats(logits, "logits")
+    e = np.exp(-np.abs(z))  # exp of a non-positive number: no overflow for large |z|
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
 
 
-def likelihood(pred, y) -> torch.Tensor:
-    """Probability of the observed labels ``y`` under the predictions ``pred`` (a 0-d tensor).
+def likelihood(pred, y) -> np.ndarray:
+    """Probability of the observed labels ``y`` under the predictions ``pred`` (a 0-d scalar).
 
     The shape of ``pred`` picks the model:
 
@@ -124,7 +131,7 @@ def likelihood(pred, y) -> torch.Tensor:
     return (p**t).prod()
 
 
-def negative_log_likelihood(pred, y, reduction: str = "mean") -> torch.Tensor:
+def negative_log_likelihood(pred, y, reduction: str = "mean") -> np.ndarray:
     """``-log likelihood(pred, y)``, per sample, summed or averaged over samples.
 
     Same inputs as :func:`likelihood` (probabilities, not logits)::
@@ -141,13 +148,13 @@ def negative_log_likelihood(pred, y, reduction: str = "mean") -> torch.Tensor:
     """
     p, t = _pred_and_targets(pred, y)
     if p.ndim == 1:
-        per_sample = -(torch.xlogy(t, p) + torch.xlogy(1 - t, 1 - p))
+        per_sample = -(_xlogy(t, p) + _xlogy(1 - t, 1 - p))
     else:
-        per_sample = -torch.xlogy(t, p).sum(dim=1)
+        per_sample = -_xlogy(t, p).sum(axis=1)
     return _reduce(per_sample, reduction)
 
 
-def cross_entropy(logits, targets, label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+def cross_entropy(logits, targets, label_smoothing: float = 0.0, reduction: str = "mean") -> np.ndarray:
     """Cross-entropy of the targets against ``softmax(logits)``, as ``F.cross_entropy``.
 
     ``logits`` has shape (N, K); ``targets`` are class indices (N,) or a target
@@ -167,13 +174,13 @@ def cross_entropy(logits, targets, label_smoothing: float = 0.0, reduction: str 
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if label_smoothing:
-        q = (1 - label_smoothing) * q + label_smoothing / z.shape[1]
+        q = ((1 - label_smoothing) * q + label_smoothing / z.shape[1]).astype(z.dtype, copy=False)
     logp = log_softmax(z, dim=1)
-    per_sample = -torch.where(q == 0, 0.0, q * logp).sum(dim=1)  # 0 * log 0 counts as 0
+    per_sample = -np.where(q == 0, z.dtype.type(0), q * logp).sum(axis=1)  # 0 * log 0 counts as 0
     return _reduce(per_sample, reduction)
 
 
-def binary_cross_entropy(probs, y, reduction: str = "mean") -> torch.Tensor:
+def binary_cross_entropy(probs, y, reduction: str = "mean") -> np.ndarray:
     """Elementwise ``-(y log p + (1 - y) log(1 - p))``, as ``F.binary_cross_entropy``.
 
     ``probs`` and ``y`` have the same (any) shape, values in [0, 1]: (N,) for a
@@ -185,11 +192,11 @@ def binary_cross_entropy(probs, y, reduction: str = "mean") -> torch.Tensor:
     _same_shape(p, t, "probs", "y")
     _in_unit_interval(p, "probs")
     _in_unit_interval(t, "y")
-    t = t.to(p.dtype)
-    return _reduce(-(torch.xlogy(t, p) + torch.xlogy(1 - t, 1 - p)), reduction)
+    t = t.astype(p.dtype, copy=False)
+    return _reduce(-(_xlogy(t, p) + _xlogy(1 - t, 1 - p)), reduction)
 
 
-def binary_cross_entropy_with_logits(logits, y, reduction: str = "mean") -> torch.Tensor:
+def binary_cross_entropy_with_logits(logits, y, reduction: str = "mean") -> np.ndarray:
     """``binary_cross_entropy(sigmoid(z), y)`` computed stably from the logits ``z``.
 
     Uses ``-log sigmoid(z) = log(1 + exp(-z))``, which for any z is written
@@ -200,25 +207,41 @@ def binary_cross_entropy_with_logits(logits, y, reduction: str = "mean") -> torc
     z, t = _floats(logits, "logits"), _floats(y, "y")
     _same_shape(z, t, "logits", "y")
     _in_unit_interval(t, "y")
-    t = t.to(z.dtype)
-    return _reduce(z.clamp(min=0) - z * t + torch.log1p(torch.exp(-z.abs())), reduction)
+    t = t.astype(z.dtype, copy=False)
+    return _reduce(np.maximum(z, z.dtype.type(0)) - z * t + np.log1p(np.exp(-np.abs(z))), reduction)
 
 
 # -- input handling -----------------------------------------------------------
 
 
-def _floats(x, name: str) -> torch.Tensor:
-    """A floating tensor: tensors/arrays keep a float dtype, numbers and integers become float64."""
-    t = torch.as_tensor(x) if hasattr(x, "dtype") else torch.as_tensor(x, dtype=torch.float64)
-    if not t.is_floating_point():
-        if t.is_complex():
-            raise ValueError(f"{name} must be real numbers, got dtype {t.dtype}")
-        t = t.to(torch.float64)
-    return t
+def _array(x) -> np.ndarray:
+    """``x`` as a NumPy array; a torch tensor (anything with ``.detach``) without importing torch."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":  # NumPy has no bfloat16; float32 holds every value exactly
+            x = x.float()
+    return np.asarray(x)
 
 
-def _pred_and_targets(pred, y, probabilities: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate ``pred`` (N,) or (N, K) and return the targets as a float tensor shaped like it.
+def _floats(x, name: str) -> np.ndarray:
+    """A floating array: arrays/tensors keep a float dtype, numbers, booleans and integers become float64."""
+    a = _array(x) if hasattr(x, "dtype") else np.asarray(x, dtype=np.float64)
+    if not np.issubdtype(a.dtype, np.floating):
+        if np.issubdtype(a.dtype, np.complexfloating):
+            raise ValueError(f"{name} must be real numbers, got dtype {a.dtype}")
+        a = a.astype(np.float64)
+    return a
+
+
+def _xlogy(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``x * log(y)``, 0 where ``x == 0`` (also for ``y == 0``), as ``torch.xlogy``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = x * np.log(y)
+    return np.where((x == 0) & ~np.isnan(y), out.dtype.type(0), out)
+
+
+def _pred_and_targets(pred, y, probabilities: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Validate ``pred`` (N,) or (N, K) and return the targets as a float array shaped like it.
 
     Index targets (N,) for a (N, K) ``pred`` are turned into one-hot rows.
     """
@@ -228,17 +251,17 @@ def _pred_and_targets(pred, y, probabilities: bool = True) -> tuple[torch.Tensor
         raise ValueError(f"{name} must have shape (N,) or (N, K), got {tuple(p.shape)}")
     if probabilities:
         _in_unit_interval(p, name)
-    t = torch.as_tensor(y)
+    t = _array(y)
     if p.ndim == 2 and t.ndim == 1:  # class indices
-        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        if not np.issubdtype(t.dtype, np.integer):
             raise ValueError(f"class-index targets must be integers, got dtype {t.dtype}")
         if t.shape[0] != p.shape[0]:
             raise ValueError(f"{t.shape[0]} targets for {p.shape[0]} samples")
         k = p.shape[1]
-        if t.numel() and (t.min() < 0 or t.max() >= k):
+        if t.size and (t.min() < 0 or t.max() >= k):
             raise ValueError(f"class indices must be in [0, {k - 1}], got {t.min().item()}..{t.max().item()}")
-        return p, torch.nn.functional.one_hot(t.long(), k).to(p.dtype)
-    t = _floats(y, "targets").to(p.dtype)
+        return p, np.eye(k, dtype=p.dtype)[t]
+    t = _floats(y, "targets").astype(p.dtype, copy=False)
     if p.ndim == 2:
         _same_shape(p, t, name, "targets", hint="; targets must be class indices (N,) or one-hot/soft (N, K)")
     else:
@@ -247,18 +270,18 @@ def _pred_and_targets(pred, y, probabilities: bool = True) -> tuple[torch.Tensor
     return p, t
 
 
-def _same_shape(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str, hint: str = "") -> None:
+def _same_shape(a: np.ndarray, b: np.ndarray, a_name: str, b_name: str, hint: str = "") -> None:
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: {a_name} {tuple(a.shape)} vs {b_name} {tuple(b.shape)}{hint}")
 
 
-def _in_unit_interval(t: torch.Tensor, name: str) -> None:
-    bad = ~((t >= 0) & (t <= 1))  # NaN fails both comparisons
+def _in_unit_interval(a: np.ndarray, name: str) -> None:
+    bad = ~((a >= 0) & (a <= 1))  # NaN fails both comparisons
     if bad.any():
-        raise ValueError(f"{name} must be in [0, 1]; got {t[bad].flatten()[0].item()!r}")
+        raise ValueError(f"{name} must be in [0, 1]; got {a[bad].ravel()[0].item()!r}")
 
 
-def _reduce(per_item: torch.Tensor, reduction: str) -> torch.Tensor:
+def _reduce(per_item: np.ndarray, reduction: str) -> np.ndarray:
     if reduction == "mean":
         return per_item.mean()
     if reduction == "sum":

@@ -18,9 +18,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .decode import ImageError, open_image
-from .preprocess import Preprocess, resize_and_crop
+from .preprocess import Augment, Preprocess, resize_and_crop
 from .records import Record
-from .transforms import Augment, train_transform
+from .transforms import train_transform
 
 log = logging.getLogger(__name__)
 

@@ -135,3 +135,32 @@ def resize_and_crop(image: Image.Image, spec: Preprocess) -> np.ndarray:
         image = image.crop((left, top, left + size, top + size))
     array = np.asarray(image, dtype=np.uint8)
     return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training-time augmentation.  ``Augment.off()`` turns it all off."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)   # RandomResizedCrop area range
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    color_jitter: float = 0.2                       # brightness/contrast/saturation; 0 = off
+    enabled: bool = True
+
+    @classmethod
+    def off(cls) -> "Augment":
+        return cls(enabled=False)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["crop_scale"] = list(self.crop_scale)
+        data["crop_ratio"] = list(self.crop_ratio)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Augment":
+        data = dict(data)
+        for key in ("crop_scale", "crop_ratio"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)

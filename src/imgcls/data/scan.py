@@ -27,21 +27,13 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
+from ..system import default_workers
 from .decode import ImageError, open_image
 
-__all__ = ["check_image", "scan_paths", "find_duplicates", "default_workers", "typical_short_side"]
+__all__ = ["check_image", "scan_paths", "find_duplicates", "typical_short_side"]
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def default_workers() -> int:
-    """Threads for scanning: the CPUs this process may use, at most 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
 
 
 def check_image(path: str | os.PathLike) -> str | None:
@@ -57,7 +49,7 @@ def scan_paths(paths: Iterable[str | os.PathLike], workers: int | None = None,
                progress: bool = False) -> list[tuple[Path, str]]:
     """Check every file; return the unreadable ones as ``(path, reason)``, in input order.
 
-    ``workers``: threads (default :func:`default_workers`; 0 or 1 checks in
+    ``workers``: threads (default: one per CPU, at most 8; 0 or 1 checks in
     this thread).  ``progress``: show a tqdm bar.
     """
     paths = [Path(p) for p in paths]
@@ -137,7 +129,7 @@ def _map(fn: Callable[[T], R], items: list[T], workers: int | None) -> Iterator[
     (``Executor.map`` would create every future up front: a million-file
     scan would hold a million futures.)
     """
-    workers = default_workers() if workers is None else int(workers)
+    workers = default_workers(cap=8) if workers is None else int(workers)
     if workers <= 1 or len(items) <= 1:
         for item in items:
             yield item, fn(item)

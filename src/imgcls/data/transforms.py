@@ -7,43 +7,12 @@ model wrapper scales and normalizes (see ``models/classifier.py``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 from torchvision.transforms import InterpolationMode, v2
 
-from .preprocess import Preprocess
+from .preprocess import Augment, Preprocess
 
 _MODES = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
           "bicubic": InterpolationMode.BICUBIC}
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Training-time augmentation.  ``Augment.off()`` turns it all off."""
-
-    crop_scale: tuple[float, float] = (0.08, 1.0)   # RandomResizedCrop area range
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: bool = True
-    color_jitter: float = 0.2                       # brightness/contrast/saturation; 0 = off
-    enabled: bool = True
-
-    @classmethod
-    def off(cls) -> "Augment":
-        return cls(enabled=False)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["crop_scale"] = list(self.crop_scale)
-        data["crop_ratio"] = list(self.crop_ratio)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Augment":
-        data = dict(data)
-        for key in ("crop_scale", "crop_ratio"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
 
 
 def train_transform(spec: Preprocess, augment: Augment) -> v2.Transform:

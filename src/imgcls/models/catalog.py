@@ -7,15 +7,12 @@ default input size, and whether pretrained weights can be loaded offline.
 Speed: each network is built on the ``meta`` device (shapes only, no memory,
 no weight initialization) and its multiply-adds are counted with
 :func:`imgcls.models.cost.count_macs` on meta tensors; a model whose builder
-cannot run on meta falls back to the CPU.  That is still ~0.1-0.5 s per
-model, so the numbers are cached on disk (``$IMGCLS_CACHE_DIR`` or
-``~/.cache/imgcls``/``$XDG_CACHE_HOME/imgcls``, file ``catalog.json``), keyed
-by model, classes and input size and invalidated by a fingerprint of the
+cannot run on meta falls back to the CPU.  Building and tracing every model
+still takes seconds, so the numbers are cached on disk (``$IMGCLS_CACHE_DIR``
+or ``~/.cache/imgcls``/``$XDG_CACHE_HOME/imgcls``, file ``catalog.json``),
+keyed by model, classes and input size and invalidated by a fingerprint of the
 torch / torchvision / timm versions and the source of the ``imgcls/models``
-modules that can define networks (all but ``_NOT_ARCHITECTURE``).  Measured
-on this 2-core machine: ~6 s to fill the cache for the 34 registered models
-when idle (17 s under a load of 7), ~0.02 s to list them from it, plus ~3-5 s
-of importing torch / torchvision / timm.
+modules that can define networks (all but ``_NOT_ARCHITECTURE``).
 The pretrained column is never cached: files can appear or vanish.
 """
 
@@ -31,6 +28,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..errors import UserError
+from . import pretrained  # the module: pretrained_available is looked up per call (tests replace it)
 from .cost import count_macs, count_params, format_rows
 from .registry import create_model, list_models, model_spec
 
@@ -38,7 +37,7 @@ __all__ = ["catalog_rows", "format_catalog", "model_size", "build_on_meta"]
 
 CACHE_FILE = "catalog.json"
 # modules of imgcls/models that define no network: editing them keeps the cache
-_NOT_ARCHITECTURE = {"catalog.py", "compare.py", "pretrained.py", "weights.py", "classifier.py"}
+_NOT_ARCHITECTURE = {"catalog.py", "compare.py", "pretrained.py", "weights.py", "classifier.py", "heads.py"}
 
 
 def build_on_meta(name: str, num_classes: int = 1000, input_size: int | None = None, **kwargs) -> nn.Module:
@@ -48,7 +47,6 @@ def build_on_meta(name: str, num_classes: int = 1000, input_size: int | None = N
         with torch.device("meta"):
             return create_model(name, num_classes, input_size, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any builder quirk: fall back to a real build
-        from ..errors import UserError
         if isinstance(exc, UserError):
             raise
         return create_model(name, num_classes, input_size, **kwargs)
@@ -106,13 +104,9 @@ def _save_cache(path: Path, fingerprint: str, entries: dict) -> None:
         pass  # a read-only home only costs speed
 
 
-def _pretrained_available(name: str) -> bool | None:
+def _pretrained_available(name: str) -> bool:
     try:
-        from .pretrained import pretrained_available
-    except ImportError:
-        return None
-    try:
-        return bool(pretrained_available(name))
+        return bool(pretrained.pretrained_available(name))
     except Exception:  # noqa: BLE001 - a broken weight source must not break the listing
         return False
 

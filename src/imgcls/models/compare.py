@@ -13,8 +13,8 @@ in :mod:`imgcls.models.cost` (FLOPs in the papers' sense = multiply-adds).
 Timing protocol: random weights and inputs (speed does not depend on the
 values), ``eval()`` + ``torch.inference_mode()``, ``warmup`` untimed passes,
 then the median of ``repeats`` timed passes.  The warm-up matters on CPU: the
-first passes at a new shape set up oneDNN kernels (measured here: 175 ms vs
-0.4 ms for cifarnet at batch 1), hence ``warmup=3`` by default.  The backend is named in every
+first passes at a new shape set up oneDNN kernels and take orders of magnitude
+longer, hence ``warmup=3`` by default.  The backend is named in every
 row ("torch eager CPU, N threads" here); numbers from different backends or
 machines are not comparable.
 """
@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from math import floor, log10
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
 from ..errors import UserError
+from ..rundir import CONFIG, SUMMARY, read_json, read_yaml
 from .catalog import build_on_meta
 from .cost import format_rows, model_cost
 from .registry import create_model, model_spec
@@ -43,8 +45,6 @@ def run_accuracy(run_dir: str | Path) -> dict:
     """``{"run", "model", "accuracy", "split"}`` of one run directory: its
     ``config.yaml`` names the model, ``summary.json`` gives ``test_accuracy``
     (preferred) or ``best_val_accuracy``; accuracy is None if neither is there."""
-    from ..rundir import CONFIG, SUMMARY, read_json, read_yaml
-
     run = Path(run_dir)
     if not (run / CONFIG).is_file():
         raise UserError(f"{run}: not a run directory (no {CONFIG}); pass directories made by `imgcls train`")
@@ -176,7 +176,6 @@ def _sig(v: float | None, digits: int = 3) -> float | None:
     """Round to ``digits`` significant digits (0.000742 -> 0.000742, 46.73 -> 46.7)."""
     if v is None or v == 0:
         return v
-    from math import floor, log10
     return round(v, max(0, digits - 1 - floor(log10(abs(v)))))
 
 
@@ -207,7 +206,8 @@ def format_comparison(rows: list[dict], fmt: str = "table") -> str:
 def plot_comparison(rows: list[dict], path: str | Path) -> Path:
     """Scatter plot: x = GMACs, y = accuracy (models with a run) or else
     throughput; marker area grows with params; each point labelled."""
-    # the object-oriented API with the Agg canvas: no pyplot, no global backend switch
+    # the object-oriented API with the Agg canvas: no pyplot, no global backend switch;
+    # imported here because matplotlib is slow to import and only the plot needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

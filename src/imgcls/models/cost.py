@@ -73,6 +73,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import UserError
+
 __all__ = [
     "CostRow",
     "CostTable",
@@ -532,7 +534,6 @@ class CostTable:
             return {"table": self.to_text, "text": self.to_text, "csv": self.to_csv,
                     "md": self.to_markdown, "markdown": self.to_markdown, "json": self.to_json}[fmt]()
         except KeyError:
-            from ..errors import UserError
             raise UserError(f"unknown format {fmt!r}; use table, csv, md or json") from None
 
 
@@ -647,7 +648,6 @@ def format_rows(rows: list[dict], fmt: str = "table", columns: Sequence[str] | N
         lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in cells]
         return "\n".join(lines)
     if fmt not in ("table", "text"):
-        from ..errors import UserError
         raise UserError(f"unknown format {fmt!r}; use table, csv, md or json")
     widths = [max([len(str(c))] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
 

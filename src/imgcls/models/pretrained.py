@@ -1,4 +1,4 @@
-"""Pretrained weight sources, key mapping, head replacement and freezing.
+"""Pretrained weight sources and their key mapping.
 
 A model's registry entry names its weight source (``ModelSpec.pretrained``):
 
@@ -19,11 +19,8 @@ imgcls never downloads: every source is loaded from disk or refused with a
 :class:`~imgcls.errors.UserError` that names the file and where to put it.
 All sources finish in :func:`imgcls.models.weights.apply_state_dict`, which
 keeps the net's own fresh head when the run has other classes than the
-weights ("head replaced") and reports what did not fit.
-
-Freezing (issue #4 strategies): :func:`freeze_backbone` (+
-:func:`set_frozen_bn_eval` after every ``net.train()``) for a linear probe,
-:func:`param_groups` for discriminative learning rates when fine-tuning.
+weights ("head replaced") and reports what did not fit.  The head, freezing
+and learning-rate groups are in :mod:`imgcls.models.heads`.
 """
 
 from __future__ import annotations
@@ -38,23 +35,23 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from timm.models import get_pretrained_cfg
 from torch import nn
+from torchvision.models import get_weight
 
 from ..errors import UserError
-from .weights import LoadReport, apply_state_dict, classifier_head, read_state_dict
+from .registry import model_spec
+from .weights import LoadReport, apply_state_dict, read_state_dict
 
 __all__ = [
     "LoadReport",
-    "classifier_head",
     "load_pretrained",
     "pretrained_available",
     "locate_source",
     "efficientnet_lite_path",
     "map_efficientnet_lite",
-    "freeze_backbone",
-    "unfreeze",
-    "set_frozen_bn_eval",
-    "param_groups",
 ]
 
 INSTALL_HINT = 'pip install "imgcls[pretrained]"'
@@ -163,8 +160,6 @@ def _lite_state_dict(source: str, path: Path, net: nn.Module) -> dict[str, torch
 
 
 def _torchvision_weights(ref: str):
-    from torchvision.models import get_weight
-
     try:
         return get_weight(ref)
     except (ValueError, KeyError, AttributeError) as exc:
@@ -188,19 +183,8 @@ def _torchvision_locate(source: str) -> Path:
     return path
 
 
-# torchvision's DenseNet files predate its current key names; its builder renames
-# them (torchvision.models.densenet._load_state_dict), which we cannot call
-# without letting it read the file with weights_only=False
-_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
-
-
 def _torchvision_state_dict(source: str, path: Path, net: nn.Module) -> dict[str, torch.Tensor]:
-    state_dict = read_state_dict(path)
-    out = {}
-    for key, value in state_dict.items():
-        match = _DENSENET_OLD_KEY.match(key)
-        out[match.group(1) + match.group(2) if match else key] = value
-    return out
+    return read_state_dict(path)  # torchvision's files already carry its module names
 
 
 # =========================================================================== timm
@@ -213,8 +197,6 @@ class _TimmRef:
 
 
 def _timm_ref(source: str) -> _TimmRef:
-    from timm.models import get_pretrained_cfg
-
     name = source.partition(":")[2]
     try:
         cfg = get_pretrained_cfg(name, allow_unregistered=False)
@@ -229,9 +211,7 @@ def _hf_cache_dir() -> str:
         return os.environ["HF_HUB_CACHE"]
     if os.environ.get("HF_HOME"):
         return os.path.join(os.environ["HF_HOME"], "hub")
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
+    return hf_constants.HF_HUB_CACHE
 
 
 def _timm_candidates(cfg) -> list[tuple[str, Callable[[], Path | None]]]:
@@ -249,8 +229,6 @@ def _timm_candidates(cfg) -> list[tuple[str, Callable[[], Path | None]]]:
             names = ["model.safetensors", "pytorch_model.bin"]  # timm's HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
         def find_hf(repo=repo, revision=revision or None, names=names):
-            from huggingface_hub import try_to_load_from_cache
-
             for filename in names:
                 found = try_to_load_from_cache(repo, filename, cache_dir=_hf_cache_dir(), revision=revision)
                 if isinstance(found, str) and os.path.isfile(found):
@@ -357,8 +335,6 @@ def load_pretrained(name: str, net: nn.Module, source: str | None) -> LoadReport
 
 def pretrained_available(name: str) -> bool:
     """True if model ``name``'s registered weight source can be loaded offline right now."""
-    from .registry import model_spec
-
     source = model_spec(name).pretrained
     if not source:
         return False
@@ -367,78 +343,3 @@ def pretrained_available(name: str) -> bool:
     except UserError:
         return False
     return True
-
-
-# =========================================================================== freezing
-
-
-def _head_module_ids(net: nn.Module) -> set[int]:
-    return {id(m) for m in classifier_head(net).modules()}
-
-
-def freeze_backbone(net: nn.Module) -> list[str]:
-    """Train only the classifier head: ``requires_grad=False`` everywhere else.
-
-    Returns the names of the parameters left trainable.  Call
-    :func:`set_frozen_bn_eval` after each ``net.train()`` so that frozen
-    BatchNorm layers keep their running statistics too.
-    """
-    head_params = {id(p) for p in classifier_head(net).parameters()}
-    trainable = []
-    for pname, param in net.named_parameters():
-        param.requires_grad_(id(param) in head_params)
-        if param.requires_grad:
-            trainable.append(pname)
-    return trainable
-
-
-def unfreeze(net: nn.Module) -> None:
-    """Make every parameter trainable again (e.g. after a head-only warm-up)."""
-    for param in net.parameters():
-        param.requires_grad_(True)
-
-
-def set_frozen_bn_eval(net: nn.Module) -> int:
-    """Put the BatchNorm layers of the frozen part into eval mode; returns how many.
-
-    ``net.train()`` switches every BatchNorm back to updating its running
-    mean/var, which would shift a frozen backbone's features; call this right
-    after it.  A BatchNorm counts as frozen when none of its own parameters
-    requires grad (without affine parameters: when it lies outside the head
-    and the net has frozen parameters).
-    """
-    head = _head_module_ids(net)
-    any_frozen = any(not p.requires_grad for p in net.parameters())
-    count = 0
-    for module in net.modules():
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-            continue
-        params = list(module.parameters(recurse=False))
-        frozen = (not any(p.requires_grad for p in params)) if params else (any_frozen and id(module) not in head)
-        if frozen:
-            module.eval()
-            count += 1
-    return count
-
-
-def param_groups(net: nn.Module, lr: float, backbone_lr_mult: float = 0.1) -> list[dict]:
-    """Optimizer parameter groups for discriminative learning rates.
-
-    The head trains at ``lr``, the rest at ``lr * backbone_lr_mult``.
-    Frozen parameters are left out; a multiplier of 0 leaves the backbone out
-    (then also call :func:`freeze_backbone` to save its gradients).  Each
-    group carries a ``name`` ("head" / "backbone") for logging.
-    """
-    if backbone_lr_mult < 0:
-        raise UserError(f"the backbone learning-rate multiplier must be >= 0, not {backbone_lr_mult}")
-    head_params = {id(p) for p in classifier_head(net).parameters()}
-    head, backbone = [], []
-    for param in net.parameters():
-        if param.requires_grad:
-            (head if id(param) in head_params else backbone).append(param)
-    groups = []
-    if backbone and backbone_lr_mult > 0:
-        groups.append({"params": backbone, "lr": lr * backbone_lr_mult, "name": "backbone"})
-    if head:
-        groups.append({"params": head, "lr": lr, "name": "head"})
-    return groups

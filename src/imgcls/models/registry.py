@@ -1,6 +1,11 @@
-"""Model registry: a name -> how to build it, its default preprocessing and
-where its pretrained weights come from.  Modelled on timm's registry, but each
-entry also carries the :class:`Preprocess` that belongs to its weights.
+"""Model registry: a name -> how to build it, its default preprocessing, its
+classifier head and where its pretrained weights come from.  Modelled on
+timm's registry, but each entry also carries the :class:`Preprocess` that
+belongs to its weights.
+
+The entries live in :mod:`.zoo`, which imports this module; importing the
+:mod:`imgcls.models` package imports the zoo, so the registry is full as soon
+as anything from the package is imported.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from torch import nn
 
 from ..data.preprocess import Preprocess
 from ..errors import UserError
+from .heads import HEAD_ATTR
 
 # builder(num_classes, input_size, norm, se) -> nn.Module
 Builder = Callable[[int, int, "str | None", bool], nn.Module]
@@ -32,6 +38,11 @@ class ModelSpec:
     ``se=True`` is allowed; ``family`` groups entries (cnn, linear, alexnet,
     vgg, resnet, convnext, convnextv2, efficientnet).
 
+    ``classifier`` is the qualified name of the module producing the logits in
+    the built net (``"fc"``, ``"classifier.6"``, ``"head.fc"``), as timm's
+    ``pretrained_cfg["classifier"]``; :func:`create_model` stamps it on the net
+    (see :mod:`.heads`).
+
     ``pretrained`` names where ImageNet weights for the entry's *default*
     architecture (no norm/se changes, num_classes 1000) come from, or is
     ``None`` when none exist.  Formats (interpreted by ``models/pretrained.py``):
@@ -49,6 +60,7 @@ class ModelSpec:
     name: str
     family: str
     builder: Builder
+    classifier: str = field(kw_only=True)  # qualified name of the logits layer in the built net
     preprocess: Preprocess = field(default_factory=Preprocess)
     min_input_size: int = 32
     max_input_size: int = 384
@@ -72,18 +84,11 @@ def register(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
-def _ensure_loaded() -> None:
-    # importing the definition modules fills the registry
-    from . import zoo  # noqa: F401
-
-
 def list_models() -> list[ModelSpec]:
-    _ensure_loaded()
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]
 
 
 def model_spec(name: str) -> ModelSpec:
-    _ensure_loaded()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -104,7 +109,8 @@ def create_model(
     norm: str | None = None,
     se: bool = False,
 ) -> nn.Module:
-    """Build the bare network (no normalization wrapper, random weights)."""
+    """Build the bare network (no normalization wrapper, random weights), its head
+    declared in ``net.imgcls_classifier``."""
     spec = model_spec(name)
     size = input_size or spec.default_input_size
     if not spec.min_input_size <= size <= spec.max_input_size:
@@ -119,4 +125,6 @@ def create_model(
         raise UserError(f"--se is not available for {name}; it works for VGG and ResNet models")
     if num_classes < 1:
         raise UserError("a classifier needs at least one output class")
-    return spec.builder(num_classes, size, norm, se)
+    net = spec.builder(num_classes, size, norm, se)
+    setattr(net, HEAD_ATTR, spec.classifier)
+    return net

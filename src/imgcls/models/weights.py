@@ -18,9 +18,11 @@ prefixes (``module.`` from DataParallel, ``_orig_mod.`` from torch.compile,
 :class:`~imgcls.models.classifier.Classifier`) and by shape.  The classifier
 head is special: when its shape differs (a different number of classes) or the
 file has none, the net keeps its own freshly initialized head and the report
-says "head replaced".  Everything else that does not fit is listed in the
-:class:`LoadReport`; if less than half of the model's tensors can be filled
-the load is refused with a :class:`~imgcls.errors.UserError`.
+says "head replaced"; a linear head in the file is still kept in
+``LoadReport.source_head`` (e.g. ImageNet's 1000 classes, a prior for the new
+head).  Everything else that does not fit is listed in the :class:`LoadReport`;
+if less than half of the model's tensors can be filled the load is refused
+with a :class:`~imgcls.errors.UserError`.
 
 ``torch.nn.Module.load_state_dict(strict=False)`` reports missing and
 unexpected keys but raises on the first shape mismatch and knows nothing of
@@ -38,8 +40,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
 from ..errors import UserError
 from ..rundir import WEIGHTS
+from .heads import head_prefix, head_state_keys
 
 # wrapper prefixes stripped from file keys, in any order and repetition
 PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "backbone.")
@@ -67,6 +73,9 @@ class LoadReport:
     shape_mismatch: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     head_replaced: bool = False   # the net kept its own (fresh) head: other classes, or none in the file
     head_keys: list[str] = field(default_factory=list)       # the head tensors not taken from the file
+    # the file's own head as float32 CPU (weight (M, D), bias (M,)), any class count M, when it
+    # is a linear layer on the net's head input: a prior for a replaced head (not in to_dict)
+    source_head: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -110,68 +119,6 @@ class LoadReport:
 def _quote(keys: list[str], n: int = _SHOW) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
-# --------------------------------------------------------------------------- the head
-
-
-def _own_params(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False))
-
-
-def _last_param_leaf(module: nn.Module) -> nn.Module | None:
-    """The last submodule (in registration order) holding parameters itself."""
-    found = None
-    for sub in module.modules():
-        if _own_params(sub):
-            found = sub
-    return found
-
-
-def classifier_head(net: nn.Module) -> nn.Module:
-    """The module producing the class logits, found generically.
-
-    In order: timm's ``get_classifier()``; torchvision's ``fc`` (ResNet,
-    Inception, RegNet, ShuffleNet), ``classifier`` (a layer, or the last layer
-    with parameters of a ``Sequential``: VGG, MobileNet, EfficientNet,
-    ConvNeXt, SqueezeNet's 1x1 conv), ``heads`` (ViT) or ``head`` (Swin); else
-    the last ``nn.Linear`` of the net.
-    """
-    getter = getattr(net, "get_classifier", None)
-    if callable(getter):
-        try:
-            head = getter()
-        except Exception:  # noqa: BLE001 - some wrappers define it differently
-            head = None
-        if isinstance(head, nn.Module) and _last_param_leaf(head) is not None:
-            return _last_param_leaf(head)
-    for attr in ("fc", "classifier", "heads", "head"):
-        head = getattr(net, attr, None)
-        if isinstance(head, nn.Module):
-            leaf = _last_param_leaf(head)
-            if leaf is not None:
-                return leaf
-    last = None
-    for module in net.modules():
-        if isinstance(module, nn.Linear):
-            last = module
-    if last is None:
-        raise ValueError(f"cannot find the classifier head of {type(net).__name__}")
-    return last
-
-
-def head_prefix(net: nn.Module) -> str:
-    """Qualified name of the head module inside ``net`` (``"fc"``, ``"classifier.6"``...)."""
-    head = classifier_head(net)
-    for name, module in net.named_modules():
-        if module is head:
-            return name
-    raise ValueError("the head is not a submodule of the net")  # pragma: no cover
-
-
-def head_state_keys(net: nn.Module) -> set[str]:
-    prefix = head_prefix(net)
-    return {f"{prefix}.{k}" if prefix else k for k in classifier_head(net).state_dict()}
 
 
 # --------------------------------------------------------------------------- reading files
@@ -229,9 +176,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = _resolve_path(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
@@ -296,6 +240,23 @@ def _counted(key: str) -> bool:
     return not key.endswith("num_batches_tracked")
 
 
+def _source_head(net: nn.Module, target: Mapping[str, torch.Tensor],
+                 file_head: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The file's head as (weight (M, D), bias (M,)) float32 CPU copies if it is a linear
+    layer taking the net head's D inputs, whatever its M; else None."""
+    prefix = head_prefix(net)
+    wkey, bkey = (f"{prefix}.weight", f"{prefix}.bias") if prefix else ("weight", "bias")
+    weight, bias, own = file_head.get(wkey), file_head.get(bkey), target.get(wkey)
+    if weight is None or bias is None or own is None:
+        return None
+    if not (weight.dim() == 2 and bias.dim() == 1 and own.dim() == 2
+            and weight.shape[1] == own.shape[1] and bias.shape[0] == weight.shape[0]):
+        return None
+    # copies: the caller's state dict may share storage with a live net
+    return (weight.detach().to(device="cpu", dtype=torch.float32, copy=True),
+            bias.detach().to(device="cpu", dtype=torch.float32, copy=True))
+
+
 def apply_state_dict(
     net: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -311,6 +272,7 @@ def apply_state_dict(
     report = LoadReport(source=source)
     match = _matcher(model_keys)
     to_load: dict[str, torch.Tensor] = {}
+    file_head: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     for key, value in state_dict.items():
         mkey = match(key)
@@ -318,6 +280,8 @@ def apply_state_dict(
             report.unexpected.append(key)
             continue
         seen.add(mkey)
+        if mkey in head:
+            file_head[mkey] = value
         if tuple(value.shape) == tuple(target[mkey].shape):
             to_load[mkey] = value
         elif mkey in head:
@@ -340,6 +304,7 @@ def apply_state_dict(
                     report.head_keys.append(key)
         report.head_replaced = True
     report.loaded = [k for k in target if k in to_load]
+    report.source_head = _source_head(net, target, file_head)
 
     wanted = [k for k in target if _counted(k) and k not in report.head_keys]
     got = sum(1 for k in wanted if k in to_load)

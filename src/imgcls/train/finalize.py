@@ -1,0 +1,79 @@
+"""After fitting: export the model in memory, and the final metrics through the one evaluation path."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .. import export, rundir
+from ..errors import UserError
+from ..engines import OnnxEngine, TorchEngine, stream_logits
+from ..metrics import metrics_of_stream, write_metrics
+from ..report import plot_training_curves
+from .session import Fit, Session, TrainResult
+
+log = logging.getLogger("imgcls")
+
+_AMP_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: None}
+
+
+def export_model(s: Session) -> str | None:
+    """model.onnx of the session's model, parity-checked on val images; a failure only costs
+    speed (prediction falls back to torch)."""
+    path = s.run_dir / rundir.ONNX
+    path.unlink(missing_ok=True)  # never leave a stale export beside new weights
+    sample = np.stack([s.val_set[i][0].numpy() for i in range(min(8, len(s.val_set)))])
+    try:
+        return str(export.export_onnx(s.model, s.classes, path, s.cfg.model, sample=sample))
+    except Exception as err:  # noqa: BLE001 - exporter limitations surface as many exception types
+        log.warning("ONNX export failed (%s); prediction will use PyTorch", str(err).splitlines()[0][:300])
+        return None
+
+
+def _engine(s: Session, onnx_path: str | None):
+    """The best weights as an engine: the exported model on a CPU (ONNX Runtime, parity-checked
+    at export and faster than eager there), else the torch model on the training device."""
+    if onnx_path is not None and s.device.type == "cpu":
+        return OnnxEngine(onnx_path)
+    return TorchEngine(s.model, device=str(s.device), amp=_AMP_NAMES[s.amp_dtype])
+
+
+def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
+    """Summary, curves, and (unless interrupted) the export and the val/test metrics of the best weights."""
+    run_dir = s.run_dir
+    if not (run_dir / rundir.WEIGHTS).exists():
+        raise UserError("training stopped before the first epoch finished; nothing was saved")
+    summary = {"model": s.cfg.model, "classes": s.classes, "strategy": fit.strategy,
+               "best_val_accuracy": fit.best_val_accuracy, "best_epoch": fit.best_epoch, "epochs": fit.epochs,
+               "epochs_planned": s.cfg.epochs, "train_seconds": round(train_seconds, 2), "n_train": len(s.train_set),
+               "n_val": len(s.val_set), "stopped_early": fit.stopped_early, "interrupted": fit.interrupted,
+               "device": str(s.device), "amp": str(s.amp_dtype).replace("torch.", "") if s.amp_dtype else "off"}
+    if s.source.report is not None:
+        summary["initial_weights"] = s.source.report.summary()
+    if (run_dir / rundir.METRICS).exists():
+        plot_training_curves(run_dir / rundir.METRICS, run_dir / rundir.CURVES)
+    if not fit.interrupted:
+        s.model.net.load_state_dict(load_file(str(run_dir / rundir.WEIGHTS)))
+        onnx_path = export_model(s) if s.cfg.export_onnx else None
+        if onnx_path is not None:
+            summary["onnx"] = onnx_path
+        engine = _engine(s, onnx_path)
+        for split in ("val", "test"):
+            records = s.splits.get(split)
+            if not records:
+                continue
+            stream = stream_logits(engine, s.preprocess, records, batch_size=s.cfg.batch_size)
+            metrics, failed = metrics_of_stream(stream, s.classes)
+            for record, reason in failed:
+                log.warning("not evaluated (unreadable now): %s: %s", record.path, reason)
+            if metrics is None:
+                continue
+            write_metrics(metrics, run_dir, prefix=split)
+            if split == "test":
+                summary["test_accuracy"] = metrics.accuracy
+                summary["n_test"] = metrics.n
+    rundir.write_json(run_dir / rundir.SUMMARY, summary)
+    return TrainResult(run_dir, summary)

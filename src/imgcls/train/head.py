@@ -1,0 +1,193 @@
+"""The head solver: a linear classifier on frozen features, with the source classifier as a prior.
+
+A pure function of arrays (:func:`fit_head`); the features strategy
+(:mod:`.features`) calls it.  The model it fits, for features ``f``:
+
+* ``z = W_src f + b_src`` are the source weights' own logits (ImageNet: 1000);
+* ``A[c] = mean softmax(z)`` over the center crops of class ``c``'s training
+  images: which source classes class ``c`` looks like;
+* ``logits = a * (A z) + V f + c`` with the residual ``V`` L2-penalized
+  (``lam * E|f|^2 * |V|^2``, invariant to the feature scale); ``a`` and the
+  bias are free.  All of it is linear in ``f``, so it folds into one
+  ``nn.Linear`` (weight ``a A W_src + V``, bias ``a A b_src + c``) and the
+  saved model is the ordinary network.
+
+``lam`` is chosen by stratified K-fold cross-validation on the training
+images (all views of an image in the same fold, held-out loss on center
+views) with the one-standard-error rule (the strongest penalty whose loss is
+within one standard error of the best), never on val.  Without a prior this
+is an L2 logistic regression.  Why the prior, and what was measured with and
+without it: docs/decisions.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# relative L2 strengths of the residual head weights, strongest first
+LAMBDAS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
+FALLBACK_LAMBDA = 1e-2      # when a class has too few images for cross-validation
+CV_FOLDS = 5
+LBFGS_ITERATIONS = 150
+
+
+def class_weights(targets, num_classes: int, mode: str) -> torch.Tensor | None:
+    """Loss weights per class: None for ``none``; ``n / (K n_c)`` for ``balanced``.
+
+    Balanced weights make every class weigh as much in the loss as if the
+    classes were equally frequent (scikit-learn's ``class_weight="balanced"``),
+    so a rare class is not traded away for a common one.  With every class
+    present (training requires it) they average 1 over the training images,
+    so the loss keeps its scale.
+    """
+    if mode == "none":
+        return None
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    return torch.tensor(counts.sum() / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+@dataclass
+class HeadFit:
+    """A fitted linear head and how it was chosen."""
+
+    weight: torch.Tensor          # (K, D)
+    bias: torch.Tensor            # (K,)
+    lam: float
+    alpha: float | None           # weight of the source-head prior (None: no prior)
+    folds: int
+    cv: list[dict] = field(default_factory=list)  # per lambda: held-out loss, its standard error, accuracy
+
+
+def _prior_map(X: torch.Tensor, Y: torch.Tensor, K: int, Wp: torch.Tensor, bp: torch.Tensor):
+    """``A Wp, A bp`` with ``A[c]`` = mean source-class probabilities of class ``c``'s rows."""
+    probs = torch.cat([torch.softmax(X[i:i + 4096] @ Wp.T + bp, 1) for i in range(0, len(X), 4096)])
+    overall = probs.mean(0)
+    A = torch.stack([probs[Y == c].mean(0) if bool((Y == c).any()) else overall for c in range(K)])
+    return A @ Wp, A @ bp
+
+
+class _Solver:
+    """L-BFGS on ``CE(a P + X V^T + c) + lam E|x|^2 |V|^2``, warm-started across calls."""
+
+    def __init__(self, X, Y, K, prior_map, weight=None):
+        self.X, self.Y, self.weight = X, Y, weight
+        self.scale = float((X * X).sum(1).mean()) or 1.0
+        D = X.shape[1]
+        self.V = torch.zeros(K, D, requires_grad=True)
+        self.c = torch.zeros(K, requires_grad=True)
+        # one prior weight for all classes: per-class weights cross-validated worse (docs/decisions.md)
+        self.a = torch.ones(1, requires_grad=True)
+        if prior_map is not None:
+            self.Wa, self.ba = Wa, ba = prior_map
+            with torch.no_grad():
+                self.P = X @ Wa.T + ba
+        else:
+            self.Wa = self.ba = self.P = None
+
+    def params(self):
+        return [self.V, self.c] + ([self.a] if self.P is not None else [])
+
+    def logits(self, X, P=None):
+        out = X @ self.V.T + self.c
+        if self.Wa is not None:
+            out = out + self.a * (X @ self.Wa.T + self.ba if P is None else P)
+        return out
+
+    def fit(self, lam: float) -> float:
+        opt = torch.optim.LBFGS(self.params(), lr=1, max_iter=LBFGS_ITERATIONS, history_size=10,
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-10)
+        penalty = lam * self.scale
+
+        def closure():
+            opt.zero_grad()
+            loss = (F.cross_entropy(self.logits(self.X, self.P), self.Y, weight=self.weight)
+                    + penalty * (self.V * self.V).sum())
+            loss.backward()
+            return loss
+
+        return float(opt.step(closure).detach())
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        with torch.no_grad():
+            if self.Wa is None:
+                return self.V.detach().clone(), self.c.detach().clone(), None
+            a = float(self.a)
+            return self.V + a * self.Wa, self.c + a * self.ba, a
+
+
+def _folds(y: np.ndarray, K: int, seed: int) -> tuple[np.ndarray, int]:
+    counts = np.bincount(y, minlength=K)
+    k = int(min(CV_FOLDS, counts.min()))
+    if k < 2:
+        return np.zeros(len(y), int), 0
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), int)
+    for c in range(K):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        fold[idx] = (np.arange(len(idx)) + rng.integers(k)) % k
+    return fold, k
+
+
+def _rows(feats: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    f = feats[mask]
+    return torch.from_numpy(f.reshape(-1, f.shape[-1])), torch.from_numpy(np.repeat(y[mask], f.shape[1]))
+
+
+def _solver(feats: np.ndarray, y: np.ndarray, mask: np.ndarray, K: int, prior, weight=None) -> _Solver:
+    """A solver on all views of the ``mask`` images; the prior's class map from their center views
+    (what the class looks like at prediction time: a random crop may miss the object)."""
+    X, Y = _rows(feats, y, mask)
+    prior_map = None
+    if prior is not None:
+        prior_map = _prior_map(torch.from_numpy(feats[mask, 0]), torch.from_numpy(y[mask]), K, *prior)
+    return _Solver(X, Y, K, prior_map, weight)
+
+
+def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0,
+             lambdas=LAMBDAS, weight: torch.Tensor | None = None) -> HeadFit:
+    """Fit the linear head on ``feats`` (n, views, D; view 0 = center crop) and targets ``y``.
+
+    ``prior``: the source classifier ``(W (M, D), b (M,))`` or None.  The
+    penalty is chosen by cross-validation on the images (module docstring).
+    ``weight``: per-class loss weights (K,), used in the fit and in the
+    cross-validated loss alike."""
+    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    y = np.asarray(y, dtype=np.int64)
+    # each image's weight in the cross-validated loss, scaled to average 1
+    sample_weight = np.ones(len(y)) if weight is None else weight.numpy()[y].astype(np.float64)
+    sample_weight = sample_weight / sample_weight.mean()
+    fold, k = _folds(y, K, seed)
+    cv = []
+    if k:
+        losses = np.zeros((len(lambdas), len(y)))
+        correct = np.zeros((len(lambdas), len(y)))
+        for f in range(k):
+            solver = _solver(feats, y, fold != f, K, prior, weight)
+            Xt = torch.from_numpy(feats[fold == f, 0])
+            Yt = torch.from_numpy(y[fold == f])
+            for j, lam in enumerate(lambdas):
+                solver.fit(lam)
+                with torch.no_grad():
+                    out = solver.logits(Xt)
+                    losses[j, fold == f] = (F.cross_entropy(out, Yt, reduction="none").numpy()
+                                            * sample_weight[fold == f])
+                    correct[j, fold == f] = (out.argmax(1) == Yt).numpy()
+        mean = losses.mean(1)
+        se = losses.std(1, ddof=1) / math.sqrt(len(y))
+        best = int(np.argmin(mean))
+        chosen = next(j for j in range(len(lambdas)) if mean[j] <= mean[best] + se[best])  # one-SE rule
+        cv = [{"lambda": lam, "loss": round(float(mean[j]), 5), "se": round(float(se[j]), 5),
+               "accuracy": round(float(correct[j].mean()), 4)} for j, lam in enumerate(lambdas)]
+    else:
+        chosen = min(range(len(lambdas)), key=lambda j: abs(math.log(lambdas[j] / FALLBACK_LAMBDA)))
+    solver = _solver(feats, y, np.ones(len(y), bool), K, prior, weight)
+    for lam in lambdas[:chosen + 1]:  # down the path to the chosen penalty, warm-started
+        solver.fit(lam)
+    weight, bias, alpha = solver.folded()
+    return HeadFit(weight, bias, lambdas[chosen], alpha, k, cv)

@@ -1,0 +1,232 @@
+"""The epoch loop: one epoch, evaluation, checkpoints, interrupts and resume.
+
+It follows torchvision's ``references/classification/train.py``: one function
+per epoch, evaluation after each, a checkpoint with everything needed to
+continue.  Every epoch reseeds torch (and the DataLoader's generator) from
+``(seed, epoch)``, so epoch *e*'s data order and augmentation do not depend
+on what ran before it and ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .. import rundir
+from ..errors import UserError
+from ..metrics import compute_metrics
+from ..models.heads import freeze_backbone, param_groups, set_frozen_bn_eval, unfreeze
+from ..system import default_workers
+from .optim import OPTIMIZERS, SCHEDULES
+from .head import class_weights
+from .session import Fit, Session
+
+log = logging.getLogger("imgcls")
+
+
+def make_loader(dataset, cfg, shuffle: bool = False, generator=None, workers: int | None = None) -> DataLoader:
+    if workers is None:
+        # decoded images in RAM: augmenting them in-process beats starting worker processes
+        workers = cfg.workers if cfg.workers is not None else (0 if dataset.cache is not None else default_workers())
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      drop_last=shuffle and len(dataset) > cfg.batch_size)
+
+
+def make_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
+    spec = OPTIMIZERS[cfg.optimizer]
+    lr = cfg.lr if cfg.lr is not None else spec.lr
+    wd = cfg.weight_decay if cfg.weight_decay is not None else spec.weight_decay
+    extra = {"momentum": cfg.momentum, "nesterov": cfg.momentum > 0} if spec.momentum else {}
+    return getattr(torch.optim, spec.torch_class)(param_groups(net, lr, cfg.backbone_lr_mult), lr=lr,
+                                                  weight_decay=wd, **extra)
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_dtype, clip_grad, scaler,
+                    progress_desc: str | None = None, frozen_backbone: bool = False) -> dict:
+    from tqdm.auto import tqdm
+
+    model.train()
+    if frozen_backbone:
+        set_frozen_bn_eval(model.net)  # a frozen backbone keeps its BatchNorm statistics too
+    loss_sum, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=progress_desc, disable=progress_desc is None, unit="batch", leave=False)
+    for images, targets in bar:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images)
+            loss = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        n = targets.shape[0]
+        loss_sum += loss.item() * n
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += n
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / elapsed:.0f}")
+    elapsed = time.perf_counter() - start
+    return {"train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
+            "images_per_second": seen / max(elapsed, 1e-9)}
+
+
+@torch.inference_mode()
+def predict_logits(model, loader, device, amp_dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and targets of a loader's batches (the per-epoch validation)."""
+    model.eval()
+    all_logits, all_targets = [], []
+    for images, targets in loader:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images.to(device, non_blocking=True))
+        all_logits.append(logits.float().cpu())
+        all_targets.append(targets)
+    return torch.cat(all_logits).numpy(), torch.cat(all_targets).numpy()
+
+
+def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
+    """The ``finetune`` strategy: training by epochs (full fine-tuning, linear probe or two-phase)."""
+    cfg, model, run_dir = s.cfg, s.model, s.run_dir
+    optimizer = make_optimizer(model.net, cfg)
+    steps_per_epoch = len(make_loader(s.train_set, cfg, shuffle=True, workers=0))
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    schedule = SCHEDULES[cfg.schedule]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: schedule(step, total_steps, warmup_steps, steps_per_epoch, cfg))
+    scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
+    weight = class_weights(s.train_set.targets, len(s.classes), cfg.class_weights)
+    criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(s.device),
+                                    label_smoothing=cfg.label_smoothing)
+
+    start_epoch, best, best_epoch, bad_epochs = 0, -1.0, 0, 0
+    if resume:
+        state = load_checkpoint(run_dir / rundir.CHECKPOINT)
+        model.net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best, best_epoch, bad_epochs = (state["epoch"], state["best_val_accuracy"], state["best_epoch"],
+                                                     state["bad_epochs"])
+        torch.set_rng_state(state["rng"]["torch"])
+        log.info("resuming %s after epoch %d (best val accuracy %.4f)", run_dir, start_epoch, best)
+
+    stopped_early = interrupted = False
+    epoch = start_epoch
+    with GracefulInterrupt() as interrupt:
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                generator = seed_epoch(cfg.seed, epoch)
+                frozen = cfg.freeze == "backbone" or epoch < cfg.head_epochs
+                (freeze_backbone if frozen else unfreeze)(model.net)
+                epoch_start = time.perf_counter()
+                lr_now = optimizer.param_groups[-1]["lr"]
+                row = train_one_epoch(model, make_loader(s.train_set, cfg, True, generator), criterion, optimizer,
+                                      scheduler, s.device, s.amp_dtype, cfg.clip_grad, scaler,
+                                      progress_desc=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None,
+                                      frozen_backbone=frozen)
+                logits, targets = predict_logits(model, make_loader(s.val_set, cfg), s.device, s.amp_dtype)
+                val = compute_metrics(logits, targets, s.classes)
+                row.update(epoch=epoch + 1, lr=lr_now, val_loss=val.loss, val_accuracy=val.accuracy,
+                           epoch_seconds=time.perf_counter() - epoch_start)
+                rundir.append_metrics(run_dir, row)
+                if val.accuracy > best:
+                    best, best_epoch, bad_epochs = val.accuracy, epoch + 1, 0
+                    rundir.save_weights(run_dir / rundir.WEIGHTS, model.net.state_dict(), s.meta)
+                else:
+                    bad_epochs += 1
+                save_checkpoint(run_dir / rundir.CHECKPOINT, checkpoint_state(
+                    model, optimizer, scheduler, scaler, epoch + 1, best, best_epoch, bad_epochs))
+                log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.0f img/s",
+                         epoch + 1, cfg.epochs, row["train_loss"], row["train_accuracy"], val.loss, val.accuracy,
+                         row["images_per_second"])
+                epoch += 1
+                if cfg.patience is not None and bad_epochs >= cfg.patience:
+                    stopped_early = True
+                    log.info("early stopping: no val improvement in %d epochs", cfg.patience)
+                    break
+                if interrupt.requested:
+                    raise _StopRequested
+        except (KeyboardInterrupt, _StopRequested):
+            interrupted = True
+            log.warning("training interrupted after epoch %d; continue with: imgcls train --resume %s", epoch, run_dir)
+    return Fit(best, best_epoch, epoch, stopped_early, interrupted)
+
+
+# --------------------------------------------------------------------------- interrupts, checkpoints, seeds
+
+
+class GracefulInterrupt:
+    """The first Ctrl-C (or SIGTERM) becomes a flag the loop checks after the current epoch;
+    a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: keep default handling
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt received: finishing this epoch's checkpoint, then stopping (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def checkpoint_state(model, optimizer, scheduler, scaler, epoch, best, best_epoch, bad_epochs) -> dict:
+    return {"model": model.net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "best_val_accuracy": best, "best_epoch": best_epoch,
+            "bad_epochs": bad_epochs,
+            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                    "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    rundir.atomic_write(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is a user-facing problem
+        raise UserError(f"{path}: cannot read the checkpoint ({err}); start a fresh run instead of --resume") from None
+
+
+def seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    value = seed * 100003 + epoch
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    return torch.Generator().manual_seed(value)

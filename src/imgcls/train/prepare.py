@@ -1,0 +1,294 @@
+"""Sources -> split -> scan -> preprocessing -> model and initial weights: a Session."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import rundir
+from ..data.dataset import CACHE_LIMIT_BYTES, ImageDataset, decode_all, estimate_cache_bytes
+from ..data.preprocess import Augment, Preprocess
+from ..data.records import Record
+from ..data.scan import find_duplicates, scan_paths, typical_short_side
+from ..data.sources import load_dataset
+from ..data.split import split_records
+from ..data.stats import Pixels, compute_mean_std
+from ..errors import UserError
+from ..models.classifier import Classifier
+from ..models.pretrained import load_pretrained, locate_source
+from ..models.registry import create_model, default_preprocess, model_spec
+from ..models.weights import load_weights_file
+from ..system import cpu_has_native_bf16, default_workers, resolve_device
+from .config import TrainConfig, validate
+from .session import Session, WeightSource
+
+log = logging.getLogger("imgcls")
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def resolve_source(cfg: TrainConfig) -> WeightSource:
+    """Where the initial weights come from, checked before any data is read."""
+    entry = model_spec(cfg.model)
+    if cfg.pretrained and cfg.weights:
+        raise UserError("use either --pretrained or --weights, not both")
+    if cfg.pretrained:
+        if entry.pretrained is None:
+            raise UserError(f"{cfg.model} has no pretrained weights; see `imgcls models` for those that do")
+        return WeightSource("pretrained", str(locate_source(entry.pretrained)))
+    if not cfg.weights:
+        return WeightSource("none")
+    if not Path(cfg.weights).exists():
+        raise UserError(f"--weights {cfg.weights}: no such file or run directory")
+    meta = rundir.weights_meta(cfg.weights)
+    if meta is None:
+        return WeightSource("file", cfg.weights)
+    if meta["model"] != cfg.model:
+        raise UserError(f"--weights {cfg.weights} holds a {meta['model']}, not a {cfg.model};"
+                        f" add --model {meta['model']} to fine-tune it")
+    return WeightSource("run", cfg.weights, meta)
+
+
+def load_source(cfg: TrainConfig, source: WeightSource, net) -> None:
+    """Load the source's weights into ``net``; the load report (with the file's own head) goes to ``source``."""
+    if source.kind == "none":
+        return
+    if source.kind == "pretrained":
+        source.report = load_pretrained(cfg.model, net, model_spec(cfg.model).pretrained)
+    else:
+        source.report = load_weights_file(cfg.weights, net, model_name=cfg.model)
+    log.info(source.report.summary())
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def resolve_geometry(cfg: TrainConfig, source: WeightSource, train_records: list[Record]) -> Preprocess:
+    """Input size and resize/crop, first match wins:
+
+    1. ``--input-size``: the model's preprocessing at that size;
+    2. the weights': an imgcls run's own preprocessing; pretrained or foreign
+       weights expect the model's default;
+    3. from scratch, images smaller than the model's default: their median
+       shorter side (within the model's range), no crop margin, since upsampling
+       adds compute but no information;
+    4. the model's default.
+    """
+    if cfg.input_size is not None:
+        return default_preprocess(cfg.model, cfg.input_size)
+    if source.meta is not None:
+        return Preprocess.from_dict(source.meta["preprocess"])
+    spec = default_preprocess(cfg.model)
+    if source.kind != "none":
+        return spec
+    side = typical_short_side([r.path for r in train_records], seed=cfg.seed)
+    if side is None:
+        return spec
+    size = max(model_spec(cfg.model).min_input_size, side)
+    if size >= spec.input_size:
+        return spec
+    log.info("input size %d px: the training images' median shorter side is %d px (the model's default is %d;"
+             " set --input-size to choose)", size, side, spec.input_size)
+    return spec.replace(input_size=size, crop_pct=1.0)
+
+
+def resolve_normalization(cfg: TrainConfig, source: WeightSource, geometry: Preprocess, pixels) -> Preprocess:
+    """Mean and std, first match wins: ``--mean``/``--std``; an imgcls run's; the geometry's
+    (pretrained or foreign weights: the model's default); from scratch, the data's own.
+
+    ``pixels()`` gives the training images and how many of them to count."""
+    if cfg.mean and cfg.std:
+        return geometry.replace(mean=cfg.mean, std=cfg.std)
+    if source.meta is not None:
+        saved = Preprocess.from_dict(source.meta["preprocess"])
+        return geometry.replace(mean=saved.mean, std=saved.std)
+    if source.kind != "none":
+        return geometry
+    images, limit = pixels()
+    mean, std = compute_mean_std(images, limit=limit)
+    return geometry.replace(mean=mean, std=std)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def split_dataset(cfg: TrainConfig) -> tuple[dict[str, list[Record]], list[str]]:
+    """The data's records by split (train, val, maybe test) and the class names."""
+    dataset = load_dataset(cfg.data, cfg.path_column, cfg.label_column)
+    splits = dict(dataset.splits)
+    if "all" in splits:
+        splits["train"], splits["val"] = split_records(splits.pop("all"), cfg.val_fraction, cfg.seed)
+    elif "val" not in splits:
+        splits["train"], splits["val"] = split_records(splits["train"], cfg.val_fraction, cfg.seed)
+    classes = sorted({r.label for r in splits["train"]})
+    if len(classes) < 2:
+        raise UserError(f"{cfg.data}: only one class ({', '.join(classes) or 'none'}) in the training data;"
+                        " a classifier needs at least two")
+    unknown = sorted({r.label for s in ("val", "test") for r in splits.get(s, []) if r.label not in classes})
+    if unknown:
+        raise UserError(f"{cfg.data}: class(es) {', '.join(unknown)} appear in val/test but not in train;"
+                        " add training images for them")
+    if not splits["val"]:
+        raise UserError(f"{cfg.data}: too few images to hold out a validation split; add images or a val/ folder")
+    return splits, classes
+
+
+@dataclass
+class ScanResult:
+    """The pre-flight scan: the readable records, their decoded pixels when cached, what was skipped."""
+
+    splits: dict[str, list[Record]]
+    caches: dict[str, list[np.ndarray] | None]
+    unreadable: list[tuple[Record, str, str]]  # (record, split, reason)
+    duplicates: list[dict]
+    ram_cache: bool
+    cache_bytes: int
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {name: dict(sorted(Counter(r.label for r in recs).items())) for name, recs in self.splits.items()}
+
+    def to_dict(self) -> dict:
+        return {"counts": self.counts(),
+                "unreadable": [{"path": str(r.path), "split": s, "reason": why} for r, s, why in self.unreadable],
+                "duplicates": self.duplicates, "ram_cache": self.ram_cache,
+                "cache_megabytes": round(self.cache_bytes / 2**20, 1)}
+
+
+def scan(cfg: TrainConfig, splits: dict[str, list[Record]], spec: Preprocess, augment: Augment,
+         progress: bool) -> ScanResult:
+    """Decode every file once; the unreadable ones are left out.  Small datasets keep their
+    decoded pixels (the RAM cache); larger ones are only checked."""
+    n = sum(len(v) for v in splits.values())
+    cache_bytes = estimate_cache_bytes(n, spec, augment)
+    use_cache = cfg.cache == "ram" or (cfg.cache == "auto" and cache_bytes <= CACHE_LIMIT_BYTES)
+    workers = cfg.workers or default_workers()
+    kept: dict[str, list[Record]] = {}
+    caches: dict[str, list[np.ndarray] | None] = {}
+    unreadable: list[tuple[Record, str, str]] = []
+    for name, records in splits.items():
+        if use_cache:
+            result = decode_all(records, spec, augment if name == "train" else None, workers, progress,
+                                desc=f"decode {name}")
+            bad = {id(r): reason for r, reason in result.failures}
+            caches[name] = [a for a in result.arrays if a is not None]
+        else:
+            bad_paths = dict(scan_paths([r.path for r in records], workers=workers, progress=progress))
+            bad = {id(r): bad_paths[r.path] for r in records if r.path in bad_paths}
+            caches[name] = None
+        unreadable += [(r, name, bad[id(r)]) for r in records if id(r) in bad]
+        kept[name] = [r for r in records if id(r) not in bad]
+    return ScanResult(kept, caches, unreadable, _duplicates(kept, workers), use_cache, cache_bytes)
+
+
+def _duplicates(splits: dict[str, list[Record]], workers: int) -> list[dict]:
+    """Groups of byte-identical files, each with the split and label of every copy."""
+    where = {r.path: (name, r.label) for name, records in splits.items() for r in records}
+    return [{"paths": [str(p) for p in group], "splits": [where[p][0] for p in group],
+             "labels": [where[p][1] for p in group]}
+            for group in find_duplicates(list(where), workers=workers)]
+
+
+def _report_scan(result: ScanResult, classes: list[str], run_dir: Path) -> None:
+    rundir.write_json(run_dir / rundir.SCAN, result.to_dict())
+    for r, _, why in result.unreadable:
+        log.warning("skipped unreadable file %s: %s", r.path, why)
+    if result.duplicates:
+        leaks = sum(len(set(d["splits"])) > 1 for d in result.duplicates)
+        conflicts = sum(len(set(d["labels"])) > 1 for d in result.duplicates)
+        log.warning("%d group(s) of identical files: %d across splits (validation scores them as if unseen), %d"
+                    " with different labels; listed in %s", len(result.duplicates), leaks, conflicts,
+                    run_dir / rundir.SCAN)
+    train_counts = result.counts()["train"]
+    missing = [c for c in classes if not train_counts.get(c)]
+    if missing:
+        raise UserError(f"no readable training images left for class(es) {', '.join(missing)}; see"
+                        f" {run_dir / rundir.SCAN}")
+
+
+# --------------------------------------------------------------------------- device
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Mixed precision: automatic on GPUs; on CPUs only when asked for (``bf16``) and native.
+
+    On CPUs it pays for some models only, and emulated bf16 is hundreds of times
+    slower, so it is refused there (docs/decisions.md)."""
+    if amp == "off":
+        return None
+    if device.type == "cuda":
+        if amp == "fp16":
+            return torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16":
+        raise UserError("fp16 mixed precision needs a GPU; use --amp off or bf16")
+    if amp == "bf16":
+        if not cpu_has_native_bf16():
+            raise UserError("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 would be emulated and"
+                            " hundreds of times slower; use --amp off")
+        return torch.bfloat16
+    return None
+
+
+# --------------------------------------------------------------------------- the session
+
+
+def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Session:
+    """Data (split, scan, cache), preprocessing, model and initial weights."""
+    run_dir = Path(cfg.out)
+    if resume:
+        if not (run_dir / rundir.CHECKPOINT).exists():
+            raise UserError(f"{run_dir}: nothing to resume (no {rundir.CHECKPOINT})")
+    elif (run_dir / rundir.WEIGHTS).exists():
+        raise UserError(f"{run_dir} already holds a trained model; choose another --out or continue it with"
+                        f" --resume {run_dir}")
+    validate(cfg)
+    entry = model_spec(cfg.model)
+    if cfg.input_size is not None and not entry.min_input_size <= cfg.input_size <= entry.max_input_size:
+        raise UserError(f"{cfg.model} takes inputs from {entry.min_input_size} to {entry.max_input_size} px,"
+                        f" not {cfg.input_size}; pick another --input-size")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file; the run directory needs a new or existing folder")
+    source = resolve_source(cfg)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / rundir.METRICS).unlink(missing_ok=True)  # left by a run that never saved weights
+    augment = Augment.from_dict(cfg.augment)
+    torch.manual_seed(cfg.seed)
+
+    splits, classes = split_dataset(cfg)
+    # a resumed run decodes exactly as it did before (the cache depends on the sizes)
+    geometry = (Preprocess.load(run_dir / rundir.PREPROCESS) if resume
+                else resolve_geometry(cfg, source, splits["train"]))
+    scanned = scan(cfg, splits, geometry, augment, progress)
+    _report_scan(scanned, classes, run_dir)
+    splits = scanned.splits
+    rundir.write_split(run_dir / rundir.SPLIT,
+                       [(r.path, r.label, r.group, name) for name, records in splits.items() for r in records])
+    index = {c: i for i, c in enumerate(classes)}
+
+    def pixels():  # decoding from disk is slow: count fewer images then
+        if scanned.caches["train"] is not None:
+            return scanned.caches["train"], 2000
+        return Pixels(ImageDataset(splits["train"], index, geometry)), 300
+
+    preprocess = geometry if resume else resolve_normalization(cfg, source, geometry, pixels)
+    preprocess.save(run_dir / rundir.PREPROCESS)
+    rundir.write_json(run_dir / rundir.LABELS, classes)
+    rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())
+
+    model = Classifier(create_model(cfg.model, len(classes), preprocess.input_size, cfg.norm, cfg.se), preprocess)
+    if not resume:
+        load_source(cfg, source, model.net)
+    return Session(cfg, run_dir, classes, splits, scanned.caches, preprocess,
+                   ImageDataset(splits["train"], index, preprocess, augment, scanned.caches["train"]),
+                   ImageDataset(splits["val"], index, preprocess, None, scanned.caches["val"]),
+                   model.to(device), device, amp_dtype,
+                   rundir.model_meta(cfg.model, classes, preprocess, {"norm": cfg.norm, "se": cfg.se}), source)

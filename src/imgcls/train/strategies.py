@@ -1,0 +1,106 @@
+"""How a run is fitted: a table of strategies, and which one a run takes.
+
+``features``
+    The backbone stays as loaded; its pooled features of several views of every
+    training image are computed once (ONNX Runtime on a CPU) and the head is
+    fitted on them (:mod:`.features`, :mod:`.head`).
+``finetune``
+    The epoch loop (:mod:`.loop`): full fine-tuning, ``--freeze backbone``, or
+    two-phase with ``head_epochs`` / ``backbone_lr_mult``.
+``auto`` (default)
+    ``features`` when starting from pretrained weights or ``--weights`` on a
+    CPU, unless fine-tuning options were asked for; ``finetune`` otherwise.
+
+Each strategy returns a :class:`~.session.Fit` and none calls another: whether
+the features path can run (its head must be a linear read-out of pooled
+features) is decided in :func:`choose`, before anything is fitted.
+
+Torch-free at import: the command line takes the strategy names from here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import UserError
+
+log = logging.getLogger("imgcls")
+
+
+def _fit_features(session, resume: bool, progress: bool):
+    from .features import fit_features  # torch: imported when a run fits, not when the parser is built
+
+    return fit_features(session, progress)
+
+
+def _fit_epochs(session, resume: bool, progress: bool):
+    from .loop import fit_epochs  # torch: imported when a run fits, not when the parser is built
+
+    return fit_epochs(session, resume, progress)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    fit: Callable  # (session, resume, progress) -> Fit
+    # options filled in when starting from weights and the caller has not set them
+    defaults: dict = field(default_factory=dict)
+
+
+STRATEGIES = {
+    "features": Strategy(_fit_features),
+    "finetune": Strategy(_fit_epochs, {"head_epochs": 1, "backbone_lr_mult": 0.1, "epochs": 10}),
+}
+
+
+def resolve_strategy(strategy: str, *, pretrained: bool, weights: str | None, device_type: str,
+                     resume: bool = False, freeze: str | None = None, head_epochs: int = 0,
+                     backbone_lr_mult: float = 1.0, readout_problem: str | None = None) -> tuple[str, str]:
+    """``(features | finetune, reason)`` for a configuration; ``auto`` is decided here.
+
+    ``readout_problem``: why the model's head is not a linear read-out of its
+    features (None: it is, or not known yet)."""
+    if strategy != "auto" and strategy not in STRATEGIES:
+        raise UserError(f"unknown strategy {strategy!r}; use one of auto, {', '.join(STRATEGIES)}")
+    if strategy == "features":
+        if not (pretrained or weights):
+            raise UserError("--strategy features fits a head on pretrained features: give --pretrained or --weights")
+        if resume:
+            raise UserError("a features run has no epochs to resume; start it again (it takes seconds to minutes)")
+        if readout_problem is not None:
+            raise UserError(f"--strategy features cannot be used with this model: {readout_problem};"
+                            " use --strategy finetune")
+        return "features", "asked for"
+    if strategy == "finetune":
+        return "finetune", "asked for"
+    if resume:
+        return "finetune", "resuming an epoch run"
+    if not (pretrained or weights):
+        return "finetune", "no pretrained weights: the whole network has to learn"
+    if head_epochs or backbone_lr_mult != 1.0:
+        return "finetune", "fine-tuning options (head epochs, backbone lr) were given"
+    if device_type != "cpu":
+        return "finetune", f"on {device_type} an epoch is cheap: fine-tuning the backbone pays"
+    if readout_problem is not None:
+        return "finetune", f"the features path cannot be used: {readout_problem}"
+    return "features", ("pretrained weights on a CPU: features of all views in ONNX Runtime cost less than one"
+                        " eager fine-tuning epoch, and the head fits in seconds"
+                        + ("; --freeze backbone asks for the head only anyway" if freeze == "backbone" else ""))
+
+
+def choose(session, resume: bool = False) -> Strategy:
+    """The strategy this session runs, logged with the reason."""
+    cfg = session.cfg
+    problem = None
+    if cfg.strategy != "finetune" and (cfg.pretrained or cfg.weights) and not resume:
+        from .features import readout_problem  # torch: see _fit_features
+
+        problem = readout_problem(session)
+    name, reason = resolve_strategy(cfg.strategy, pretrained=cfg.pretrained, weights=cfg.weights,
+                                    device_type=session.device.type, resume=resume, freeze=cfg.freeze,
+                                    head_epochs=cfg.head_epochs, backbone_lr_mult=cfg.backbone_lr_mult,
+                                    readout_problem=problem)
+    log.info("strategy %s%s: %s", name, " (auto)" if cfg.strategy == "auto" else "", reason)
+    session.strategy = name
+    return STRATEGIES[name]

@@ -6,7 +6,12 @@ import logging
 from pathlib import Path
 
 
+from tqdm.auto import tqdm
+
+from .data.sources import load_dataset
 from .errors import UserError
+from .metrics import metrics_of_stream, write_metrics
+from .predict import load
 from .train import train  # noqa: F401 - the API's train (imgcls.train is the same, callable)
 
 log = logging.getLogger("imgcls")
@@ -17,11 +22,6 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
     """Metrics of a trained model on labelled data (its ``test`` split, else
     ``val``, else everything).  Writes ``eval.json`` and the confusion matrix
     (CSV, PNG) into the run directory when ``run`` is one."""
-    from tqdm.auto import tqdm
-
-    from .data.sources import load_dataset
-    from .metrics import metrics_of_stream, write_metrics
-    from .predict import load
 
     predictor = load(run, backend=backend)
     dataset = load_dataset(data)
@@ -49,6 +49,7 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
 def summary(model: str, input_size: int | None = None, depth: int | None = None, num_classes: int = 1000,
             include_bias: bool = True):
     """Per-layer cost table (activation memory, parameters, FLOPs) of a registered model."""
+    # torch and the model zoo: only this command needs them, and api must import without torch
     from .models.catalog import build_on_meta
     from .models.cost import layer_table
     from .models.registry import create_model, default_preprocess

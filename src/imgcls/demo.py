@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .api import train
+from .predict import load
+
 
 def write_digits(root: Path, test_fraction: float = 0.2, seed: int = 0) -> Path:
     """Write the digits as ``root/{train,test}/<digit>/<n>.png``; returns root."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn is slow to import; only the digits need it
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
@@ -33,8 +36,6 @@ def write_digits(root: Path, test_fraction: float = 0.2, seed: int = 0) -> Path:
 
 
 def run_demo(out: str | Path | None = None, epochs: int = 15) -> dict:
-    from .api import train
-    from .predict import load
 
     base = Path(out) if out else Path(tempfile.mkdtemp(prefix="imgcls-demo-"))
     data = write_digits(base / "digits")

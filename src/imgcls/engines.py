@@ -354,7 +354,7 @@ class TorchEngine:
         tune_allocator: bool = True,
         labels: list[str] | None = None,
     ):
-        import torch
+        import torch  # only the torch engine needs it: ONNX prediction runs without torch
 
         self._torch = torch
         self.device = torch.device(device)

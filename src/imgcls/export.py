@@ -39,9 +39,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import onnx
 import torch
 
 from . import rundir
+from .data.decode import ImageError, load_uint8
 from .data.records import Record
 from .engines import INPUT_NAME, OUTPUT_NAME, OnnxEngine, encode_metadata, read_onnx_props, stream_logits
 from .errors import UserError
@@ -110,8 +112,6 @@ def parity(classifier: torch.nn.Module, onnx_path: str | Path | bytes, batch: np
 
 
 def _export_dynamo(module, example: torch.Tensor, opset: int):
-    import onnx
-
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -129,8 +129,6 @@ def _export_dynamo(module, example: torch.Tensor, opset: int):
 
 
 def _export_torchscript(module, example: torch.Tensor, opset: int):
-    import onnx
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp) / "model.onnx"
         with warnings.catch_warnings():
@@ -158,8 +156,6 @@ def _set_metadata(model, props: dict[str, str]) -> None:
 
 def _save_model(model, path: Path) -> None:
     """One self-contained file below the 2 GB protobuf limit, else weights in ``<name>.data``."""
-    import onnx
-
     if model.ByteSize() < _PROTOBUF_LIMIT:
         onnx.save_model(model, str(path), save_as_external_data=False)
     else:
@@ -322,6 +318,7 @@ def quantize_int8(
     The int8 file gets ``imgcls.quantization`` metadata.  Gate it on
     validation accuracy before use (:func:`agreement`, :func:`compare_engines`).
     """
+    # onnxruntime's quantization tools take seconds to import; only int8 exports need them
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
 
@@ -383,8 +380,6 @@ def quantize_int8(
         tmp.unlink(missing_ok=True)
         raise UserError("int8 calibration needs at least one batch of images")
     try:
-        import onnx
-
         model = onnx.load(str(tmp))
         props = {k: v for k, v in props.items() if k != "imgcls.parity_max_abs_diff"}
         props["imgcls.quantization"] = (
@@ -456,8 +451,6 @@ def _spread(records: list[Record], limit: int) -> list[Record]:
 
 def _image_batches(records: Iterable[Record], spec, batch_size: int = _GATE_BATCH):
     """uint8 batches of the records' images (parity sample, calibration); unreadable files skipped."""
-    from .data.decode import ImageError, load_uint8
-
     images = []
     for record in records:
         try:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 
 from .errors import UserError
+from .report import plot_confusion
+from .rundir import atomic_write, metrics_files, write_json
 from .softmax import log_softmax
 
 if TYPE_CHECKING:
@@ -65,6 +67,7 @@ class Metrics:
 
 
 def compute_metrics(logits: np.ndarray, targets: np.ndarray, labels: list[str]) -> Metrics:
+    # scikit-learn is a [train] dependency, and slow to import: loaded when metrics are computed
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     logits = np.asarray(logits, dtype=np.float64)
@@ -112,9 +115,6 @@ def metrics_of_stream(stream: Iterable[tuple[Record, np.ndarray | None, str]],
 
 def write_metrics(metrics: Metrics, out_dir: str | Path, prefix: str = "eval") -> dict[str, Path]:
     """eval.json, confusion_matrix.csv and .png in ``out_dir``."""
-    from .report import plot_confusion
-    from .rundir import atomic_write, metrics_files, write_json
-
     out_dir = Path(out_dir)
     paths = {kind: out_dir / name for kind, name in metrics_files(prefix).items()}
     write_json(paths["json"], metrics.to_dict())

@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import rundir
 from .data.preprocess import Preprocess
 from .data.records import Record
 from .data.sources import collect_inputs
-from .engines import stream_logits
+from .engines import OnnxEngine, TorchEngine, stream_logits
 from .errors import UserError
 from .softmax import softmax
-from .system import cuda_available
+from .system import cuda_available, resolve_device
 
 log = logging.getLogger("imgcls")
 
@@ -106,8 +107,6 @@ def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Pa
     keeps its rows and predicts only the inputs it lacks (appending), and
     ``overwrite`` starts it again; with neither it is an error.
     """
-    from tqdm.auto import tqdm
-
     records = collect_inputs(inputs)
     batch_size = predictor.batch_size if batch_size is None else batch_size
     top_k = max(1, min(top_k, len(predictor.labels)))
@@ -176,9 +175,7 @@ def _finished_paths(out: Path, columns: list[str]) -> set[str]:
 
 
 def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
-    from .engines import TorchEngine
     from .models.classifier import Classifier  # torch: only for the torch backend
-    from .system import resolve_device
 
     if device == "auto":
         device = resolve_device("auto")
@@ -189,8 +186,6 @@ def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
 
 
 def _onnx_predictor(path: Path) -> Predictor:
-    from .engines import OnnxEngine
-
     engine = OnnxEngine(path)
     if not engine.labels or engine.preprocess is None:
         raise UserError(f"{path}: this ONNX file carries no imgcls labels/preprocessing; export it with `imgcls export`")

@@ -103,7 +103,7 @@ def require_run_dir(path: str | Path) -> Path:
 
 def save_weights(path: str | Path, state_dict: dict, meta: dict) -> None:
     """Save a state dict with imgcls metadata (JSON strings) in the safetensors header."""
-    from safetensors.torch import save
+    from safetensors.torch import save  # imports torch: rundir itself stays torch-free for prediction
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     atomic_write(path, save(tensors, metadata={"imgcls": json.dumps(meta)}))
@@ -116,7 +116,7 @@ def weights_meta(path: str | Path) -> dict | None:
         path = path / WEIGHTS
     if path.suffix != ".safetensors" or not path.exists():
         return None
-    from safetensors import safe_open
+    from safetensors import safe_open  # framework="pt" below imports torch; see save_weights
 
     with safe_open(str(path), framework="pt") as handle:
         meta = (handle.metadata() or {}).get("imgcls")

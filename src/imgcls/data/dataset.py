@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from .decode import ImageError, open_image
 from .preprocess import Augment, Preprocess, resize_and_crop
@@ -61,8 +62,6 @@ class DecodeResult:
 def decode_all(records: list[Record], spec: Preprocess, augment: Augment | None,
                workers: int = 2, progress: bool = False, desc: str = "decode") -> DecodeResult:
     """Decode every record once (threads: Pillow releases the GIL while decoding)."""
-    from tqdm.auto import tqdm
-
     def one(record):
         try:
             return base_image(record.path, spec, augment), None

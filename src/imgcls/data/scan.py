@@ -27,6 +27,9 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
+from PIL import Image
+from tqdm.auto import tqdm
+
 from ..system import default_workers
 from .decode import ImageError, open_image
 
@@ -66,8 +69,6 @@ def typical_short_side(paths: list[str | os.PathLike], sample: int = 256, seed: 
     Reads image headers only (Pillow opens lazily), so it costs milliseconds
     even on a slow disk.  None when no sampled file is a readable image.
     """
-    from PIL import Image
-
     chosen = random.Random(seed).sample(list(paths), min(sample, len(paths)))
     sides = []
     for path in chosen:
@@ -157,6 +158,4 @@ def _bounded_map(pool: Executor, fn, items, window: int):
 def _progress(iterator, total: int, enabled: bool, desc: str):
     if not enabled:
         return iterator
-    from tqdm.auto import tqdm
-
     return tqdm(iterator, total=total, desc=desc, unit="file")

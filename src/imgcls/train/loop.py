@@ -20,14 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .. import rundir
 from ..errors import UserError
 from ..metrics import compute_metrics
 from ..models.heads import freeze_backbone, param_groups, set_frozen_bn_eval, unfreeze
 from ..system import default_workers
-from .optim import OPTIMIZERS, SCHEDULES
 from .head import class_weights
+from .optim import OPTIMIZERS, SCHEDULES
 from .session import Fit, Session
 
 log = logging.getLogger("imgcls")
@@ -53,8 +54,6 @@ def make_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_dtype, clip_grad, scaler,
                     progress_desc: str | None = None, frozen_backbone: bool = False) -> dict:
-    from tqdm.auto import tqdm
-
     model.train()
     if frozen_backbone:
         set_frozen_bn_eval(model.net)  # a frozen backbone keeps its BatchNorm statistics too

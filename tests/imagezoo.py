@@ -13,12 +13,17 @@ tests folder on ``sys.path``).  Everything is deterministic and small.
   their size) for what Pillow will not write.
 * :func:`write_bad_file_zoo` - the odd and broken files a loader must handle,
   each with the outcome expected from :func:`imgcls.data.decode.open_image`.
+* Hostile files: :func:`write_fifo` (a named pipe that hangs a naive
+  ``open``), :func:`write_extreme_aspect_png` (a real, tiny PNG of e.g.
+  1 x 2,000,000 pixels), :func:`write_lying_png` (a header claiming a size
+  the data does not have).
 """
 
 from __future__ import annotations
 
 import colorsys
 import io
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -321,3 +326,35 @@ def write_bad_file_zoo(folder) -> dict[str, ZooEntry]:
     bad("broken_jpeg_header", "broken_header.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF" + b"\x13" * 40,
         "corrupt or truncated JPEG header")
     return zoo
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def write_fifo(path) -> Path:
+    """A named pipe (POSIX): opening it for reading blocks until a writer appears."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+def write_extreme_aspect_png(path, width: int, height: int, value: int = 128) -> Path:
+    """A valid, fully decodable 8-bit gray PNG of ``width`` x ``height``; a few KB even for 1 x 2,000,000
+    (every row the same, so it compresses to almost nothing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = (b"\x00" + bytes([value]) * width) * height  # filter byte 0 + samples, row after row
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(rows, 9))
+                     + png_chunk(b"IEND", b""))
+    return path
+
+
+def write_lying_png(path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` with almost no pixel data (nothing is ever allocated
+    by a loader that checks the header)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(width, height, 8, 0))
+    return path

@@ -8,7 +8,8 @@ import time
 
 import numpy as np
 import pytest
-from imagezoo import PNG16_VALUES, ZooEntry, png_bytes, write_bad_file_zoo, write_image, write_photo_jpeg
+from imagezoo import (PNG16_VALUES, ZooEntry, png_bytes, write_bad_file_zoo, write_extreme_aspect_png, write_fifo,
+                      write_image, write_lying_png, write_photo_jpeg)
 from PIL import Image, ImageFile, ImageOps
 
 import imgcls.data.decode as decode
@@ -160,6 +161,54 @@ def test_missing_file_and_directory(tmp_path):
         open_image(tmp_path / "nope.jpg")
     with pytest.raises(ImageError, match="not a file"):
         open_image(tmp_path)
+
+
+_OPEN_FIFO = (
+    "import sys\n"
+    "from imgcls.data.decode import ImageError, open_image\n"
+    "try:\n"
+    "    open_image(sys.argv[1])\n"
+    "except ImageError as err:\n"
+    "    print(err.reason)\n"
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX named pipes")
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = write_fifo(tmp_path / "pipe.jpg")
+    # in a child with a timeout: a plain open() of a FIFO blocks until a writer appears, for ever
+    proc = subprocess.run([sys.executable, "-c", _OPEN_FIFO, str(fifo)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "not a regular file (a FIFO)"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_a_device_is_refused(tmp_path):
+    with pytest.raises(ImageError, match=r"not a regular file \(a character device\)"):
+        open_image("/dev/zero")  # would otherwise read for ever
+
+
+@pytest.mark.parametrize("size", [(1, 2_000_000), (100_000, 1), (1, 100_000)])
+@pytest.mark.parametrize("min_size", [None, 1, 256])
+def test_extreme_aspect_ratios_are_refused_from_the_header(tmp_path, size, min_size):
+    path = write_extreme_aspect_png(tmp_path / "x.png", *size)
+    assert path.stat().st_size < 8192  # a tiny file; the shorter-side resize would need gigabytes
+    with pytest.raises(ImageError, match=rf"extreme aspect ratio: {size[0]}x{size[1]} pixels"):
+        open_image(path, min_size=min_size)
+    with pytest.raises(ImageError, match="extreme aspect ratio"):
+        load_uint8(path, Preprocess(input_size=224))
+    lying = write_lying_png(tmp_path / "lying.png", *size)  # the header alone decides: no pixels are read
+    with pytest.raises(ImageError, match="extreme aspect ratio"):
+        open_image(lying, min_size=min_size)
+
+
+def test_the_resized_size_is_bounded_as_well(tmp_path, monkeypatch):
+    path = write_image(tmp_path / "strip.png", size=(50, 1000))  # 1:20, fine by aspect
+    assert open_image(path, min_size=256).size == (50, 1000)
+    monkeypatch.setattr(decode, "MAX_RESIZED_PIXELS", 256 * 5120 - 1)  # resized: 256 x 5120
+    with pytest.raises(ImageError, match=r"would be 256x5120 once resized to a shorter side of 256"):
+        open_image(path, min_size=256)
+    assert open_image(path).size == (50, 1000)  # no resize asked for: nothing to bound
 
 
 def test_image_error_pickles_for_process_pools(tmp_path):

@@ -9,7 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from imagezoo import make_class_tree
+from imagezoo import make_class_tree, write_extreme_aspect_png
 
 from imgcls.data.preprocess import Preprocess
 from imgcls.data.records import Record
@@ -65,6 +65,21 @@ def test_stream_logits_keeps_order_and_reports_unreadable_files(records):
 def test_stream_logits_rejects_batch_size_zero(records):
     with pytest.raises(UserError, match="at least 1"):
         next(stream_logits(FakeEngine(), SMALL, records, batch_size=0))
+
+
+def test_stream_logits_turns_extreme_aspect_ratios_into_errors(records, tmp_path):
+    # a 4 KB PNG whose shorter-side resize would need gigabytes: a row with a reason, the rest goes on
+    tall = Record(write_extreme_aspect_png(tmp_path / "tall.png", 1, 2_000_000))
+    spec = Preprocess(input_size=32, resize="shorter", crop_pct=0.875)
+    out = list(stream_logits(FakeEngine(), spec, [records[0], tall, records[1]], batch_size=2, workers=1))
+    assert [logits is None for _, logits, _ in out] == [False, True, False]
+    assert out[1][2].startswith("extreme aspect ratio: 1x2000000")
+
+
+def test_top_k_below_one_is_refused(records):
+    predictor = Predictor(FakeEngine(), LABELS, SMALL)
+    with pytest.raises(UserError, match="--top-k must be at least 1"):
+        list(predictor.iter_predict(records[:2], top_k=0))
 
 
 def test_predictor_probabilities_are_the_softmax_of_its_logits(records):

@@ -88,3 +88,49 @@ def test_split_gives_each_class_a_val_image():
     train, val = split_records(records, 0.1)
     assert sum(r.label == "a" for r in val) == 1
     assert sum(r.label == "a" for r in train) == 1
+
+
+# --------------------------------------------------------------------------- hostile CSVs
+
+
+def _both_readers(path):
+    """The two CSV readers (labelled data for train, a list of paths for predict): the same loader."""
+    for read in (load_dataset, collect_inputs):
+        with pytest.raises(UserError) as info:
+            read(path) if read is load_dataset else read([path])
+        yield str(info.value)
+
+
+def test_csv_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"path,label\na.png,cat\ncaf\xe9.png,dog\n")
+    for message in _both_readers(path):
+        assert message.startswith(f"{path}:3: not UTF-8 text") and "UTF-8" in message
+
+
+def test_csv_field_over_the_limit_names_file_and_line(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text('path,label\na.png,cat\n"b.png' + "x" * 200_000 + ",dog\n")
+    for message in _both_readers(path):
+        assert message.startswith(f"{path}:3: a field is longer than") and "quote" in message
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_csv_delimiter_is_detected(tmp_path, delimiter):
+    make_class_tree(tmp_path / "img", {"a": 2, "b": 2})
+    files = sorted((tmp_path / "img").rglob("*.png"))
+    lines = [f"path{delimiter}label"] + [f"img/{p.parent.name}/{p.name}{delimiter}{p.parent.name}" for p in files]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    ds = load_dataset(tmp_path / "labels.csv")
+    assert sorted(r.path for r in ds.splits["all"]) == files and ds.classes == ["a", "b"]
+    assert [r.path for r in collect_inputs([tmp_path / "labels.csv"])] == files
+
+
+def test_unknown_split_values_are_named(tmp_path):
+    make_class_tree(tmp_path / "img", {"a": 2, "b": 2})
+    files = sorted((tmp_path / "img").rglob("*.png"))
+    splits = ["train", "holdout", "dev", "train"]
+    rows = ["path,label,split"] + [f"img/{p.parent.name}/{p.name},{p.parent.name},{s}" for p, s in zip(files, splits)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(UserError, match=r"labels.csv:3: unknown split value\(s\) dev, holdout .*train, val or test"):
+        load_dataset(tmp_path / "labels.csv")

@@ -101,7 +101,7 @@ def test_identical_files_are_reported_with_their_splits_and_labels(tmp_path, cap
                      for g in groups)
     assert as_sets == [(["a_0000.png", "copy.png"], ["train", "val"], ["a", "b"]),
                        (["a_0001.png", "again.png"], ["train", "train"], ["a", "a"])]
-    assert "2 group(s) of identical files: 1 across splits" in caplog.text and "1 with different labels" in caplog.text
+    assert "2 group(s) of repeated or identical files: 1 across splits" in caplog.text and "1 with different labels" in caplog.text
 
 
 def test_decoding_on_the_fly_trains_exactly_like_the_ram_cache(tmp_path):

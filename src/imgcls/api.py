@@ -21,8 +21,7 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
              batch_size: int | None = None, write: bool = True, progress: bool = False):
     """Metrics of a trained model on labelled data (its ``test`` split, else
     ``val``, else everything).  Writes ``eval.json`` and the confusion matrix
-    (CSV, PNG) into the run directory when ``run`` is one."""
-
+    (CSV, PNG) into the run directory when ``run`` is one (:func:`save_evaluation`)."""
     predictor = load(run, backend=backend)
     dataset = load_dataset(data)
     if split is None:
@@ -41,9 +40,21 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
         raise UserError(f"{data}: none of the {len(records)} images could be read")
     for record, reason in failed:
         log.warning("not evaluated (unreadable): %s: %s", record.path, reason)
-    if write and Path(run).is_dir():
-        write_metrics(metrics, run, prefix="eval")
+    if write:
+        save_evaluation(metrics, run)
     return metrics
+
+
+def save_evaluation(metrics, run: str | Path) -> Path | None:
+    """``eval.json`` and the confusion matrix into a run directory; a run that cannot be written
+    (read-only, a colleague's) only gets a warning: the metrics are computed and returned anyway."""
+    if not Path(run).is_dir():
+        return None
+    try:
+        return write_metrics(metrics, run, prefix="eval")["confusion_png"]
+    except OSError as err:
+        log.warning("metrics not saved in %s (%s)", run, err.strerror or err)
+        return None
 
 
 def summary(model: str, input_size: int | None = None, depth: int | None = None, num_classes: int = 1000,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import UserError
@@ -33,7 +35,7 @@ def cmd_demo(args) -> None:
     run_demo(args.out, epochs=args.epochs)
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int | None:
     from .train import train
     from .train.config import options_from_args
 
@@ -45,27 +47,30 @@ def cmd_train(args) -> None:
             raise UserError("imgcls train needs DATA and --out RUN_DIR (or --resume RUN_DIR)")
         result = train(args.data, args.out, progress=not args.quiet, **options)
     s = result.summary
+    if s.get("interrupted"):  # a scheduler or `train && export` must not take this for a finished run
+        print(f"interrupted; continue with: imgcls train --resume {result.run_dir}")
+        return 128 + int(s.get("signal") or signal.SIGINT)
     print(f"best val accuracy {s['best_val_accuracy']:.4f} (epoch {s['best_epoch']}/{s['epochs']}), "
           f"{s['train_seconds']:.0f} s" + (f", test accuracy {s['test_accuracy']:.4f}" if "test_accuracy" in s else ""))
     print(f"run directory: {result.run_dir}")
 
 
 def cmd_eval(args) -> None:
-    from .api import evaluate
+    from .api import evaluate, save_evaluation
 
     metrics = evaluate(args.run, args.data, split=args.split, backend=args.backend, batch_size=args.batch_size,
-                       progress=not (args.json or args.quiet))
-    if args.json:
-        print(json.dumps(metrics.to_dict(), indent=2))
-    else:
-        print(metrics.to_text())
-        if Path(args.run).is_dir():
-            print(f"\nconfusion matrix: {Path(args.run) / 'eval_confusion_matrix.png'} (and .csv)")
+                       write=False, progress=not (args.json or args.quiet))
+    # the metrics first: a run directory that cannot be written must not cost the user the numbers
+    print(json.dumps(metrics.to_dict(), indent=2) if args.json else metrics.to_text(), flush=True)
+    saved = save_evaluation(metrics, args.run)
+    if saved is not None and not args.json:
+        print(f"\nconfusion matrix: {saved} (and .csv)")
 
 
 def cmd_predict(args) -> None:
-    from .predict import load, predict_to_csv
+    from .predict import check_options, load, predict_to_csv
 
+    check_options(args.batch_size, args.top_k)  # before the model loads or any file is touched
     predictor = load(args.run, backend=args.backend)
     log.info("engine: %s", predictor.backend)
     result = predict_to_csv(predictor, args.inputs, args.out, batch_size=args.batch_size, top_k=args.top_k,
@@ -214,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(message)s")
     for name in ("onnx_ir", "onnxscript"):  # the ONNX exporter logs ~80 INFO lines per export
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    if args.quiet:  # library warnings (Pillow, scikit-learn, matplotlib) are not results either
+        warnings.simplefilter("ignore")
     try:
-        args.func(args)
+        code = args.func(args)
     except UserError as err:
         print(f"imgcls: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imgcls: error: {where}{err.strerror or err}; check the path, its permissions and free space",
               file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

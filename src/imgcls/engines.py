@@ -113,27 +113,29 @@ def read_onnx_props(path_or_bytes: str | Path | bytes) -> dict[str, str]:
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
-def decode_metadata(props: dict[str, str]) -> dict[str, Any]:
+def decode_metadata(props: dict[str, str], source: str = "the model") -> dict[str, Any]:
     """imgcls metadata_props -> ``{labels, preprocess, model, version, props}``.
 
     ``labels`` is a list of str (None when absent), ``preprocess`` the
     :meth:`Preprocess.to_dict` dict (None when absent), ``props`` every
-    metadata entry as stored.
+    metadata entry as stored.  ``source`` (the file) starts every error message.
     """
+    fix = "export the model again with `imgcls export`"
+
     def _json(key):
         if key not in props:
             return None
         try:
             return json.loads(props[key])
-        except json.JSONDecodeError:
-            raise UserError(f"the model's {key} metadata is not valid JSON; export the model again") from None
+        except (json.JSONDecodeError, RecursionError):
+            raise UserError(f"{source}: the {key} metadata is not valid JSON; {fix}") from None
 
     labels = _json(META_LABELS)
     if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
-        raise UserError(f"the model's {META_LABELS} metadata must be a JSON list of strings")
+        raise UserError(f"{source}: the {META_LABELS} metadata must be a JSON list of strings; {fix}")
     preprocess = _json(META_PREPROCESS)
     if preprocess is not None and not isinstance(preprocess, dict):
-        raise UserError(f"the model's {META_PREPROCESS} metadata must be a JSON object")
+        raise UserError(f"{source}: the {META_PREPROCESS} metadata must be a JSON object; {fix}")
     return {
         "labels": labels,
         "preprocess": preprocess,
@@ -161,7 +163,8 @@ def read_onnx_metadata(path: str | Path | bytes) -> dict[str, Any]:
     Works without torch and without the ``onnx`` package.  Raises
     :class:`UserError` for a missing or corrupt file.
     """
-    return decode_metadata(read_onnx_props(path))
+    return decode_metadata(read_onnx_props(path), "<bytes>" if isinstance(path, (bytes, bytearray, memoryview))
+                           else str(path))
 
 
 # ----------------------------------------------------------------------------- shared input handling
@@ -268,17 +271,22 @@ class OnnxEngine:
         out_shape = outputs[0].shape
         self.num_classes = out_shape[-1] if isinstance(out_shape[-1], int) else None
 
-        self.metadata = decode_metadata(dict(self.session.get_modelmeta().custom_metadata_map))
+        # everything the file says is checked here, at load, not mid-run
+        self.metadata = decode_metadata(dict(self.session.get_modelmeta().custom_metadata_map), name)
         self.labels: list[str] | None = self.metadata["labels"]
+        if self.labels is not None and self.num_classes is not None and len(self.labels) != self.num_classes:
+            raise UserError(f"{name}: its {META_LABELS} metadata names {len(self.labels)} classes but the model"
+                            f" outputs {self.num_classes}; export the model again with `imgcls export`")
         if self.num_classes is None and self.labels is not None:
             self.num_classes = len(self.labels)
         self.preprocess = None
         if self.metadata["preprocess"] is not None:
-            from .data.preprocess import Preprocess  # Pillow + NumPy only
-
-            self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
+            self.preprocess = _metadata_preprocess(self.metadata["preprocess"], name)
             if self.input_size is None:
                 self.input_size = self.preprocess.input_size
+            elif self.input_size != self.preprocess.input_size:
+                raise UserError(f"{name}: its {META_PREPROCESS} metadata says {self.preprocess.input_size} px input"
+                                f" but the model takes {self.input_size}; export the model again")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         x = _check_batch(batch)
@@ -293,6 +301,13 @@ class OnnxEngine:
 
     def __repr__(self) -> str:
         return f"OnnxEngine({self.name!r}, threads={self.threads}, providers={self.providers})"
+
+
+def _metadata_preprocess(data: dict, name: str):
+    """The Preprocess of ONNX metadata, through the one loader of stored specs (names the file)."""
+    from .rundir import preprocess_from  # Pillow + NumPy + YAML: no torch
+
+    return preprocess_from(data, f"{name} ({META_PREPROCESS} metadata)", "export the model again with `imgcls export`")
 
 
 # ----------------------------------------------------------------------------- PyTorch

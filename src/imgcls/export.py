@@ -471,6 +471,16 @@ def _val_accuracy(onnx_path: Path, val: list[Record], spec, labels: list[str]) -
     return metrics.accuracy if metrics is not None else 0.0
 
 
+def _check_out(run: Path, out: Path) -> None:
+    """Refuse an --out that would replace one of the run's own files, or is no ONNX file."""
+    own = {(run / name).resolve() for name in rundir.OWN_FILES}
+    if out.resolve() in own or (out.exists() and out.is_dir()):
+        raise UserError(f"--out {out} would replace {'a folder' if out.is_dir() else 'a file of the run itself'};"
+                        f" give a new .onnx path (the default is {run / rundir.ONNX})")
+    if out.suffix.lower() != ".onnx":
+        raise UserError(f"--out {out}: export writes an ONNX model; give a path ending in .onnx")
+
+
 def export_run(run: str | Path, out: str | Path | None = None, int8: bool = False,
                max_int8_loss: float = 0.01) -> Path:
     """Export a run's best model to ONNX (labels + preprocessing inside).
@@ -483,6 +493,8 @@ def export_run(run: str | Path, out: str | Path | None = None, int8: bool = Fals
     run = rundir.require_run_dir(run)
     if not run.is_dir():
         raise UserError(f"{run}: export takes a run directory")
+    if out is not None:
+        _check_out(run, Path(out))
     classifier, meta = Classifier.from_file(run / rundir.WEIGHTS)
     spec = classifier.preprocess
     labels = meta["labels"]

@@ -7,6 +7,15 @@ A file that cannot be read becomes a row with an ``error`` and never stops
 the batch.  CSV rows are flushed as they are produced: a crash or Ctrl-C
 keeps every finished prediction.
 
+Writing a CSV (:func:`predict_to_csv`) is guarded at one boundary, before any
+row is written: every option is checked and every input collected first; the
+output is locked (``OUT.lock``, ``flock``) so two runs cannot interleave
+rows; an existing file is replaced only with ``--overwrite`` unless it is our
+own header with no rows.  Rows are written in input order, so ``--resume``
+keys on position: the k complete rows in the file are inputs 1..k (checked
+path by path), and the run goes on from input k + 1.  The file is UTF-8,
+with ``surrogateescape`` so file names that are not valid UTF-8 survive.
+
 This module imports torch only when the torch engine is used, so predicting
 from a ``model.onnx`` file works with the runtime install alone.
 """
@@ -14,8 +23,11 @@ from a ``model.onnx`` file works with the runtime install alone.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
+import stat
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -31,6 +43,11 @@ from .engines import OnnxEngine, TorchEngine, stream_logits
 from .errors import UserError
 from .softmax import softmax
 from .system import cuda_available, resolve_device
+
+try:  # POSIX; elsewhere predict runs without the output lock
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 log = logging.getLogger("imgcls")
 
@@ -70,8 +87,9 @@ class Predictor:
     def iter_predict(self, inputs: Iterable[str | Path | Record], batch_size: int | None = None, top_k: int = 1,
                      workers: int | None = None) -> Iterator[dict]:
         """Yield one CSV row per input, in input order (columns: :func:`row_columns`)."""
+        check_options(batch_size, top_k)
         records = [r if isinstance(r, Record) else Record(Path(r)) for r in inputs]
-        top_k = max(1, min(top_k, len(self.labels)))
+        top_k = min(top_k, len(self.labels))
         for record, probs, error in self.iter_probs(records, batch_size, workers):
             yield self._row(record, probs, error, top_k)
 
@@ -98,36 +116,48 @@ def row_columns(top_k: int) -> list[str]:
     return ["path", "label", "prob", *ranked, "error"]
 
 
+def check_options(batch_size: int | None, top_k: int) -> None:
+    """UserError for options that cannot work; called before any file is touched."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise UserError(f"--top-k must be at least 1, not {top_k}")
+
+
 def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Path, batch_size: int | None = None,
                    top_k: int = 1, progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
-    """Write predictions to ``out`` row by row; returns counts.
+    """Write predictions to ``out`` row by row, in input order; returns counts.
 
     Rows are flushed batch by batch, so a crash or Ctrl-C keeps every finished
     prediction.  An existing ``out`` is never replaced silently: ``resume``
-    keeps its rows and predicts only the inputs it lacks (appending), and
-    ``overwrite`` starts it again; with neither it is an error.
+    keeps its rows and predicts the inputs after them (appending), and
+    ``overwrite`` starts it again; with neither it is an error (unless it is
+    our header alone).  Options and inputs are checked before ``out`` is
+    touched, and ``out`` is locked for the whole run.
     """
+    check_options(batch_size, top_k)
     records = collect_inputs(inputs)
     batch_size = predictor.batch_size if batch_size is None else batch_size
-    top_k = max(1, min(top_k, len(predictor.labels)))
+    top_k = min(top_k, len(predictor.labels))
     columns = row_columns(top_k)
     out = Path(out)
+    _check_output_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    kept = 0
-    if not overwrite and _holds_rows(out):  # a file with a header alone holds nothing to lose
-        if not resume:
-            raise UserError(f"{out} already exists; add --resume to finish it (only the images it lacks are"
-                            " predicted) or --overwrite to replace it")
-        finished = _finished_paths(out, columns)
-        kept = len(finished)
-        records = [r for r in records if os.path.abspath(r.path) not in finished]
-        log.info("resuming %s: %d rows kept, %d images to go", out, kept, len(records))
-    append = kept > 0
+    with output_lock(out):
+        kept = _rows_to_keep(out, columns, records, resume, overwrite)
+        records = records[kept:]
+        return _write_rows(predictor, records, out, columns, batch_size, top_k, kept, progress)
+
+
+def _write_rows(predictor: Predictor, records: list[Record], out: Path, columns: list[str], batch_size: int,
+                top_k: int, kept: int, progress: bool) -> dict:
     done = errors = 0
-    with out.open("a" if append else "w", newline="") as handle:
+    # surrogateescape: a file name that is not valid UTF-8 is written as its own bytes, not a crash
+    with out.open("a" if kept else "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
-        if not append:
+        if not kept:
             writer.writeheader()
+            handle.flush()  # a crash before the first batch leaves our header, which may be replaced
         bar = tqdm(total=len(records), unit="img", desc="predict", disable=not progress)
         try:
             for row in predictor.iter_predict(records, batch_size, top_k):
@@ -146,29 +176,190 @@ def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Pa
     return {"images": done, "errors": errors, "kept": kept, "out": str(out)}
 
 
-def _holds_rows(out: Path) -> bool:
-    """True when ``out`` exists with at least one line after its header."""
+# --------------------------------------------------------------------------- the output file
+
+
+@contextmanager
+def output_lock(out: Path):
+    """Hold an exclusive lock on ``OUT.lock`` for the block; a UserError when another process holds it.
+
+    The lock file is removed on the way out while still locked; a process that
+    opened it meanwhile sees another inode after locking and retries, so two
+    runs never both believe they hold the lock.
+    """
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    lock_path = out.with_name(out.name + ".lock")
+    fd = _acquire(lock_path, out)
     try:
-        with out.open("rb") as handle:
-            return len([line for _, line in zip(range(2), handle) if line.strip()]) > 1
+        yield
+    finally:
+        try:
+            os.unlink(lock_path)
+        except OSError:
+            pass
+        os.close(fd)  # releases the lock (also on Ctrl-C and exceptions; the kernel does it on a kill)
+
+
+def _acquire(lock_path: Path, out: Path) -> int:
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NONBLOCK", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{out} is being written by another imgcls predict (it holds {lock_path});"
+                            " wait for that run to finish, or choose another --out") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_inode(fd, lock_path):
+            return fd
+        os.close(fd)  # the previous holder removed this lock file as we locked it: take the new one
+
+
+def _same_inode(fd: int, path: Path) -> bool:
+    try:
+        held, now = os.fstat(fd), os.stat(path)
     except FileNotFoundError:
         return False
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
 
 
-def _finished_paths(out: Path, columns: list[str]) -> set[str]:
-    """Paths already predicted in ``out`` (absolute, so ``photos/x.jpg`` matches ``./photos/x.jpg``);
-    a last line cut off by a crash is dropped from the file."""
-    data = out.read_bytes()
-    if not data.endswith(b"\n"):  # killed mid-row: keep whole rows only
-        data = data[: data.rfind(b"\n") + 1]
+def _check_output_path(out: Path) -> None:
+    try:
+        mode = os.stat(out).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{out} exists and is not a regular file; --out must name a CSV file to write")
+
+
+def _rows_to_keep(out: Path, columns: list[str], records: list[Record], resume: bool, overwrite: bool) -> int:
+    """How many inputs ``out`` already holds (0: write it afresh); UserErrors for files not to be touched."""
+    if overwrite or _replaceable(out):
+        return 0
+    header = _first_line(out)
+    ours = _is_our_header(header)
+    if not resume:
+        if ours:
+            raise UserError(f"{out} already exists; add --resume to finish it (only the images it lacks are"
+                            " predicted) or --overwrite to replace it")
+        raise UserError(f"{out} already exists and is not an imgcls predict CSV; choose another --out,"
+                        " or add --overwrite to replace it")
+    if not ours:
+        raise UserError(f"{out} is not an imgcls predict CSV (its first line is {','.join(header)[:80]!r}); --resume"
+                        " continues a file this command wrote: choose another --out, or use --overwrite")
+    if header != columns:
+        raise UserError(f"{out} has columns {', '.join(header)}, not {', '.join(columns)} (another --top-k?);"
+                        " resume with the options that wrote it, or use --overwrite")
+    done = _complete_rows(out, columns)
+    _check_same_inputs(out, done, records)
+    log.info("resuming %s: %d rows kept, %d images to go", out, len(done), len(records) - len(done))
+    return len(done)
+
+
+def _replaceable(out: Path) -> bool:
+    """True when ``out`` is absent, empty, or exactly our header line: there is nothing in it to lose."""
+    try:
+        if out.stat().st_size > 64 * 1024:
+            return False
+        text = out.read_bytes().decode("utf-8", "surrogateescape")
+    except FileNotFoundError:
+        return True
+    if not text:
+        return True
+    line = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else None
+    return line is not None and "\n" not in line and "\r" not in line and _is_our_header(line.split(","))
+
+
+def _first_line(out: Path) -> list[str]:
+    with out.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        try:
+            return next(csv.reader([handle.readline(64 * 1024)]), [])
+        except csv.Error:
+            return []
+
+
+def _is_our_header(fields: list[str]) -> bool:
+    ranked = (len(fields) - 4) // 2
+    return fields in (row_columns(1), row_columns(max(2, ranked)))
+
+
+def _complete_rows(out: Path, columns: list[str]) -> list[str]:
+    """The paths of the complete rows of ``out``, in order.
+
+    A last row cut off by a crash (the bytes do not read back as the row the
+    csv module writes) is dropped from the file; an unreadable row anywhere
+    else is an error, never silently dropped.
+    """
+    text = out.read_bytes().decode("utf-8", "surrogateescape")
+    paths = []
+    reader, consumed = _counting_reader(text)
+    next(reader)  # the header, already checked
+    good_end = consumed()
+    line = 2
+    try:
+        for fields in reader:
+            chunk, good = text[good_end:consumed()], len(fields) == len(columns)
+            if not good or _csv_line(fields).rstrip("\r\n") != chunk.rstrip("\r\n") or not chunk.endswith("\n"):
+                if consumed() < len(text):  # only the last row may be cut off
+                    raise UserError(f"{out}:{line}: not a row imgcls predict wrote; fix or delete that line,"
+                                    " or use --overwrite")
+                break
+            paths.append(fields[0])
+            good_end = consumed()
+            line += chunk.count("\n")
+    except csv.Error as err:
+        raise UserError(f"{out}:{line}: not a CSV row ({err}); fix or delete that line, or use --overwrite") from None
+    if good_end < len(text):  # killed mid-row: keep whole rows only
         with out.open("r+b") as handle:
-            handle.truncate(len(data))
-    lines = data.decode("utf-8").splitlines()
-    reader = csv.DictReader(lines)
-    if reader.fieldnames != columns:
-        raise UserError(f"{out} has columns {', '.join(reader.fieldnames or [])}, not {', '.join(columns)}"
-                        " (another --top-k?); resume with the options that wrote it, or use --overwrite")
-    return {os.path.abspath(row["path"]) for row in reader}
+            handle.truncate(len(text[:good_end].encode("utf-8", "surrogateescape")))
+    return paths
+
+
+def _counting_reader(text: str):
+    """A csv reader over ``text`` and a function telling how many characters it has consumed
+    (the reader pulls one line at a time and never reads past the end of a record)."""
+    count = [0]
+
+    def lines():
+        for piece in io.StringIO(text, newline=""):
+            count[0] += len(piece)
+            yield piece
+
+    return csv.reader(lines()), lambda: count[0]
+
+
+def _csv_line(fields: list[str]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(fields)
+    return buffer.getvalue()
+
+
+def _check_same_inputs(out: Path, done: list[str], records: list[Record]) -> None:
+    """Row i of ``out`` must be input i: otherwise the file was written for other inputs."""
+    fix = "resume with the inputs (and order) that wrote it, or use --overwrite"
+    if len(done) > len(records):
+        raise UserError(f"{out} holds {len(done)} rows but there are only {len(records)} inputs; it was written"
+                        f" for other inputs: {fix}")
+    for i, (written, record) in enumerate(zip(done, records), start=1):
+        if not _same_input(written, record.path):
+            raise UserError(f"{out}: row {i} is {written!r} but input {i} is {str(record.path)!r}; the file was"
+                            f" written for other inputs: {fix}")
+
+
+def _same_input(written: str, path: Path) -> bool:
+    """``written`` (a path column) names ``path``: as given, resolved absolute, or (written relative from
+    another working directory) as the tail of its absolute path."""
+    given = str(path)
+    if written == given or os.path.abspath(written) == os.path.abspath(given):
+        return True
+    if os.path.isabs(written):
+        return False
+    tail = tuple(p for p in Path(os.path.normpath(written)).parts if p not in ("..", "."))
+    return bool(tail) and Path(os.path.abspath(given)).parts[-len(tail):] == tail
 
 
 # --------------------------------------------------------------------------- loading

@@ -68,28 +68,72 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the run is shared like any other file
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
+            # file names that are not valid UTF-8 are written back as their own bytes
+            handle.write(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _broken(path, what: str, err: BaseException, fix: str) -> UserError:
+    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return UserError(f"{path}: not a valid {what} ({reason}); {fix}")
+
+
 def write_json(path: str | Path, data) -> None:
     atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def read_json(path: str | Path):
-    return json.loads(Path(path).read_text())
+def read_json(path: str | Path, fix: str = "delete or restore it"):
+    """A JSON file of the run; a UserError naming the file when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _broken(path, "JSON file", err, fix) from None
 
 
 def write_yaml(path: str | Path, data) -> None:
     atomic_write(path, yaml.safe_dump(data, sort_keys=False))
 
 
-def read_yaml(path: str | Path) -> dict:
-    return yaml.safe_load(Path(path).read_text()) or {}
+def read_yaml(path: str | Path, fix: str = "restore it or train a new run") -> dict:
+    """A YAML mapping (config.yaml); a UserError naming the file when it is anything else."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise _broken(path, "YAML file", err, fix) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of options, found a {type(data).__name__}; {fix}")
+    return data
+
+
+def read_preprocess(path: str | Path, fix: str = "restore it or train a new run") -> Preprocess:
+    """``preprocess.json``; a UserError naming the file when it is not a valid spec."""
+    return preprocess_from(read_json(path, fix), path, fix)
+
+
+def preprocess_from(data, where, fix: str) -> Preprocess:
+    """A Preprocess from stored metadata; a UserError naming ``where`` when it does not make one."""
+    try:
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+        spec = Preprocess.from_dict(data)
+        if not (isinstance(spec.input_size, int) and spec.input_size > 0 and len(spec.mean) == 3
+                and len(spec.std) == 3 and all(float(v) > 0 for v in spec.std)):
+            raise ValueError(f"input_size {spec.input_size!r}, mean {spec.mean!r}, std {spec.std!r}")
+        _ = spec.resize_size, spec.pil_interpolation  # the derived values must compute too
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise _broken(where, "preprocessing spec", err, fix) from None
+    return spec
 
 
 def require_run_dir(path: str | Path) -> Path:
@@ -118,9 +162,25 @@ def weights_meta(path: str | Path) -> dict | None:
         return None
     from safetensors import safe_open  # framework="pt" below imports torch; see save_weights
 
-    with safe_open(str(path), framework="pt") as handle:
-        meta = (handle.metadata() or {}).get("imgcls")
-    return json.loads(meta) if meta else None
+    fix = "the file is truncated or corrupt: copy it again, or train a new run"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = (handle.metadata() or {}).get("imgcls")
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
+        raise _broken(path, "safetensors file", err, fix) from None
+    if not meta:
+        return None
+    try:
+        meta = json.loads(meta)
+        if not (isinstance(meta, dict) and isinstance(meta.get("model"), str)
+                and isinstance(meta.get("labels"), list) and meta["labels"]
+                and all(isinstance(x, str) for x in meta["labels"])
+                and isinstance(meta.get("build", {}), dict)):
+            raise ValueError("expected model (text), labels (a list of text), preprocess and build")
+    except ValueError as err:
+        raise _broken(path, "imgcls model file: its metadata", err, fix) from None
+    preprocess_from(meta.get("preprocess"), f"{path} (its metadata)", fix)
+    return meta
 
 
 def read_weights_meta(path: str | Path) -> dict:
@@ -150,12 +210,29 @@ def read_split(path: str | Path) -> list[dict[str, str]]:
         path = path / SPLIT
     if not path.exists():
         return []
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
         return list(csv.DictReader(handle))
 
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds",
                   "images_per_second")
+
+
+def truncate_metrics(run_dir: str | Path, epochs: int) -> None:
+    """Keep the rows of ``metrics.csv`` up to ``epochs`` (a resume repeats what came after its checkpoint)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    kept = [r for r in rows if r.get("epoch", "").isdigit() and int(r["epoch"]) <= epochs]
+    if len(kept) == len(rows):
+        return
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write(path, out.getvalue())
 
 
 def append_metrics(run_dir: str | Path, row: dict) -> None:

@@ -16,7 +16,16 @@ page) opens images through :func:`open_image`, so they all agree on:
   to 8 bits by Pillow (high byte), which differs from rounding by at most 1.
   Floating-point images (mode ``F``) have no agreed range and are refused.
 * **Size limit**: images with more than :data:`MAX_PIXELS` pixels are refused
-  from the header alone, before any pixel memory is allocated.
+  from the header alone, before any pixel memory is allocated.  So are images
+  whose *resized* size would be too large: an aspect ratio beyond
+  :data:`MAX_ASPECT`, or (with ``min_size``, the shorter side every caller
+  resizes to) more than :data:`imgcls.data.preprocess.MAX_RESIZED_PIXELS`
+  after that resize.  A 4 KB PNG of 1 x 2,000,000 pixels passes the pixel
+  limit but would need gigabytes once its shorter side is scaled up.
+* **Regular files only**: :func:`open_regular` opens without blocking and
+  refuses FIFOs, sockets and devices ("not a regular file (a FIFO)"), so a
+  named pipe in a CSV never hangs a reader.  Readers of other files (CSV
+  lists) use it too.
 * **Failures**: every way a file can fail to decode (missing, zero bytes, not
   an image, truncated, corrupt, unsupported format, too large) becomes an
   :class:`ImageError` with a short human reason.  Truncated files are always
@@ -41,20 +50,23 @@ prediction runtime uses this module without torch.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
-from .preprocess import Preprocess, resize_and_crop
+from .preprocess import MAX_RESIZED_PIXELS, Preprocess, resize_and_crop, resized_size
 
 try:  # optional fast path; Pillow does the same job a little slower
     import simplejpeg as _simplejpeg
 except ImportError:  # pragma: no cover - simplejpeg is a core dependency
     _simplejpeg = None
 
-__all__ = ["ImageError", "MAX_PIXELS", "open_image", "load_uint8", "jpeg_draft_scale"]
+__all__ = ["ImageError", "NotRegularFileError", "MAX_PIXELS", "MAX_ASPECT", "open_image", "open_regular",
+           "load_uint8", "jpeg_draft_scale"]
 
 #: Images with more pixels than this are refused (decompression bombs).  The
 #: default is the size at which Pillow itself raises ``DecompressionBombError``
@@ -62,6 +74,11 @@ __all__ = ["ImageError", "MAX_PIXELS", "open_image", "load_uint8", "jpeg_draft_s
 #: further also needs ``PIL.Image.MAX_IMAGE_PIXELS`` raised, because Pillow
 #: refuses such files in ``Image.open`` before we see them.
 MAX_PIXELS = 2 * 89_478_485  # 178,956,970
+
+#: Longer side / shorter side beyond which an image is refused whatever it is
+#: resized to: at the default 256 px shorter side this is the same bound as
+#: MAX_RESIZED_PIXELS (64 Mpx), so the scan, training and prediction agree.
+MAX_ASPECT = 1000
 
 _ORIENTATION_TAG = 0x0112
 # EXIF orientation -> transpose; the same table as PIL.ImageOps.exif_transpose,
@@ -91,6 +108,10 @@ _IMAGE_SIGNATURES = (
     (0, b"\xff\xd8\xff", "JPEG"), (0, b"\x89PNG\r\n\x1a\n", "PNG"), (0, b"GIF8", "GIF"),
     (0, b"BM", "BMP"), (8, b"WEBP", "WebP"), (0, b"II*\x00", "TIFF"), (0, b"MM\x00*", "TIFF"),
 )
+
+
+class NotRegularFileError(OSError):
+    """:func:`open_regular` met a FIFO, socket or device; ``strerror`` says which."""
 
 
 class ImageError(Exception):
@@ -138,13 +159,15 @@ def open_image(path: str | os.PathLike, min_size: int | None = None) -> Image.Im
     """
     path = Path(path)
     try:
-        fp = open(path, "rb")
+        fp = open_regular(path)
     except FileNotFoundError:
         raise ImageError("file not found", path) from None
     except IsADirectoryError:
         raise ImageError("not a file (a directory)", path) from None
     except PermissionError:
         raise ImageError("permission denied", path) from None
+    except NotRegularFileError as exc:
+        raise ImageError(exc.strerror, path) from None
     except OSError as exc:
         raise ImageError(f"cannot read file ({exc.strerror or exc})", path) from None
     with fp:
@@ -158,6 +181,39 @@ def open_image(path: str | os.PathLike, min_size: int | None = None) -> Image.Im
             raise ImageError("out of memory while decoding", path) from None
         except Exception as exc:  # noqa: BLE001 - every decode failure becomes a reason
             raise ImageError(_failure_reason(exc, fp), path) from None
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open ``path`` for binary reading if it is a regular file.
+
+    Opened non-blocking where the platform allows, so a FIFO with no writer
+    cannot hang the caller, then checked with ``fstat`` (no race with a file
+    swapped after a ``stat``).  Raises ``FileNotFoundError``,
+    ``IsADirectoryError``, ``PermissionError``, :class:`NotRegularFileError`
+    ("not a regular file (a FIFO)") or another ``OSError``.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, "Is a directory", str(path))
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(0, f"not a regular file ({_file_kind(mode)})", str(path))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)  # a regular file: ordinary reads from here on
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def load_uint8(path: str | os.PathLike, spec: Preprocess) -> np.ndarray:
@@ -181,6 +237,7 @@ def _decode(fp, path: Path, min_size: int | None) -> Image.Image:
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise ImageError(_too_large(width, height), path)
+    _check_resizable(width, height, min_size, path)
 
     scale = 1
     if min_size and isinstance(image, JpegImageFile):
@@ -254,6 +311,17 @@ def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
         return image.convert("RGB")
     except ValueError:
         raise ImageError(f"unsupported pixel mode {mode}", path) from None
+
+
+def _check_resizable(width: int, height: int, min_size: int | None, path: Path) -> None:
+    """Refuse, from the header, an image whose resize would need far more memory than its decode."""
+    if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+        raise ImageError(f"extreme aspect ratio: {width}x{height} pixels (limit {MAX_ASPECT}:1)", path)
+    if min_size:
+        new_w, new_h = resized_size((width, height), min_size)
+        if new_w * new_h > MAX_RESIZED_PIXELS:
+            raise ImageError(f"extreme aspect ratio: {width}x{height} pixels would be {new_w}x{new_h} once"
+                             f" resized to a shorter side of {min_size} (limit {MAX_RESIZED_PIXELS} pixels)", path)
 
 
 def _too_large(width: int, height: int) -> str:

@@ -17,6 +17,11 @@ Conventions (the same as timm's eval transform):
 * Scaling to [0, 1] and per-channel normalization ``(x - mean) / std`` happen
   inside the model wrapper (:class:`imgcls.models.classifier.Classifier`), so
   images travel as uint8 until the last moment.
+
+A spec that does not make sense (non-numeric sizes, a mean of two values, an
+unknown mode) raises :class:`SpecError`, a :class:`UserError` that is also a
+``ValueError``, so loaders of stored specs (``imgcls.rundir.preprocess_from``)
+name the file it came from.
 """
 
 from __future__ import annotations
@@ -41,6 +46,39 @@ _INTERPOLATIONS = {
 }
 _RESIZE_MODES = ("shorter", "squash")
 
+#: The largest image a shorter-side resize may produce (64 Mpx, 192 MB of RGB).
+#: :func:`imgcls.data.decode.open_image` refuses larger targets from the header.
+MAX_RESIZED_PIXELS = 64 * 1024 * 1024
+
+
+class SpecError(UserError, ValueError):
+    """A preprocessing spec that does not make sense (a ValueError too, for loaders naming the file)."""
+
+
+def _finite(name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SpecError(f"{name} must be a number, not {value!r}") from None
+    if not math.isfinite(number) or isinstance(value, bool):
+        raise SpecError(f"{name} must be a finite number, not {value!r}")
+    return number
+
+
+def _triple(name: str, values) -> tuple[float, float, float]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) != 3:
+        raise SpecError(f"{name} needs three values (R, G, B), not {values!r}")
+    return tuple(_finite(f"{name}[{i}]", v) for i, v in enumerate(values))
+
+
+def resized_size(size: tuple[int, int], short: int) -> tuple[int, int]:
+    """(W, H) after resizing the shorter side to ``short``; the long side is truncated, as
+    torchvision's Resize(int) does, so both eval paths agree to the pixel."""
+    w, h = size
+    if w <= h:
+        return short, int(h * short / w)
+    return int(w * short / h), short
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -55,21 +93,26 @@ class Preprocess:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        if self.resize not in _RESIZE_MODES:
-            raise UserError(f"unknown resize mode {self.resize!r}; use one of {', '.join(_RESIZE_MODES)}")
-        if self.interpolation not in _INTERPOLATIONS:
-            raise UserError(
+        if not isinstance(self.resize, str) or self.resize not in _RESIZE_MODES:
+            raise SpecError(f"unknown resize mode {self.resize!r}; use one of {', '.join(_RESIZE_MODES)}")
+        if not isinstance(self.interpolation, str) or self.interpolation not in _INTERPOLATIONS:
+            raise SpecError(
                 f"unknown interpolation {self.interpolation!r}; use one of {', '.join(_INTERPOLATIONS)}"
             )
-        if not 8 <= int(self.input_size) <= 2048:
-            raise UserError(f"input size {self.input_size} is out of range (8..2048 pixels)")
-        if not 0.1 <= float(self.crop_pct) <= 1.0:
-            raise UserError(f"crop_pct {self.crop_pct} must lie in [0.1, 1.0]")
-        object.__setattr__(self, "input_size", int(self.input_size))
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise UserError("mean and std need three values each (R, G, B), std > 0")
+        input_size = _finite("input_size", self.input_size)
+        if input_size != int(input_size) or not 8 <= input_size <= 2048:
+            raise SpecError(f"input size {self.input_size!r} is out of range (a whole number, 8..2048 pixels)")
+        crop_pct = _finite("crop_pct", self.crop_pct)
+        if not 0.1 <= crop_pct <= 1.0:
+            raise SpecError(f"crop_pct {self.crop_pct!r} must lie in [0.1, 1.0]")
+        object.__setattr__(self, "input_size", int(input_size))
+        object.__setattr__(self, "crop_pct", crop_pct)
+        object.__setattr__(self, "mean", _triple("mean", self.mean))
+        object.__setattr__(self, "std", _triple("std", self.std))
+        if min(self.std) <= 0:
+            raise SpecError(f"std must be > 0 for each of R, G, B, not {list(self.std)}")
+        if not isinstance(self.extra, dict):
+            raise SpecError(f"extra must be a mapping, not {self.extra!r}")
 
     @property
     def resize_size(self) -> int:
@@ -97,6 +140,8 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocess":
+        if not isinstance(data, dict):
+            raise SpecError(f"a preprocessing spec is a mapping of options, not {type(data).__name__}")
         known = {k: data[k] for k in ("input_size", "resize", "crop_pct", "mean", "std", "interpolation", "extra") if k in data}
         return cls(**known)
 
@@ -121,14 +166,11 @@ def resize_and_crop(image: Image.Image, spec: Preprocess) -> np.ndarray:
     if spec.resize == "squash":
         image = image.resize((size, size), spec.pil_interpolation)
     else:
-        w, h = image.size
-        short = spec.resize_size
-        # long side truncated, as torchvision's Resize(int) does, so both paths agree to the pixel
-        if w <= h:
-            new_w, new_h = short, int(h * short / w)
-        else:
-            new_w, new_h = int(w * short / h), short
-        if (new_w, new_h) != (w, h):
+        new_w, new_h = resized_size(image.size, spec.resize_size)
+        if new_w * new_h > MAX_RESIZED_PIXELS:  # open_image refuses these from the header; a caller's own image
+            raise ValueError(f"a {image.size[0]}x{image.size[1]} image would be {new_w}x{new_h} once resized"
+                            f" (limit {MAX_RESIZED_PIXELS} pixels); crop it first")
+        if (new_w, new_h) != image.size:
             image = image.resize((new_w, new_h), spec.pil_interpolation)
         left = int(round((new_w - size) / 2.0))
         top = int(round((new_h - size) / 2.0))

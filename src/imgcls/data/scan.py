@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..system import default_workers
-from .decode import ImageError, open_image
+from .decode import ImageError, open_image, open_regular
 
 __all__ = ["check_image", "scan_paths", "find_duplicates", "typical_short_side"]
 
@@ -73,7 +73,7 @@ def typical_short_side(paths: list[str | os.PathLike], sample: int = 256, seed: 
     sides = []
     for path in chosen:
         try:
-            with Image.open(path) as image:
+            with open_regular(path) as handle, Image.open(handle) as image:  # a FIFO must not hang
                 sides.append(min(image.size))
         except Exception:  # unreadable files are the scan's business, not this estimate's
             continue
@@ -114,7 +114,7 @@ def find_duplicates(paths: Iterable[str | os.PathLike], workers: int | None = No
 def _file_digest(path: Path) -> tuple[int, bytes] | None:
     digest = hashlib.blake2b(digest_size=20)
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             size = 0
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)  # releases the GIL for large chunks

@@ -8,6 +8,7 @@ validation image when it has two or more.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter, defaultdict
 
@@ -16,12 +17,15 @@ from .records import Record
 
 def split_records(records: list[Record], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Record], list[Record]]:
     """Split into (train, val).  Groups stay whole; a group counts toward the
-    class most of its records carry."""
+    class most of its records carry.  Rows naming the same file (however the
+    path is spelled) count as one group, so a file never sits on both sides."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError("val_fraction must lie strictly between 0 and 1")
     units: dict[str, list[Record]] = defaultdict(list)
+    first: dict[str, int] = {}
     for i, record in enumerate(records):
-        units[record.group if record.group is not None else f"\0{i}"].append(record)
+        same_file = first.setdefault(os.path.abspath(record.path), i)
+        units[record.group if record.group is not None else f"\0{same_file}"].append(record)
     by_class: dict[str, list[str]] = defaultdict(list)
     for key, members in units.items():
         majority = Counter(r.label for r in members).most_common(1)[0][0]

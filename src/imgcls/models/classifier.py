@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from .. import rundir
@@ -41,8 +43,6 @@ class Classifier(nn.Module):
         the network; a UserError when the file is not an imgcls model or its
         weights do not fit that network.
         """
-        from safetensors.torch import load_file
-
         weights = Path(weights_path)
         meta = rundir.read_weights_meta(weights)
         preprocess = Preprocess.from_dict(meta["preprocess"])
@@ -51,6 +51,9 @@ class Classifier(nn.Module):
                            build.get("se", False))
         try:
             net.load_state_dict(load_file(str(weights)))
+        except SafetensorError as err:
+            raise UserError(f"{weights}: not a readable safetensors file ({err}); the file is truncated or"
+                            " corrupt: copy it again, or train a new run") from None
         except RuntimeError as err:
             raise UserError(f"{weights}: the weights do not fit model {meta['model']}: {str(err).splitlines()[0]}") from None
         return cls(net, preprocess).eval(), meta

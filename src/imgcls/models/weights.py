@@ -184,17 +184,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            found = re.search(r"(?:Unsupported global: GLOBAL|reduce for) ([\w.]+)", str(exc))
             if found is None:  # not a pickle torch understands at all
                 raise UserError(f"{path}: not a readable PyTorch weight file (corrupt or another format)") from None
+            example = f" (e.g. {found.group(1)})"
             raise UserError(
-                f"{path}: holds pickled Python objects besides tensors (e.g. {found.group(1)}); imgcls loads"
+                f"{path}: holds pickled Python objects besides tensors{example}; imgcls loads"
                 " .pth files with torch.load(weights_only=True) because unpickling can run arbitrary code."
                 " If you trust the file, re-save just its weights: torch.save(torch.load(FILE,"
                 " weights_only=False).state_dict(), 'weights.pth'), or convert it to .safetensors"
             ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise UserError(f"{path}: not a readable PyTorch weight file ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - a damaged pickle fails in struct, zipfile, EOF, ... alike
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{path}: not a readable PyTorch weight file ({reason})") from None
         return unwrap_checkpoint(obj, path)
     raise UserError(
         f"--weights {path}: unknown weight file type {suffix or '(no suffix)'!r};"

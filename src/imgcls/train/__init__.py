@@ -19,6 +19,7 @@ command line builds its ``train`` parser from it for every command.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import types
@@ -56,10 +57,14 @@ def train(data: str | Path | None, out: str | Path, model: str = "resnet18", res
         if not (Path(out) / rundir.CONFIG).exists():
             raise UserError(f"{out}: nothing to resume (no {rundir.CONFIG})")
         saved = rundir.read_yaml(Path(out) / rundir.CONFIG)
+        saved["out"] = str(out)  # the run named, always: a copied run continues in the copy
         if options.get("epochs") is not None:
             saved["epochs"] = options["epochs"]
         return run(TrainConfig.from_dict(saved), resume=True, progress=progress)
-    cfg = TrainConfig.from_dict({"data": str(data), "out": str(out), "model": model,
+    if options.get("weights"):
+        options["weights"] = os.path.abspath(options["weights"])
+    # stored absolute, so that a resume from anywhere (or of a copy) finds the same data
+    cfg = TrainConfig.from_dict({"data": os.path.abspath(data), "out": str(out), "model": model,
                                  **with_strategy_defaults(options)})
     return run(cfg, progress=progress)
 

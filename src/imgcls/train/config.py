@@ -167,10 +167,26 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, f.name)
         if value is None:
             continue
+        _check_type(f, opt, value)
         if opt.choices is not None and value not in opt.choices():
             raise UserError(f"unknown {flag(f.name)} {value!r}; use one of {', '.join(opt.choices())}")
         if opt.range is not None and value not in opt.range:
             raise UserError(f"{flag(f.name)} {value} is out of range: it must be {opt.range}")
+
+
+def _check_type(f, opt: Option, value) -> None:
+    kind = _scalar_type(f)
+    ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), str: lambda v: isinstance(v, str),
+          dict: lambda v: isinstance(v, dict)}.get(kind, lambda v: True)
+    if opt.nargs:
+        good = isinstance(value, (list, tuple)) and len(value) == opt.nargs and all(ok(v) for v in value)
+    else:
+        good = ok(value)
+    if not good:
+        what = f"{opt.nargs} numbers" if opt.nargs else {bool: "true or false", int: "a whole number",
+                                                        float: "a number", str: "text", dict: "a mapping"}[kind]
+        raise UserError(f"{flag(f.name)} {value!r} is not {what}")
 
 
 # --------------------------------------------------------------------------- command line

@@ -49,7 +49,7 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
     summary = {"model": s.cfg.model, "classes": s.classes, "strategy": fit.strategy,
                "best_val_accuracy": fit.best_val_accuracy, "best_epoch": fit.best_epoch, "epochs": fit.epochs,
                "epochs_planned": s.cfg.epochs, "train_seconds": round(train_seconds, 2), "n_train": len(s.train_set),
-               "n_val": len(s.val_set), "stopped_early": fit.stopped_early, "interrupted": fit.interrupted,
+               "n_val": len(s.val_set), "stopped_early": fit.stopped_early, "interrupted": fit.interrupted, "signal": fit.signal,
                "device": str(s.device), "amp": str(s.amp_dtype).replace("torch.", "") if s.amp_dtype else "off"}
     if s.source.report is not None:
         summary["initial_weights"] = s.source.report.summary()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import pickle
 import random
 import signal
 import time
@@ -123,6 +124,7 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
         start_epoch, best, best_epoch, bad_epochs = (state["epoch"], state["best_val_accuracy"], state["best_epoch"],
                                                      state["bad_epochs"])
         torch.set_rng_state(state["rng"]["torch"])
+        rundir.truncate_metrics(run_dir, start_epoch)  # rows written after the checkpoint: done again
         log.info("resuming %s after epoch %d (best val accuracy %.4f)", run_dir, start_epoch, best)
 
     stopped_early = interrupted = False
@@ -164,7 +166,8 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
         except (KeyboardInterrupt, _StopRequested):
             interrupted = True
             log.warning("training interrupted after epoch %d; continue with: imgcls train --resume %s", epoch, run_dir)
-    return Fit(best, best_epoch, epoch, stopped_early, interrupted)
+    return Fit(best, best_epoch, epoch, stopped_early, interrupted,
+               signal=(interrupt.signum or signal.SIGINT) if interrupted else None)
 
 
 # --------------------------------------------------------------------------- interrupts, checkpoints, seeds
@@ -176,6 +179,7 @@ class GracefulInterrupt:
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
 
     def __enter__(self):
         self._old = {}
@@ -190,6 +194,7 @@ class GracefulInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         log.warning("interrupt received: finishing this epoch's checkpoint, then stopping (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
@@ -219,8 +224,13 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: not a readable checkpoint (damaged, or not written by imgcls); start a fresh"
+                        " run instead of --resume") from None
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is a user-facing problem
-        raise UserError(f"{path}: cannot read the checkpoint ({err}); start a fresh run instead of --resume") from None
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: cannot read the checkpoint ({reason}); start a fresh run instead of"
+                        " --resume") from None
 
 
 def seed_epoch(seed: int, epoch: int) -> torch.Generator:

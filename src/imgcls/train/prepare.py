@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,11 +188,19 @@ def scan(cfg: TrainConfig, splits: dict[str, list[Record]], spec: Preprocess, au
 
 
 def _duplicates(splits: dict[str, list[Record]], workers: int) -> list[dict]:
-    """Groups of byte-identical files, each with the split and label of every copy."""
-    where = {r.path: (name, r.label) for name, records in splits.items() for r in records}
-    return [{"paths": [str(p) for p in group], "splits": [where[p][0] for p in group],
-             "labels": [where[p][1] for p in group]}
-            for group in find_duplicates(list(where), workers=workers)]
+    """Groups of rows naming the same file, and of byte-identical files, each with the split
+    and label of every copy."""
+    rows: dict[str, list[tuple[Record, str]]] = {}
+    for name, records in splits.items():
+        for r in records:
+            rows.setdefault(os.path.abspath(r.path), []).append((r, name))
+    groups = [{"kind": "same file", "paths": [str(r.path) for r, _ in copies], "splits": [s for _, s in copies],
+               "labels": [r.label for r, _ in copies]} for copies in rows.values() if len(copies) > 1]
+    where = {copies[0][0].path: (copies[0][1], copies[0][0].label) for copies in rows.values()}
+    groups += [{"kind": "identical bytes", "paths": [str(p) for p in group], "splits": [where[p][0] for p in group],
+                "labels": [where[p][1] for p in group]}
+               for group in find_duplicates(list(where), workers=workers)]
+    return groups
 
 
 def _report_scan(result: ScanResult, classes: list[str], run_dir: Path) -> None:
@@ -201,7 +210,7 @@ def _report_scan(result: ScanResult, classes: list[str], run_dir: Path) -> None:
     if result.duplicates:
         leaks = sum(len(set(d["splits"])) > 1 for d in result.duplicates)
         conflicts = sum(len(set(d["labels"])) > 1 for d in result.duplicates)
-        log.warning("%d group(s) of identical files: %d across splits (validation scores them as if unseen), %d"
+        log.warning("%d group(s) of repeated or identical files: %d across splits (validation scores them as if unseen), %d"
                     " with different labels; listed in %s", len(result.duplicates), leaks, conflicts,
                     run_dir / rundir.SCAN)
     train_counts = result.counts()["train"]
@@ -254,10 +263,14 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
                         f" not {cfg.input_size}; pick another --input-size")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file; the run directory needs a new or existing folder")
+    if not resume and run_dir.is_dir() and not (run_dir / rundir.CONFIG).exists() and any(run_dir.iterdir()):
+        raise UserError(f"--out {run_dir} is a folder with other files in it, not an imgcls run; training would"
+                        " write beside them: choose a new or empty folder")
     source = resolve_source(cfg)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
     run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())  # first: the folder is recognisably a run
     if not resume:
         (run_dir / rundir.METRICS).unlink(missing_ok=True)  # left by a run that never saved weights
     augment = Augment.from_dict(cfg.augment)
@@ -265,7 +278,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
 
     splits, classes = split_dataset(cfg)
     # a resumed run decodes exactly as it did before (the cache depends on the sizes)
-    geometry = (Preprocess.load(run_dir / rundir.PREPROCESS) if resume
+    geometry = (rundir.read_preprocess(run_dir / rundir.PREPROCESS) if resume
                 else resolve_geometry(cfg, source, splits["train"]))
     scanned = scan(cfg, splits, geometry, augment, progress)
     _report_scan(scanned, classes, run_dir)
@@ -282,7 +295,6 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     preprocess = geometry if resume else resolve_normalization(cfg, source, geometry, pixels)
     preprocess.save(run_dir / rundir.PREPROCESS)
     rundir.write_json(run_dir / rundir.LABELS, classes)
-    rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())
 
     model = Classifier(create_model(cfg.model, len(classes), preprocess.input_size, cfg.norm, cfg.se), preprocess)
     if not resume:

@@ -50,6 +50,7 @@ class Fit:
     stopped_early: bool = False
     interrupted: bool = False
     strategy: str = "finetune"
+    signal: int | None = None        # the signal that interrupted it (SIGINT, SIGTERM)
 
 
 @dataclass

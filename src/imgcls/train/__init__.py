@@ -61,6 +61,8 @@ def train(data: str | Path | None, out: str | Path, model: str = "resnet18", res
         if options.get("epochs") is not None:
             saved["epochs"] = options["epochs"]
         return run(TrainConfig.from_dict(saved), resume=True, progress=progress)
+    if data is None:
+        raise UserError("training needs data: a folder of class folders or a CSV")
     if options.get("weights"):
         options["weights"] = os.path.abspath(options["weights"])
     # stored absolute, so that a resume from anywhere (or of a copy) finds the same data

@@ -274,3 +274,25 @@ def test_balanced_class_weights_rescue_a_rare_class():
         pred = (torch.from_numpy(test[:, 0]) @ fit.weight.T + fit.bias).argmax(1).numpy()
         recall[mode] = (pred[y_test == 1] == 1).mean()
     assert recall["none"] < 0.2 and recall["balanced"] > 0.5, recall
+
+
+def test_a_replaced_head_starts_at_zero_so_the_first_loss_is_ln_k(tree64, tmp_path):
+    """A fresh head from the architecture's init gave logits with a std near 8 on pretrained features
+    (first fine-tuning loss ~9 for 4 classes); zeroed, every class starts at logit 0."""
+    import math
+
+    from imgcls.train.config import TrainConfig
+    from imgcls.train.prepare import prepare
+
+    _resnet18_weights(tmp_path / "r18.pth")
+    cfg = TrainConfig(data=str(tree64), out=str(tmp_path / "run"), model="resnet18", weights=str(tmp_path / "r18.pth"),
+                      input_size=32, workers=0)
+    session = prepare(cfg, progress=False)
+    assert session.source.report.head_replaced
+    images, targets = next(iter(torch.utils.data.DataLoader(session.val_set, batch_size=6)))
+    with torch.no_grad():
+        logits = session.model(images)
+    assert torch.count_nonzero(logits) == 0
+    loss = torch.nn.functional.cross_entropy(logits, targets)
+    assert loss.item() == pytest.approx(math.log(len(session.classes)))
+    assert session.source.report.source_head[0].shape == (1000, 512)  # the prior is the file's head, untouched

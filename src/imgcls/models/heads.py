@@ -12,6 +12,7 @@ discriminative learning rates.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..errors import UserError
@@ -115,6 +116,21 @@ def head_state_keys(net: nn.Module) -> set[str]:
 
 
 # --------------------------------------------------------------------------- freezing
+
+
+def zero_head(net: nn.Module) -> None:
+    """Zero the classifier head's parameters: every class starts at logit 0 (loss ln K).
+
+    A replaced head keeps its architecture's random init, which can be far from
+    that: timm's EfficientNet scales it by 1/sqrt(classes), so with 4 classes a
+    pretrained backbone's features give logits with a std near 8 and a first
+    loss near 9.  The first step then spends itself undoing the init, with large
+    gradients into the backbone.  A zero head still learns (its gradient is
+    features x (p - y)), and the backbone's gradients grow from zero with it.
+    """
+    with torch.no_grad():
+        for param in classifier_head(net).parameters():
+            param.zero_()
 
 
 def _head_module_ids(net: nn.Module) -> set[int]:

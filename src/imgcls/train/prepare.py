@@ -21,6 +21,7 @@ from ..data.split import split_records
 from ..data.stats import Pixels, compute_mean_std
 from ..errors import UserError
 from ..models.classifier import Classifier
+from ..models.heads import zero_head
 from ..models.pretrained import load_pretrained, locate_source
 from ..models.registry import create_model, default_preprocess, model_spec
 from ..models.weights import load_weights_file
@@ -65,6 +66,8 @@ def load_source(cfg: TrainConfig, source: WeightSource, net) -> None:
     else:
         source.report = load_weights_file(cfg.weights, net, model_name=cfg.model)
     log.info(source.report.summary())
+    if source.report.head_replaced:
+        zero_head(net)  # fine-tuning starts at loss ln K, not from the architecture's random head
 
 
 # --------------------------------------------------------------------------- preprocessing

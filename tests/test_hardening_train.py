@@ -25,6 +25,20 @@ def _cli(*args, cwd=None, timeout=300):
                           cwd=cwd, timeout=timeout)
 
 
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _in_process(capsys, *args):
+    """`imgcls ARGS` in this process (no interpreter and torch start-up per call), like _cli."""
+    capsys.readouterr()
+    with warnings.catch_warnings():  # -q changes the warning filters of the process
+        code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return _Result(code, captured.out, captured.err)
+
+
 FAST_ARGS = ["--model", "cifarnet", "--batch-size", "8", "--workers", "0", "--lr", "3e-3", "--warmup-epochs", "0"]
 
 
@@ -55,7 +69,7 @@ def test_resume_of_a_copy_continues_the_copy_from_any_directory(run_dir, tmp_pat
     assert Path(rundir.read_yaml(copy / rundir.CONFIG)["data"]).is_absolute()
 
 
-def test_resume_drops_metrics_rows_written_after_the_checkpoint(run_dir, tmp_path):
+def test_resume_drops_metrics_rows_written_after_the_checkpoint(run_dir, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
     # killed after epoch 2's metrics row was appended, before its checkpoint was saved
@@ -63,18 +77,18 @@ def test_resume_drops_metrics_rows_written_after_the_checkpoint(run_dir, tmp_pat
                                  "val_loss": 1.0, "val_accuracy": 0.5, "epoch_seconds": 1.0,
                                  "images_per_second": 1.0})
     assert _metric_epochs(copy) == [1, 2]
-    result = _cli("-q", "train", "--resume", copy, "--epochs", "2")
+    result = _in_process(capsys, "-q", "train", "--resume", copy, "--epochs", "2")
     assert result.returncode == 0, result.stderr
     assert _metric_epochs(copy) == [1, 2]
     assert float(list(csv.DictReader((copy / rundir.METRICS).open()))[1]["train_loss"]) != 1.0
 
 
-def test_out_folder_with_other_files_is_refused(tmp_path, run_dir):
+def test_out_folder_with_other_files_is_refused(tmp_path, run_dir, capsys):
     mine = tmp_path / "my_stuff"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
     (mine / "config.yaml.bak").write_text("mine too")
-    result = _cli("train", run_dir.parent.parent / "data", "--out", mine, "--epochs", "1", *FAST_ARGS)
+    result = _in_process(capsys, "train", run_dir.parent.parent / "data", "--out", mine, "--epochs", "1", *FAST_ARGS)
     assert result.returncode == 2 and "not an imgcls run" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in mine.iterdir()) == ["config.yaml.bak", "notes.txt"]
@@ -103,10 +117,10 @@ def test_atomic_writes_honour_the_umask(tmp_path, mask, mode):
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == mode
 
 
-def test_export_refuses_to_replace_the_runs_own_files(run_dir):
+def test_export_refuses_to_replace_the_runs_own_files(run_dir, capsys):
     weights = (run_dir / rundir.WEIGHTS).read_bytes()
     for out in (run_dir / rundir.WEIGHTS, run_dir / rundir.CONFIG, run_dir / "model.txt"):
-        result = _cli("export", run_dir, "--out", out)
+        result = _in_process(capsys, "export", run_dir, "--out", out)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert (run_dir / rundir.WEIGHTS).read_bytes() == weights
 
@@ -140,7 +154,7 @@ def test_rows_naming_the_same_file_stay_in_one_split_and_are_reported(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random", "huge header", "bad metadata", "no labels"])
-def test_broken_model_files_end_in_one_line(run_dir, tmp_path, damage):
+def test_broken_model_files_end_in_one_line(run_dir, tmp_path, damage, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
     (copy / rundir.ONNX).unlink()
@@ -169,7 +183,8 @@ def test_broken_model_files_end_in_one_line(run_dir, tmp_path, damage):
     if damage == "truncated":  # export reads the same file through the same loader
         commands.append(["export", copy])
     for command in commands:
-        result = _cli(*command)
+        # one case through a real process (what a user sees), the others in this one
+        result = _cli(*command) if damage == "truncated" else _in_process(capsys, *command)
         assert result.returncode == 2, (damage, command, result.stderr)
         assert "Traceback" not in result.stderr and str(weights) in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -179,7 +194,7 @@ def test_broken_model_files_end_in_one_line(run_dir, tmp_path, damage):
                                         (rundir.CONFIG, "batch_size: many\n"), (rundir.PREPROCESS, "{not json"),
                                         (rundir.PREPROCESS, '{"input_size": -3}'),
                                         (rundir.CHECKPOINT, "garbage")])
-def test_resume_of_a_broken_run_ends_in_one_line(run_dir, tmp_path, name, text):
+def test_resume_of_a_broken_run_ends_in_one_line(run_dir, tmp_path, name, text, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
     if name == rundir.CONFIG and text == "batch_size: many\n":
@@ -188,7 +203,8 @@ def test_resume_of_a_broken_run_ends_in_one_line(run_dir, tmp_path, name, text):
         rundir.write_yaml(copy / name, config)
     else:
         (copy / name).write_text(text)
-    result = _cli("-q", "train", "--resume", copy, "--epochs", "2")
+    run = _cli if name == rundir.CHECKPOINT else (lambda *a: _in_process(capsys, *a))
+    result = run("-q", "train", "--resume", copy, "--epochs", "2")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert name in result.stderr or "--batch-size" in result.stderr

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .system import available_cpus, default_workers
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def _open_session(path_or_bytes: str | Path | bytes, options, providers: list[st
     try:
         return ort.InferenceSession(source, options, providers=providers), name
     except Exception as e:  # ORT raises its own Fail / InvalidProtobuf / InvalidGraph types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise _not_onnx(name, first[:300], _head(source)) from None
 
 

@@ -6,6 +6,12 @@ exits with status 2; anything else is a bug and keeps its traceback.
 """
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (libraries write paragraphs), or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
 class UserError(Exception):
     """A problem with the user's input, with a message saying what to do."""
 

@@ -46,7 +46,7 @@ from . import rundir
 from .data.decode import ImageError, load_uint8
 from .data.records import Record
 from .engines import INPUT_NAME, OUTPUT_NAME, OnnxEngine, encode_metadata, read_onnx_props, stream_logits
-from .errors import UserError
+from .errors import UserError, first_line
 from .metrics import metrics_of_stream
 from .models.classifier import Classifier
 
@@ -238,7 +238,7 @@ def export_onnx(
             try:
                 model = _EXPORTERS[name](module, example, opset or _DEFAULT_OPSET[name])
             except Exception as e:  # exporter limitations surface as many exception types
-                failures.append(f"{name} exporter failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+                failures.append(f"{name} exporter failed: {type(e).__name__}: {first_line(e)}")
                 continue
             _set_metadata(model, {**props, "imgcls.exporter": f"torch {torch.__version__} {name} opset {opset or _DEFAULT_OPSET[name]}"})
             _save_model(model, tmp)

@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from .data.preprocess import Preprocess
-from .errors import UserError
+from .errors import UserError, first_line
 
 CONFIG = "config.yaml"
 LABELS = "labels.json"
@@ -85,8 +85,7 @@ def _umask() -> int:
 
 
 def _broken(path, what: str, err: BaseException, fix: str) -> UserError:
-    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-    return UserError(f"{path}: not a valid {what} ({reason}); {fix}")
+    return UserError(f"{path}: not a valid {what} ({first_line(err, 200)}); {fix}")
 
 
 def write_json(path: str | Path, data) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import rundir
 from ..data.preprocess import Preprocess
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .registry import create_model
 
 
@@ -55,7 +55,7 @@ class Classifier(nn.Module):
             raise UserError(f"{weights}: not a readable safetensors file ({err}); the file is truncated or"
                             " corrupt: copy it again, or train a new run") from None
         except RuntimeError as err:
-            raise UserError(f"{weights}: the weights do not fit model {meta['model']}: {str(err).splitlines()[0]}") from None
+            raise UserError(f"{weights}: the weights do not fit model {meta['model']}: {first_line(err)}") from None
         return cls(net, preprocess).eval(), meta
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

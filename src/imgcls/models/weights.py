@@ -43,7 +43,7 @@ from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..rundir import WEIGHTS
 from .heads import head_prefix, head_state_keys
 
@@ -195,8 +195,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 " weights_only=False).state_dict(), 'weights.pth'), or convert it to .safetensors"
             ) from None
         except Exception as exc:  # noqa: BLE001 - a damaged pickle fails in struct, zipfile, EOF, ... alike
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"{path}: not a readable PyTorch weight file ({reason})") from None
+            raise UserError(f"{path}: not a readable PyTorch weight file ({first_line(exc, 200)})") from None
         return unwrap_checkpoint(obj, path)
     raise UserError(
         f"--weights {path}: unknown weight file type {suffix or '(no suffix)'!r};"

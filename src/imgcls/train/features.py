@@ -33,6 +33,7 @@ from .. import export, rundir
 from ..data.dataset import base_image
 from ..data.decode import ImageError
 from ..engines import OnnxEngine, TorchEngine
+from ..errors import first_line
 from ..metrics import compute_metrics
 from ..models.classifier import Classifier
 from ..models.heads import classifier_head, head_prefix
@@ -93,7 +94,7 @@ def _feature_engine(session, extractor, sample: np.ndarray):
             log.info("fast path: feature extractor exported to ONNX in %.1f s", time.perf_counter() - t0)
             return engine, f"onnxruntime ({engine.threads} threads)"
         except Exception as err:  # noqa: BLE001 - any export problem: eager is slower but right
-            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             log.warning("fast path: ONNX export of the feature extractor failed (%s); using PyTorch eager"
                         " (several times slower on a CPU)", first)
     engine = TorchEngine(module, device=str(session.device), amp=None)

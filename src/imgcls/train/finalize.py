@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from .. import export, rundir
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..engines import OnnxEngine, TorchEngine, stream_logits
 from ..metrics import metrics_of_stream, write_metrics
 from ..report import plot_training_curves
@@ -29,7 +29,7 @@ def export_model(s: Session) -> str | None:
     try:
         return str(export.export_onnx(s.model, s.classes, path, s.cfg.model, sample=sample))
     except Exception as err:  # noqa: BLE001 - exporter limitations surface as many exception types
-        log.warning("ONNX export failed (%s); prediction will use PyTorch", str(err).splitlines()[0][:300])
+        log.warning("ONNX export failed (%s); prediction will use PyTorch", first_line(err))
         return None
 
 

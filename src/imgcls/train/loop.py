@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import rundir
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..metrics import compute_metrics
 from ..models.heads import freeze_backbone, param_groups, set_frozen_bn_eval, unfreeze
 from ..system import default_workers
@@ -228,8 +228,7 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"{path}: not a readable checkpoint (damaged, or not written by imgcls); start a fresh"
                         " run instead of --resume") from None
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is a user-facing problem
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: cannot read the checkpoint ({reason}); start a fresh run instead of"
+        raise UserError(f"{path}: cannot read the checkpoint ({first_line(err, 200)}); start a fresh run instead of"
                         " --resume") from None
 
 

@@ -13,6 +13,7 @@ every command, and ``imgcls predict`` runs without torch.
 from __future__ import annotations
 
 import argparse
+import functools
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable
@@ -192,8 +193,13 @@ def _check_type(f, opt: Option, value) -> None:
 # --------------------------------------------------------------------------- command line
 
 
+@functools.cache
+def _hints() -> dict:
+    return typing.get_type_hints(TrainConfig)  # evaluates every annotation: once, not per field and call
+
+
 def _scalar_type(f) -> type:
-    hint = typing.get_type_hints(TrainConfig)[f.name]
+    hint = _hints()[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     base = typing.get_origin(args[0]) or args[0]
     if base is list:

@@ -245,7 +245,7 @@ def test_fit_head_uses_an_informative_prior_and_folds_into_one_linear():
     W[0, 0], W[1, 0] = 2.0, -2.0
     prior = (torch.from_numpy(W), torch.zeros(5))
     fit = solver.fit_head(feats, y, K, prior)
-    assert fit.alpha is not None and fit.folds == 5 and len(fit.cv) == len(solver.LAMBDAS)
+    assert fit.alpha is not None and fit.folds == 5 and len(fit.cv) == 2 * len(solver.LAMBDAS)  # with, without
     logits = torch.from_numpy(feats[:, 0]) @ fit.weight.T + fit.bias
     assert (logits.argmax(1).numpy() == y).mean() == 1.0
     plain = solver.fit_head(feats, y, K, None)
@@ -254,6 +254,38 @@ def test_fit_head_uses_an_informative_prior_and_folds_into_one_linear():
     idx = [0, 1, n - 1]
     tiny = solver.fit_head(feats[idx], y[idx], K, None)  # a class with one image: no cross-validation
     assert tiny.folds == 0 and tiny.lam == solver.FALLBACK_LAMBDA
+
+
+def test_cross_validation_drops_a_prior_that_does_not_help():
+    """The source head reads noise: the held-out loss is lower without it, and the fit says so."""
+    rng = np.random.default_rng(1)
+    n, views, D, K = 60, 2, 16, 3
+    y = np.repeat(np.arange(K), n // K)
+    feats = rng.normal(size=(n, views, D)).astype(np.float32)
+    for c in range(K):
+        feats[y == c, :, c] += 2.5  # the classes live in dimensions 0-2
+    W = np.zeros((10, D), np.float32)
+    W[np.arange(10), 6 + np.arange(10) % 10] = 4.0  # the prior's classes read dimensions 6-15: noise here
+    prior = (torch.from_numpy(W), torch.zeros(10))
+    fit = solver.fit_head(feats, y, K, prior)
+    assert fit.prior_offered and fit.alpha is None, fit.cv
+    with_prior = [row["loss"] for row in fit.cv if row["prior"]]
+    without = [row["loss"] for row in fit.cv if not row["prior"]]
+    assert min(without) < min(with_prior)
+    # the head it keeps is the plain logistic regression's
+    plain = solver.fit_head(feats, y, K, None)
+    assert torch.allclose(fit.weight, plain.weight, atol=1e-5) and fit.lam == plain.lam
+
+
+def test_a_class_of_two_images_is_still_cross_validated():
+    rng = np.random.default_rng(2)
+    y = np.array([0] * 30 + [1] * 20 + [2] * 2)
+    feats = rng.normal(size=(len(y), 1, 8)).astype(np.float32)
+    feats[:, 0, :3] += 3 * np.eye(3, dtype=np.float32)[y]
+    fit = solver.fit_head(feats, y, 3, None)
+    assert fit.folds == 5 and fit.cv  # the two images are held out in different folds
+    fold, k = solver._folds(y, 3, 0)
+    assert k == 5 and len(set(fold[y == 2])) == 2
 
 
 def test_balanced_class_weights_rescue_a_rare_class():

@@ -52,6 +52,9 @@ def cmd_train(args) -> int | None:
         return 128 + int(s.get("signal") or signal.SIGINT)
     print(f"best val accuracy {s['best_val_accuracy']:.4f} (epoch {s['best_epoch']}/{s['epochs']}), "
           f"{s['train_seconds']:.0f} s" + (f", test accuracy {s['test_accuracy']:.4f}" if "test_accuracy" in s else ""))
+    if "val_recall" in s:
+        print(f"val balanced accuracy {s['val_balanced_accuracy']:.4f}; recall: "
+              + ", ".join(f"{c} {r:.2f}" for c, r in s["val_recall"].items()))
     print(f"run directory: {result.run_dir}")
 
 

@@ -213,8 +213,8 @@ def read_split(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds",
-                  "images_per_second")
+METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
+                  "epoch_seconds", "images_per_second")
 
 
 def truncate_metrics(run_dir: str | Path, epochs: int) -> None:

@@ -76,7 +76,7 @@ def option(default: Any = MISSING, help: str = "", *, factory: Callable | None =
 
 # --------------------------------------------------------------------------- choices
 
-CLASS_WEIGHTS = ("none", "balanced")
+CLASS_WEIGHTS = ("auto", "none", "balanced")
 AMP = ("auto", "off", "bf16", "fp16")
 CACHE = ("auto", "ram", "none")
 NORMS = ("batch", "group", "layer", "instance")
@@ -125,8 +125,9 @@ class TrainConfig:
     step_size: int = option(7, "schedule step: decay every this many epochs", range=_AT_LEAST_1)
     gamma: float = option(0.1, "schedule step: decay factor", range=_POSITIVE)
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", range=_UNIT_RIGHT_OPEN)
-    class_weights: str = option("none", "balanced: weigh each class in the loss as if all were equally frequent"
-                                " (imbalanced data)", choices=CLASS_WEIGHTS)
+    class_weights: str = option("auto", "balanced: weigh each class in the loss (and in model selection) as if"
+                                " all were equally frequent; auto: balanced when class counts differ more than"
+                                " 5:1; none: as counted", choices=CLASS_WEIGHTS)
     clip_grad: float | None = option(None, "clip the gradient norm to this value", range=_POSITIVE)
     amp: str = option("auto", "mixed precision (auto: on GPUs; on CPUs only when asked: bf16)", choices=AMP)
     augment: dict = option(help="", factory=lambda: Augment().to_dict(), cli=False)

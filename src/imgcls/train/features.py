@@ -195,7 +195,7 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
         prior = s.source.report.source_head if s.source.report is not None else None
         if prior is not None and prior[0].shape[1] != train_feats.shape[2]:
             prior = None
-        weight = class_weights(y, len(s.classes), cfg.class_weights)
+        weight = class_weights(y, len(s.classes), s.balance.mode)
         fit = fit_head(train_feats, y, len(s.classes), prior, cfg.seed, weight=weight)
         t_head = time.perf_counter() - t0
     finally:
@@ -206,9 +206,12 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
     with torch.no_grad():
         head.weight.copy_(fit.weight.to(head.weight))
         head.bias.copy_(fit.bias.to(head.bias))
-    log.info("fast path: head fitted in %.1f s (%s, penalty %g chosen by %s)", t_head,
-             f"source-head prior of {prior[0].shape[0]} classes, weight {fit.alpha:.3g}" if prior is not None
-             else "no source-head prior", fit.lam,
+    if fit.alpha is not None:
+        prior_text = f"source-head prior of {prior[0].shape[0]} classes, weight {fit.alpha:.3g}"
+    else:
+        prior_text = ("no source-head prior (cross-validation found it did not help)" if fit.prior_offered
+                      else "no source-head prior")
+    log.info("fast path: head fitted in %.1f s (%s, penalty %g chosen by %s)", t_head, prior_text, fit.lam,
              f"{fit.folds}-fold cross-validation on train" if fit.folds
              else "default (too few images to cross-validate)")
 
@@ -229,7 +232,7 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
         "engine": engine_name, "views": int(train_feats.shape[1]), "n_train": int(len(train_feats)),
         "n_val": int(len(val_feats)), "feature_dim": int(train_feats.shape[2]),
         "prior_classes": int(prior[0].shape[0]) if prior is not None else None,
-        "prior_weight": fit.alpha, "penalty": fit.lam, "cv_folds": fit.folds, "cv": fit.cv,
+        "prior_used": fit.alpha is not None, "prior_weight": fit.alpha, "penalty": fit.lam, "cv_folds": fit.folds, "cv": fit.cv,
         "feature_seconds": round(t_feats, 2), "head_seconds": round(t_head, 2), "seconds": round(seconds, 2)})
     log.info("fast path: val accuracy %.4f (loss %.4f), %.1f s in all", val.accuracy, val.loss, seconds)
     return Fit(val.accuracy, 1, 1, strategy="features")

@@ -41,6 +41,13 @@ def _engine(s: Session, onnx_path: str | None):
     return TorchEngine(s.model, device=str(s.device), amp=_AMP_NAMES[s.amp_dtype])
 
 
+def split_summary(split: str, metrics) -> dict:
+    """What summary.json keeps of a split's final metrics: accuracy next to balanced accuracy and
+    per-class recall (a rare class's misses do not show in accuracy)."""
+    return {f"{split}_accuracy": metrics.accuracy, f"{split}_balanced_accuracy": metrics.balanced_accuracy,
+            f"{split}_recall": {row["label"]: round(row["recall"], 4) for row in metrics.per_class}}
+
+
 def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
     """Summary, curves, and (unless interrupted) the export and the val/test metrics of the best weights."""
     run_dir = s.run_dir
@@ -53,6 +60,8 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
                "device": str(s.device), "amp": str(s.amp_dtype).replace("torch.", "") if s.amp_dtype else "off"}
     if s.source.report is not None:
         summary["initial_weights"] = s.source.report.summary()
+    if s.balance is not None:
+        summary["class_balance"] = s.balance.to_dict()
     if (run_dir / rundir.METRICS).exists():
         plot_training_curves(run_dir / rundir.METRICS, run_dir / rundir.CURVES)
     if not fit.interrupted:
@@ -72,8 +81,11 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
             if metrics is None:
                 continue
             write_metrics(metrics, run_dir, prefix=split)
+            summary.update(split_summary(split, metrics))
+            log.info("%s: accuracy %.4f, balanced accuracy %.4f; recall per class: %s", split, metrics.accuracy,
+                     metrics.balanced_accuracy, ", ".join(f"{c} {r:.2f}" for c, r in
+                                                         summary[f"{split}_recall"].items()))
             if split == "test":
-                summary["test_accuracy"] = metrics.accuracy
                 summary["n_test"] = metrics.n
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     return TrainResult(run_dir, summary)

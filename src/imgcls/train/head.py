@@ -12,12 +12,14 @@ A pure function of arrays (:func:`fit_head`); the features strategy
   ``nn.Linear`` (weight ``a A W_src + V``, bias ``a A b_src + c``) and the
   saved model is the ordinary network.
 
-``lam`` is chosen by stratified K-fold cross-validation on the training
-images (all views of an image in the same fold, held-out loss on center
-views) with the one-standard-error rule (the strongest penalty whose loss is
-within one standard error of the best), never on val.  Without a prior this
-is an L2 logistic regression.  Why the prior, and what was measured with and
-without it: docs/decisions.md.
+Whether to use the prior at all, and ``lam``, are chosen by stratified
+K-fold cross-validation on the training images (all views of an image in the
+same fold, held-out loss on center views, weighted by the class weights when
+the classes are balanced), never on val: the family (with or without the
+prior) with the lower best held-out loss, then within it the one-standard-error
+rule (the strongest penalty whose loss is within one standard error of the
+best).  Without a prior this is an L2 logistic regression.  Why the prior,
+and what was measured with and without it: docs/decisions.md.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class HeadFit:
     lam: float
     alpha: float | None           # weight of the source-head prior (None: no prior)
     folds: int
-    cv: list[dict] = field(default_factory=list)  # per lambda: held-out loss, its standard error, accuracy
+    cv: list[dict] = field(default_factory=list)  # per (prior, lambda): held-out loss, standard error, accuracy
+    prior_offered: bool = False   # a prior was given (cross-validation may still have chosen none)
 
 
 def _prior_map(X: torch.Tensor, Y: torch.Tensor, K: int, Wp: torch.Tensor, bp: torch.Tensor):
@@ -121,9 +124,11 @@ class _Solver:
 
 
 def _folds(y: np.ndarray, K: int, seed: int) -> tuple[np.ndarray, int]:
+    """Stratified folds: each class's images dealt round the folds from a random start, so a class
+    with fewer images than folds still lands in as many folds as it has images."""
     counts = np.bincount(y, minlength=K)
-    k = int(min(CV_FOLDS, counts.min()))
-    if k < 2:
+    k = int(min(CV_FOLDS, len(y) // 2))
+    if k < 2 or counts.min() < 2:  # a class held out whole would have no training image in its fold
         return np.zeros(len(y), int), 0
     rng = np.random.default_rng(seed)
     fold = np.empty(len(y), int)
@@ -149,45 +154,58 @@ def _solver(feats: np.ndarray, y: np.ndarray, mask: np.ndarray, K: int, prior, w
     return _Solver(X, Y, K, prior_map, weight)
 
 
+def _cross_validate(feats, y, K, prior, fold, k, lambdas, weight, sample_weight):
+    """Held-out losses and hits ``(len(lambdas), n)`` of the path of penalties, one solver per fold."""
+    losses = np.zeros((len(lambdas), len(y)))
+    correct = np.zeros((len(lambdas), len(y)))
+    for f in range(k):
+        solver = _solver(feats, y, fold != f, K, prior, weight)
+        Xt = torch.from_numpy(feats[fold == f, 0])
+        Yt = torch.from_numpy(y[fold == f])
+        for j, lam in enumerate(lambdas):
+            solver.fit(lam)
+            with torch.no_grad():
+                out = solver.logits(Xt)
+                losses[j, fold == f] = (F.cross_entropy(out, Yt, reduction="none").numpy()
+                                        * sample_weight[fold == f])
+                correct[j, fold == f] = (out.argmax(1) == Yt).numpy()
+    return losses, correct
+
+
 def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0,
              lambdas=LAMBDAS, weight: torch.Tensor | None = None) -> HeadFit:
     """Fit the linear head on ``feats`` (n, views, D; view 0 = center crop) and targets ``y``.
 
-    ``prior``: the source classifier ``(W (M, D), b (M,))`` or None.  The
-    penalty is chosen by cross-validation on the images (module docstring).
-    ``weight``: per-class loss weights (K,), used in the fit and in the
-    cross-validated loss alike."""
+    ``prior``: the source classifier ``(W (M, D), b (M,))`` or None; cross-validation
+    decides whether it is used, and the penalty (module docstring).  ``weight``:
+    per-class loss weights (K,), used in the fit and in the cross-validated loss alike."""
     feats = np.ascontiguousarray(feats, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
     # each image's weight in the cross-validated loss, scaled to average 1
     sample_weight = np.ones(len(y)) if weight is None else weight.numpy()[y].astype(np.float64)
     sample_weight = sample_weight / sample_weight.mean()
     fold, k = _folds(y, K, seed)
+    families = [prior, None] if prior is not None else [None]
     cv = []
+    chosen_prior, chosen = prior, None
     if k:
-        losses = np.zeros((len(lambdas), len(y)))
-        correct = np.zeros((len(lambdas), len(y)))
-        for f in range(k):
-            solver = _solver(feats, y, fold != f, K, prior, weight)
-            Xt = torch.from_numpy(feats[fold == f, 0])
-            Yt = torch.from_numpy(y[fold == f])
-            for j, lam in enumerate(lambdas):
-                solver.fit(lam)
-                with torch.no_grad():
-                    out = solver.logits(Xt)
-                    losses[j, fold == f] = (F.cross_entropy(out, Yt, reduction="none").numpy()
-                                            * sample_weight[fold == f])
-                    correct[j, fold == f] = (out.argmax(1) == Yt).numpy()
-        mean = losses.mean(1)
-        se = losses.std(1, ddof=1) / math.sqrt(len(y))
-        best = int(np.argmin(mean))
-        chosen = next(j for j in range(len(lambdas)) if mean[j] <= mean[best] + se[best])  # one-SE rule
-        cv = [{"lambda": lam, "loss": round(float(mean[j]), 5), "se": round(float(se[j]), 5),
-               "accuracy": round(float(correct[j].mean()), 4)} for j, lam in enumerate(lambdas)]
+        best_loss = math.inf
+        for family in families:
+            losses, correct = _cross_validate(feats, y, K, family, fold, k, lambdas, weight, sample_weight)
+            mean = losses.mean(1)
+            se = losses.std(1, ddof=1) / math.sqrt(len(y))
+            best = int(np.argmin(mean))
+            cv += [{"prior": family is not None, "lambda": lam, "loss": round(float(mean[j]), 5),
+                    "se": round(float(se[j]), 5), "accuracy": round(float(correct[j].mean()), 4)}
+                   for j, lam in enumerate(lambdas)]
+            if mean[best] < best_loss:  # the family that predicts held-out images better
+                best_loss = float(mean[best])
+                chosen_prior = family
+                chosen = next(j for j in range(len(lambdas)) if mean[j] <= mean[best] + se[best])  # one-SE rule
     else:
         chosen = min(range(len(lambdas)), key=lambda j: abs(math.log(lambdas[j] / FALLBACK_LAMBDA)))
-    solver = _solver(feats, y, np.ones(len(y), bool), K, prior, weight)
+    solver = _solver(feats, y, np.ones(len(y), bool), K, chosen_prior, weight)
     for lam in lambdas[:chosen + 1]:  # down the path to the chosen penalty, warm-started
         solver.fit(lam)
     weight, bias, alpha = solver.folded()
-    return HeadFit(weight, bias, lambdas[chosen], alpha, k, cv)
+    return HeadFit(weight, bias, lambdas[chosen], alpha, k, cv, prior_offered=prior is not None)

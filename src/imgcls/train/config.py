@@ -106,10 +106,14 @@ class TrainConfig:
                               range=_NON_NEGATIVE)
     backbone_lr_mult: float = option(1.0, "backbone learning rate = lr x this (discriminative rates)",
                                      range=_NON_NEGATIVE)
-    strategy: str = option("auto", "features: fit the head on frozen features (fast on CPUs); finetune: train by"
-                           " epochs; auto: features when starting from weights on a CPU",
+    strategy: str = option("auto", "features: fit the head on frozen features; tail: also fine-tune the last"
+                           " stage on cached maps (both fast on CPUs); finetune: train by epochs; auto: features"
+                           " when starting from weights on a CPU",
                            choices=("auto", *STRATEGIES))
-    views: int = option(8, "features strategy: crops per training image (center + augmented)", range=_AT_LEAST_1)
+    views: int = option(8, "features/tail strategies: crops per training image (center + augmented)",
+                        range=_AT_LEAST_1)
+    time_budget: float | None = option(None, "tail strategy: seconds the fit may take; the epochs of the last"
+                                       " stage are planned to fit in it (default 180)", range=_POSITIVE)
     input_size: int | None = option(None, "input side in pixels (default: the model's; from scratch on smaller"
                                     " images, their median side)", range=_AT_LEAST_1)
     norm: str | None = option(None, "swap the normalization layers", choices=NORMS)

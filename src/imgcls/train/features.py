@@ -119,8 +119,9 @@ def _views_of(dataset, index: int, views: int) -> list[np.ndarray]:
 
 
 def compute_features(engine, dataset, views: int, seed: int = 0, progress: bool = False,
-                     desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
-    """Features ``(n, views, D)`` float32 of every image of ``dataset`` and its targets ``(n,)``.
+                     desc: str = "features", dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Features ``(n, views, D)`` of every image of ``dataset`` (the engine's outputs flattened,
+    as ``dtype``) and its targets ``(n,)``.
 
     Views are drawn in one background thread while the engine runs the previous batch.
     An image that cannot be read any more (it passed the scan) is left out."""
@@ -149,13 +150,13 @@ def compute_features(engine, dataset, views: int, seed: int = 0, progress: bool 
                 pending = pool.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
                 if batch is None:
                     continue
-                out = np.asarray(engine(batch), dtype=np.float32)
+                out = np.asarray(engine(batch), dtype=dtype)
                 feats.append(out.reshape(len(kept), views, -1))
                 targets += [dataset.targets[i] for i in kept]
     finally:
         torch.set_rng_state(generator_state)
     if not feats:
-        return np.zeros((0, views, 0), np.float32), np.zeros(0, np.int64)
+        return np.zeros((0, views, 0), dtype), np.zeros(0, np.int64)
     return np.concatenate(feats), np.asarray(targets, dtype=np.int64)
 
 
@@ -196,7 +197,7 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
         if prior is not None and prior[0].shape[1] != train_feats.shape[2]:
             prior = None
         weight = class_weights(y, len(s.classes), s.balance.mode)
-        fit = fit_head(train_feats, y, len(s.classes), prior, cfg.seed, weight=weight)
+        fit = fit_head(train_feats, y, len(s.classes), prior, cfg.seed, weight=weight, progress=progress)
         t_head = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)

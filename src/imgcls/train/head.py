@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 # relative L2 strengths of the residual head weights, strongest first
 LAMBDAS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
@@ -154,11 +155,13 @@ def _solver(feats: np.ndarray, y: np.ndarray, mask: np.ndarray, K: int, prior, w
     return _Solver(X, Y, K, prior_map, weight)
 
 
-def _cross_validate(feats, y, K, prior, fold, k, lambdas, weight, sample_weight):
+def _cross_validate(feats, y, K, prior, fold, k, lambdas, weight, sample_weight, bar=None):
     """Held-out losses and hits ``(len(lambdas), n)`` of the path of penalties, one solver per fold."""
     losses = np.zeros((len(lambdas), len(y)))
     correct = np.zeros((len(lambdas), len(y)))
     for f in range(k):
+        if bar is not None:
+            bar.update()
         solver = _solver(feats, y, fold != f, K, prior, weight)
         Xt = torch.from_numpy(feats[fold == f, 0])
         Yt = torch.from_numpy(y[fold == f])
@@ -173,7 +176,7 @@ def _cross_validate(feats, y, K, prior, fold, k, lambdas, weight, sample_weight)
 
 
 def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0,
-             lambdas=LAMBDAS, weight: torch.Tensor | None = None) -> HeadFit:
+             lambdas=LAMBDAS, weight: torch.Tensor | None = None, progress: bool = False) -> HeadFit:
     """Fit the linear head on ``feats`` (n, views, D; view 0 = center crop) and targets ``y``.
 
     ``prior``: the source classifier ``(W (M, D), b (M,))`` or None; cross-validation
@@ -190,8 +193,10 @@ def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0
     chosen_prior, chosen = prior, None
     if k:
         best_loss = math.inf
+        bar = tqdm(total=k * len(families), desc="head cross-validation", unit="fold", leave=False,
+                   disable=not progress)
         for family in families:
-            losses, correct = _cross_validate(feats, y, K, family, fold, k, lambdas, weight, sample_weight)
+            losses, correct = _cross_validate(feats, y, K, family, fold, k, lambdas, weight, sample_weight, bar)
             mean = losses.mean(1)
             se = losses.std(1, ddof=1) / math.sqrt(len(y))
             best = int(np.argmin(mean))
@@ -202,6 +207,7 @@ def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0
                 best_loss = float(mean[best])
                 chosen_prior = family
                 chosen = next(j for j in range(len(lambdas)) if mean[j] <= mean[best] + se[best])  # one-SE rule
+        bar.close()
     else:
         chosen = min(range(len(lambdas)), key=lambda j: abs(math.log(lambdas[j] / FALLBACK_LAMBDA)))
     solver = _solver(feats, y, np.ones(len(y), bool), K, chosen_prior, weight)

@@ -4,12 +4,19 @@
     The backbone stays as loaded; its pooled features of several views of every
     training image are computed once (ONNX Runtime on a CPU) and the head is
     fitted on them (:mod:`.features`, :mod:`.head`).
+``tail``
+    ``features``' cached-view idea one stage earlier: the trunk's maps of
+    several views are computed once, a linear probe on them starts the head,
+    then the last stage and the head are fine-tuned on the cached maps for as
+    many epochs as ``--time-budget`` allows (:mod:`.tail`).
 ``finetune``
     The epoch loop (:mod:`.loop`): full fine-tuning, ``--freeze backbone``, or
     two-phase with ``head_epochs`` / ``backbone_lr_mult``.
 ``auto`` (default)
     ``features`` when starting from pretrained weights or ``--weights`` on a
     CPU, unless fine-tuning options were asked for; ``finetune`` otherwise.
+    ``tail`` is asked for by name: on the development suite it has not yet
+    beaten ``features`` everywhere (docs/decisions.md).
 
 Each strategy returns a :class:`~.session.Fit` and none calls another: whether
 the features path can run (its head must be a linear read-out of pooled
@@ -35,6 +42,12 @@ def _fit_features(session, resume: bool, progress: bool):
     return fit_features(session, progress)
 
 
+def _fit_tail(session, resume: bool, progress: bool):
+    from .tail import fit_tail  # torch: imported when a run fits, not when the parser is built
+
+    return fit_tail(session, progress)
+
+
 def _fit_epochs(session, resume: bool, progress: bool):
     from .loop import fit_epochs  # torch: imported when a run fits, not when the parser is built
 
@@ -49,6 +62,7 @@ class Strategy:
 
 
 STRATEGIES = {
+    "tail": Strategy(_fit_tail),
     "features": Strategy(_fit_features),
     "finetune": Strategy(_fit_epochs, {"head_epochs": 1, "backbone_lr_mult": 0.1, "epochs": 10}),
 }
@@ -56,22 +70,25 @@ STRATEGIES = {
 
 def resolve_strategy(strategy: str, *, pretrained: bool, weights: str | None, device_type: str,
                      resume: bool = False, freeze: str | None = None, head_epochs: int = 0,
-                     backbone_lr_mult: float = 1.0, readout_problem: str | None = None) -> tuple[str, str]:
-    """``(features | finetune, reason)`` for a configuration; ``auto`` is decided here.
+                     backbone_lr_mult: float = 1.0, readout_problem: str | None = None,
+                     tail_problem: str | None = None) -> tuple[str, str]:
+    """``(tail | features | finetune, reason)`` for a configuration; ``auto`` is decided here.
 
     ``readout_problem``: why the model's head is not a linear read-out of its
-    features (None: it is, or not known yet)."""
+    features; ``tail_problem``: why its last stage cannot be trained alone
+    (None: it can, or not known yet)."""
     if strategy != "auto" and strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}; use one of auto, {', '.join(STRATEGIES)}")
-    if strategy == "features":
+    if strategy in ("features", "tail"):
         if not (pretrained or weights):
-            raise UserError("--strategy features fits a head on pretrained features: give --pretrained or --weights")
+            raise UserError(f"--strategy {strategy} starts from pretrained features: give --pretrained or --weights")
         if resume:
-            raise UserError("a features run has no epochs to resume; start it again (it takes seconds to minutes)")
-        if readout_problem is not None:
-            raise UserError(f"--strategy features cannot be used with this model: {readout_problem};"
+            raise UserError(f"a {strategy} run has no checkpoint to resume; start it again (it takes minutes)")
+        problem = readout_problem if strategy == "features" else tail_problem or readout_problem
+        if problem is not None:
+            raise UserError(f"--strategy {strategy} cannot be used with this model: {problem};"
                             " use --strategy finetune")
-        return "features", "asked for"
+        return strategy, "asked for"
     if strategy == "finetune":
         return "finetune", "asked for"
     if resume:
@@ -92,15 +109,18 @@ def resolve_strategy(strategy: str, *, pretrained: bool, weights: str | None, de
 def choose(session, resume: bool = False) -> Strategy:
     """The strategy this session runs, logged with the reason."""
     cfg = session.cfg
-    problem = None
+    problem = tail = None
     if cfg.strategy != "finetune" and (cfg.pretrained or cfg.weights) and not resume:
         from .features import readout_problem  # torch: see _fit_features
+        from .tail import tail_problem
 
         problem = readout_problem(session)
+        if cfg.strategy == "tail":
+            tail = tail_problem(session)
     name, reason = resolve_strategy(cfg.strategy, pretrained=cfg.pretrained, weights=cfg.weights,
                                     device_type=session.device.type, resume=resume, freeze=cfg.freeze,
                                     head_epochs=cfg.head_epochs, backbone_lr_mult=cfg.backbone_lr_mult,
-                                    readout_problem=problem)
+                                    readout_problem=problem, tail_problem=tail)
     log.info("strategy %s%s: %s", name, " (auto)" if cfg.strategy == "auto" else "", reason)
     session.strategy = name
     return STRATEGIES[name]

@@ -145,6 +145,12 @@ _EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
 _DEFAULT_OPSET = {"dynamo": DYNAMO_OPSET, "torchscript": TORCHSCRIPT_OPSET}
 
 
+def onnx_model(module, example: torch.Tensor, exporter: str = "torchscript", opset: int | None = None):
+    """``module`` traced on ``example`` into an in-memory ONNX ModelProto, unchecked: for graphs that are
+    not classifiers (training's trunk maps); :func:`export_onnx` is the one for models."""
+    return _EXPORTERS[exporter](module, example, opset or _DEFAULT_OPSET[exporter])
+
+
 def _set_metadata(model, props: dict[str, str]) -> None:
     keep = [p for p in model.metadata_props if p.key not in props]
     del model.metadata_props[:]

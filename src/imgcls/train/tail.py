@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .. import rundir
 from ..engines import OnnxEngine, TorchEngine
 from ..errors import first_line
-from ..export import _EXPORTERS, TORCHSCRIPT_OPSET
+from ..export import onnx_model
 from ..metrics import compute_metrics
 from ..models.classifier import Classifier
 from ..models.registry import model_spec
@@ -75,7 +75,7 @@ def _trunk_engine(s: Session, trunk, sample: np.ndarray):
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "trunk.onnx"
-                model = _EXPORTERS["torchscript"](module, torch.from_numpy(sample[:2]), TORCHSCRIPT_OPSET)
+                model = onnx_model(module, torch.from_numpy(sample[:2]))  # TorchScript: traces the hook
                 path.write_bytes(model.SerializeToString())
                 engine = OnnxEngine(path.read_bytes())
             with torch.inference_mode():
@@ -170,8 +170,7 @@ def fit_tail(s: Session, progress: bool = True) -> Fit:
     # 2. fine-tune the last stage and the head on the cached maps
     x = torch.from_numpy(maps.reshape(-1, *shape))
     targets = torch.from_numpy(np.repeat(y, maps.shape[1]))
-    params = [p for p in tail.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(tail.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     loss_weight = None if weight is None else weight.to(s.device)
     generator = torch.Generator().manual_seed(cfg.seed)
 
@@ -205,6 +204,7 @@ def fit_tail(s: Session, progress: bool = True) -> Fit:
     val = start
     for epoch in range(epochs):
         t_epoch = time.perf_counter()
+        lr_now = optimizer.param_groups[0]["lr"]
         tail.train()
         order = torch.randperm(len(x), generator=generator)
         loss_sum = hits = 0
@@ -216,7 +216,7 @@ def fit_tail(s: Session, progress: bool = True) -> Fit:
         val = val_metrics()
         seconds = time.perf_counter() - t_epoch
         train_loss = loss_sum / len(x)
-        rundir.append_metrics(s.run_dir, {"epoch": epoch + 1, "lr": LR, "train_loss": train_loss,
+        rundir.append_metrics(s.run_dir, {"epoch": epoch + 1, "lr": lr_now, "train_loss": train_loss,
                                           "train_accuracy": hits / len(x), "val_loss": val.loss,
                                           "val_accuracy": val.accuracy,
                                           "val_balanced_accuracy": val.balanced_accuracy, "epoch_seconds": seconds,

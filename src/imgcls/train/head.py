@@ -50,6 +50,8 @@ def class_weights(targets, num_classes: int, mode: str) -> torch.Tensor | None:
     """
     if mode == "none":
         return None
+    if mode != "balanced":  # "auto" is resolved from the counts first (train.balance)
+        raise ValueError(f"class weights must be 'none' or 'balanced', not {mode!r}")
     counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
     return torch.tensor(counts.sum() / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
 

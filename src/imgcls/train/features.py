@@ -160,6 +160,20 @@ def compute_features(engine, dataset, views: int, seed: int = 0, progress: bool 
     return np.concatenate(feats), np.asarray(targets, dtype=np.int64)
 
 
+def source_prior(session: Session, dim: int):
+    """The source weights' own classifier ``(W, b)`` as the head's prior, when it reads ``dim`` features."""
+    report = session.source.report
+    prior = report.source_head if report is not None else None
+    return prior if prior is not None and prior[0].shape[1] == dim else None
+
+
+def load_head(head: nn.Linear, fit) -> None:
+    """Copy a :class:`~.head.HeadFit` into the model's ``nn.Linear`` head."""
+    with torch.no_grad():
+        head.weight.copy_(fit.weight.to(head.weight))
+        head.bias.copy_(fit.bias.to(head.bias))
+
+
 def readout_problem(session: Session) -> str | None:
     """None when the session's model is a linear head on pooled features (the features
     strategy can run), else why not; checked on two images of the val set."""
@@ -193,9 +207,7 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
         val_feats, y_val = compute_features(engine, s.val_set, 1, cfg.seed, progress, "val features")
         t_feats = time.perf_counter() - t0
         t0 = time.perf_counter()
-        prior = s.source.report.source_head if s.source.report is not None else None
-        if prior is not None and prior[0].shape[1] != train_feats.shape[2]:
-            prior = None
+        prior = source_prior(s, train_feats.shape[2])
         weight = class_weights(y, len(s.classes), s.balance.mode)
         fit = fit_head(train_feats, y, len(s.classes), prior, cfg.seed, weight=weight, progress=progress)
         t_head = time.perf_counter() - t0
@@ -204,9 +216,7 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
     n_rows = train_feats.shape[0] * train_feats.shape[1] + len(val_feats)
     log.info("fast path: %s features of %d view(s) x %d train images + %d val images in %.1f s (%.0f img/s)",
              engine_name, train_feats.shape[1], len(train_feats), len(val_feats), t_feats, n_rows / t_feats)
-    with torch.no_grad():
-        head.weight.copy_(fit.weight.to(head.weight))
-        head.bias.copy_(fit.bias.to(head.bias))
+    load_head(head, fit)
     if fit.alpha is not None:
         prior_text = f"source-head prior of {prior[0].shape[0]} classes, weight {fit.alpha:.3g}"
     else:

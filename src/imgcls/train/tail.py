@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,7 +40,7 @@ from ..metrics import compute_metrics
 from ..models.classifier import Classifier
 from ..models.registry import model_spec
 from ..models.tail import split, split_problem
-from .features import compute_features
+from .features import compute_features, load_head, source_prior
 from .head import class_weights, fit_head
 from .session import Fit, Session
 
@@ -73,11 +71,8 @@ def _trunk_engine(s: Session, trunk, sample: np.ndarray):
     if s.device.type == "cpu":
         t0 = time.perf_counter()
         try:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "trunk.onnx"
-                model = onnx_model(module, torch.from_numpy(sample[:2]))  # TorchScript: traces the hook
-                path.write_bytes(model.SerializeToString())
-                engine = OnnxEngine(path.read_bytes())
+            model = onnx_model(module, torch.from_numpy(sample[:2]))  # TorchScript: traces the hook
+            engine = OnnxEngine(model.SerializeToString())
             with torch.inference_mode():
                 ref = module(torch.from_numpy(sample)).numpy()
             diff = float(np.abs(engine(sample) - ref).max())
@@ -144,15 +139,11 @@ def fit_tail(s: Session, progress: bool = True) -> Fit:
     # 1. linear probe on the pooled features of the frozen last stage
     t0 = time.perf_counter()
     feats = _pooled(tail, maps, shape, s.device)
-    prior = s.source.report.source_head if s.source.report is not None else None
-    if prior is not None and prior[0].shape[1] != feats.shape[2]:
-        prior = None
+    prior = source_prior(s, feats.shape[2])
     weight = class_weights(y, len(s.classes), s.balance.mode)
     head = tail.parts[-1]
     probe = fit_head(feats, y, len(s.classes), prior, cfg.seed, weight=weight, progress=progress)
-    with torch.no_grad():
-        head.weight.copy_(probe.weight.to(head.weight))
-        head.bias.copy_(probe.bias.to(head.bias))
+    load_head(head, probe)
     t_probe = time.perf_counter() - t0
     val_x = torch.from_numpy(val_maps.reshape(len(val_maps), *shape))
 

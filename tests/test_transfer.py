@@ -245,7 +245,8 @@ def test_fit_head_uses_an_informative_prior_and_folds_into_one_linear():
     W[0, 0], W[1, 0] = 2.0, -2.0
     prior = (torch.from_numpy(W), torch.zeros(5))
     fit = solver.fit_head(feats, y, K, prior)
-    assert fit.alpha is not None and fit.folds == 5 and len(fit.cv) == 2 * len(solver.LAMBDAS)  # with, without
+    assert fit.alpha is not None and fit.folds == 5
+    assert {row["prior"] for row in fit.cv} == {True, False}  # both families were cross-validated
     logits = torch.from_numpy(feats[:, 0]) @ fit.weight.T + fit.bias
     assert (logits.argmax(1).numpy() == y).mean() == 1.0
     plain = solver.fit_head(feats, y, K, None)
@@ -253,7 +254,7 @@ def test_fit_head_uses_an_informative_prior_and_folds_into_one_linear():
     assert ((torch.from_numpy(feats[:, 0]) @ plain.weight.T + plain.bias).argmax(1).numpy() == y).mean() == 1.0
     idx = [0, 1, n - 1]
     tiny = solver.fit_head(feats[idx], y[idx], K, None)  # a class with one image: no cross-validation
-    assert tiny.folds == 0 and tiny.lam == solver.FALLBACK_LAMBDA
+    assert tiny.folds == 0 and tiny.lam == pytest.approx(solver.FALLBACK_PENALTY / len(idx))
 
 
 def test_cross_validation_drops_a_prior_that_does_not_help():
@@ -328,3 +329,43 @@ def test_a_replaced_head_starts_at_zero_so_the_first_loss_is_ln_k(tree64, tmp_pa
     loss = torch.nn.functional.cross_entropy(logits, targets)
     assert loss.item() == pytest.approx(math.log(len(session.classes)))
     assert session.source.report.source_head[0].shape == (1000, 512)  # the prior is the file's head, untouched
+
+
+def test_the_penalty_path_stops_once_the_held_out_loss_rises_and_scales_with_the_images():
+    """Noisy labels: weak penalties overfit, so the path must stop before its weak end; the grid is per
+    image, so doubling the images halves every penalty on it."""
+    rng = np.random.default_rng(3)
+    n, D = 120, 40
+    y = rng.integers(0, 2, n)
+    feats = rng.normal(size=(n, 1, D)).astype(np.float32)
+    feats[:, 0, 0] += np.where(y == 1, 1.0, -1.0)  # one weak signal among 40 noise dimensions
+    fit = solver.fit_head(feats, y, 2, None)
+    losses = [row["loss"] for row in fit.cv]
+    assert len(losses) < len(solver.PENALTIES), fit.cv  # stopped early
+    assert losses[-1] > min(losses[:-1])  # ... at the first rise
+    assert [row["lambda"] for row in fit.cv] == pytest.approx([p / n for p in solver.PENALTIES[:len(losses)]])
+    twice = solver.fit_head(np.concatenate([feats, feats]), np.concatenate([y, y]), 2, None)
+    assert twice.cv[0]["lambda"] == pytest.approx(solver.PENALTIES[0] / (2 * n))
+
+
+def test_cross_validation_uses_fewer_views_and_folds_on_large_sets(monkeypatch):
+    """The choice is made on CV_VIEWS views and CV_FOLDS_LARGE folds past LARGE images; the final fit
+    still uses every view (its training rows are all of them)."""
+    seen = []
+    real = solver._Solver.__init__
+
+    def spy(self, X, Y, K, prior_map, weight=None):
+        seen.append(len(X))
+        real(self, X, Y, K, prior_map, weight)
+
+    monkeypatch.setattr(solver._Solver, "__init__", spy)
+    monkeypatch.setattr(solver, "LARGE", 50)
+    rng = np.random.default_rng(4)
+    n, views = 60, 6
+    y = np.repeat([0, 1], n // 2)
+    feats = rng.normal(size=(n, views, 8)).astype(np.float32)
+    feats[:, :, 0] += np.where(y == 1, 2.0, -2.0)[:, None]
+    fit = solver.fit_head(feats, y, 2, None)
+    assert fit.folds == solver.CV_FOLDS_LARGE
+    assert seen[:-1] == [n * (fit.folds - 1) // fit.folds * solver.CV_VIEWS] * fit.folds
+    assert seen[-1] == n * views

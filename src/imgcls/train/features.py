@@ -42,7 +42,7 @@ from .session import Fit, Session
 
 log = logging.getLogger("imgcls")
 
-MAX_FEATURE_ROWS = 40_000   # views are capped so that images x views stays below this
+MAX_FEATURE_ROWS = 20_000   # views are capped so that images x views stays below this (time and memory)
 BATCH = 32
 
 

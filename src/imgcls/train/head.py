@@ -20,6 +20,11 @@ prior) with the lower best held-out loss, then within it the one-standard-error
 rule (the strongest penalty whose loss is within one standard error of the
 best).  Without a prior this is an L2 logistic regression.  Why the prior,
 and what was measured with and without it: docs/decisions.md.
+
+The penalty grid is per image (``lam = p / n``), each family's path stops once
+the held-out loss rises, and the cross-validation fits use the first
+``CV_VIEWS`` views (3 folds past ``LARGE`` images): the choice costs a fraction
+of the final fit on every view (figures: docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -32,12 +37,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-# relative L2 strengths of the residual head weights, strongest first
-LAMBDAS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
-FALLBACK_LAMBDA = 1e-2      # when a class has too few images for cross-validation
+# L2 strengths of the residual head weights times the number of training images, strongest first: the
+# best penalty falls as images are added (like 1/C in scikit-learn), so the grid moves with them
+PENALTIES = (10.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4)
+FALLBACK_PENALTY = 1e-1     # when a class has too few images for cross-validation
 CV_FOLDS = 5
+CV_FOLDS_LARGE = 3          # past LARGE images: the held-out loss is precise enough with fewer folds
+LARGE = 500
+CV_VIEWS = 2                # views per training image in the cross-validation fits (every view in the final fit)
 LBFGS_ITERATIONS = 150
-
 
 def class_weights(targets, num_classes: int, mode: str) -> torch.Tensor | None:
     """Loss weights per class: None for ``none``; ``n / (K n_c)`` for ``balanced``.
@@ -130,7 +138,7 @@ def _folds(y: np.ndarray, K: int, seed: int) -> tuple[np.ndarray, int]:
     """Stratified folds: each class's images dealt round the folds from a random start, so a class
     with fewer images than folds still lands in as many folds as it has images."""
     counts = np.bincount(y, minlength=K)
-    k = int(min(CV_FOLDS, len(y) // 2))
+    k = int(min(CV_FOLDS if len(y) <= LARGE else CV_FOLDS_LARGE, len(y) // 2))
     if k < 2 or counts.min() < 2:  # a class held out whole would have no training image in its fold
         return np.zeros(len(y), int), 0
     rng = np.random.default_rng(seed)
@@ -158,34 +166,40 @@ def _solver(feats: np.ndarray, y: np.ndarray, mask: np.ndarray, K: int, prior, w
 
 
 def _cross_validate(feats, y, K, prior, fold, k, lambdas, weight, sample_weight, bar=None):
-    """Held-out losses and hits ``(len(lambdas), n)`` of the path of penalties, one solver per fold."""
-    losses = np.zeros((len(lambdas), len(y)))
-    correct = np.zeros((len(lambdas), len(y)))
-    for f in range(k):
-        if bar is not None:
-            bar.update()
-        solver = _solver(feats, y, fold != f, K, prior, weight)
-        Xt = torch.from_numpy(feats[fold == f, 0])
-        Yt = torch.from_numpy(y[fold == f])
-        for j, lam in enumerate(lambdas):
+    """Held-out losses and hits ``(m, n)`` down the path of penalties, one warm-started solver per
+    fold; the path stops at the first penalty whose mean held-out loss is above the best so far
+    (the loss is unimodal along the path, and the weak end costs the most iterations)."""
+    solvers = [_solver(feats, y, fold != f, K, prior, weight) for f in range(k)]
+    held = [(torch.from_numpy(feats[fold == f, 0]), torch.from_numpy(y[fold == f])) for f in range(k)]
+    losses, correct = [], []
+    for lam in lambdas:
+        loss, hit = np.zeros(len(y)), np.zeros(len(y))
+        for f, (solver, (Xt, Yt)) in enumerate(zip(solvers, held)):
             solver.fit(lam)
             with torch.no_grad():
                 out = solver.logits(Xt)
-                losses[j, fold == f] = (F.cross_entropy(out, Yt, reduction="none").numpy()
-                                        * sample_weight[fold == f])
-                correct[j, fold == f] = (out.argmax(1) == Yt).numpy()
-    return losses, correct
+                loss[fold == f] = F.cross_entropy(out, Yt, reduction="none").numpy() * sample_weight[fold == f]
+                hit[fold == f] = (out.argmax(1) == Yt).numpy()
+        losses.append(loss)
+        correct.append(hit)
+        if bar is not None:
+            bar.update()
+        if len(losses) > 1 and loss.mean() > min(v.mean() for v in losses[:-1]):
+            break
+    return np.array(losses), np.array(correct)
 
 
 def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0,
-             lambdas=LAMBDAS, weight: torch.Tensor | None = None, progress: bool = False) -> HeadFit:
+             penalties=PENALTIES, weight: torch.Tensor | None = None, progress: bool = False) -> HeadFit:
     """Fit the linear head on ``feats`` (n, views, D; view 0 = center crop) and targets ``y``.
 
     ``prior``: the source classifier ``(W (M, D), b (M,))`` or None; cross-validation
-    decides whether it is used, and the penalty (module docstring).  ``weight``:
-    per-class loss weights (K,), used in the fit and in the cross-validated loss alike."""
+    decides whether it is used, and the penalty (module docstring).  ``penalties``: the
+    grid, times the number of images.  ``weight``: per-class loss weights (K,), used in
+    the fit and in the cross-validated loss alike."""
     feats = np.ascontiguousarray(feats, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
+    lambdas = [p / len(y) for p in penalties]
     # each image's weight in the cross-validated loss, scaled to average 1
     sample_weight = np.ones(len(y)) if weight is None else weight.numpy()[y].astype(np.float64)
     sample_weight = sample_weight / sample_weight.mean()
@@ -195,23 +209,27 @@ def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0
     chosen_prior, chosen = prior, None
     if k:
         best_loss = math.inf
-        bar = tqdm(total=k * len(families), desc="head cross-validation", unit="fold", leave=False,
-                   disable=not progress)
+        bar = tqdm(total=len(lambdas) * len(families), desc=f"head cross-validation ({k} folds)",
+                   unit="penalty", leave=False, disable=not progress)
+        cv_feats = np.ascontiguousarray(feats[:, :CV_VIEWS])
         for family in families:
-            losses, correct = _cross_validate(feats, y, K, family, fold, k, lambdas, weight, sample_weight, bar)
+            losses, correct = _cross_validate(cv_feats, y, K, family, fold, k, lambdas, weight,
+                                              sample_weight, bar)
+            bar.total -= len(lambdas) - len(losses)  # the penalties the early stop skipped
+            bar.refresh()
             mean = losses.mean(1)
             se = losses.std(1, ddof=1) / math.sqrt(len(y))
             best = int(np.argmin(mean))
-            cv += [{"prior": family is not None, "lambda": lam, "loss": round(float(mean[j]), 5),
+            cv += [{"prior": family is not None, "lambda": lambdas[j], "loss": round(float(mean[j]), 5),
                     "se": round(float(se[j]), 5), "accuracy": round(float(correct[j].mean()), 4)}
-                   for j, lam in enumerate(lambdas)]
+                   for j in range(len(mean))]
             if mean[best] < best_loss:  # the family that predicts held-out images better
                 best_loss = float(mean[best])
                 chosen_prior = family
-                chosen = next(j for j in range(len(lambdas)) if mean[j] <= mean[best] + se[best])  # one-SE rule
+                chosen = next(j for j in range(len(mean)) if mean[j] <= mean[best] + se[best])  # one-SE rule
         bar.close()
     else:
-        chosen = min(range(len(lambdas)), key=lambda j: abs(math.log(lambdas[j] / FALLBACK_LAMBDA)))
+        chosen = min(range(len(lambdas)), key=lambda j: abs(math.log(penalties[j] / FALLBACK_PENALTY)))
     solver = _solver(feats, y, np.ones(len(y), bool), K, chosen_prior, weight)
     for lam in lambdas[:chosen + 1]:  # down the path to the chosen penalty, warm-started
         solver.fit(lam)

@@ -47,6 +47,7 @@ LARGE = 500
 CV_VIEWS = 2                # views per training image in the cross-validation fits (every view in the final fit)
 LBFGS_ITERATIONS = 150
 
+
 def class_weights(targets, num_classes: int, mode: str) -> torch.Tensor | None:
     """Loss weights per class: None for ``none``; ``n / (K n_c)`` for ``balanced``.
 

@@ -212,7 +212,7 @@ def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0
         best_loss = math.inf
         bar = tqdm(total=len(lambdas) * len(families), desc=f"head cross-validation ({k} folds)",
                    unit="penalty", leave=False, disable=not progress)
-        cv_feats = np.ascontiguousarray(feats[:, :CV_VIEWS])
+        cv_feats = feats[:, :CV_VIEWS]  # a view: each fold's rows are copied out of it anyway
         for family in families:
             losses, correct = _cross_validate(cv_feats, y, K, family, fold, k, lambdas, weight,
                                               sample_weight, bar)

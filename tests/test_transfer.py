@@ -83,8 +83,12 @@ def test_features_run_dir_is_complete(lite0_run):
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert len(rows) == 1 and float(rows[0]["val_accuracy"]) == pytest.approx(summary["best_val_accuracy"])
     info = json.loads((run / "features.json").read_text())
-    assert info["engine"].startswith("onnxruntime") and info["views"] == 3 and info["feature_dim"] == 1280
-    assert info["prior_classes"] == 1000  # the ImageNet head of the source weights
+    # Lite0's final 1280 features and the pooled outputs of blocks 3-6 (80 + 112 + 192 + 320 channels)
+    assert info["engine"].startswith("onnxruntime") and info["views"] == 3 and info["feature_dim"] == 1984
+    assert info["readout"] == ["blocks.3", "blocks.4", "blocks.5", "blocks.6"]
+    assert info["near_copy_share"] < 0.25  # distinct images: no bursts
+    # the ImageNet head of the source weights reads the final features: offered, padded to 1984
+    assert info["prior_classes"] == 1000
     assert info["n_train"] + info["n_val"] == 30
     assert summary["best_val_accuracy"] >= 0.8  # easy classes
 
@@ -112,13 +116,56 @@ def test_features_path_changes_only_the_head(lite0_run):
     net = create_model("efficientnet_lite0", 3, 64)
     load_pretrained("efficientnet_lite0", net, model_spec("efficientnet_lite0").pretrained)
     head = head_state_keys(net)
-    fresh = net.state_dict()
-    assert set(saved) == set(fresh)
+    fresh = {f"net.{k}": v for k, v in net.state_dict().items() if k not in head}
+    # the backbone under the read-out's "net.", the old head gone, a new head on 1984 features
+    assert set(saved) == set(fresh) | {"head.weight", "head.bias"}
+    assert saved["head.weight"].shape == (3, 1984)
     for key, value in fresh.items():
-        if key in head:
-            assert not torch.equal(saved[key], value), key
-        else:
-            assert torch.equal(saved[key], value), key  # weights and BatchNorm statistics alike
+        assert torch.equal(saved[key], value), key  # weights and BatchNorm statistics alike
+
+
+@needs_lite0
+def test_the_final_onnx_is_the_extractor_graph_with_the_head_appended(lite0_run):
+    import onnx
+
+    model = onnx.load(str(lite0_run.run_dir / "model.onnx"))
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["imgcls.exporter"].endswith("linear head appended")  # no second export
+    assert json.loads(props["imgcls.labels"]) == ["cat", "dog", "fox"]
+    assert model.graph.node[-1].op_type == "Gemm"
+    _, batch, _ = _val_batch(lite0_run.run_dir)
+    onnx_logits = imgcls.load(lite0_run.run_dir, backend="onnx").engine(batch)
+    torch_logits = imgcls.load(lite0_run.run_dir, backend="torch", device="cpu").engine(batch)
+    assert np.abs(onnx_logits - torch_logits).max() <= 1e-4 * max(1.0, np.abs(torch_logits).max())
+
+
+@needs_lite0
+def test_readout_final_reads_the_last_layer_only(tree64, tmp_path):
+    import onnx
+
+    result = imgcls.train(tree64, tmp_path / "run", model="efficientnet_lite0", pretrained=True, input_size=64,
+                          views=2, readout="final", **QUICK)
+    info = json.loads((result.run_dir / "features.json").read_text())
+    assert info["feature_dim"] == 1280 and info["readout"] == []
+    saved = load_file(str(result.run_dir / "model.safetensors"))
+    assert saved["classifier.weight"].shape == (3, 1280) and not any(k.startswith("net.") for k in saved)
+    props = {p.key: p.value for p in onnx.load(str(result.run_dir / "model.onnx")).metadata_props}
+    assert props["imgcls.exporter"].endswith("linear head appended")
+
+
+@needs_lite0
+def test_a_readout_run_is_a_starting_point_for_finetuning(lite0_run, tree64, tmp_path):
+    from imgcls.models.classifier import Classifier
+
+    result = imgcls.train(tree64, tmp_path / "ft", model="efficientnet_lite0", weights=str(lite0_run.run_dir),
+                          strategy="finetune", epochs=1, lr=1e-4, **QUICK)
+    assert result.summary["strategy"] == "finetune"
+    classifier, meta = Classifier.from_file(result.run_dir / "model.safetensors")
+    assert meta["build"]["readout"] == ["blocks.3", "blocks.4", "blocks.5", "blocks.6"]
+    before = load_file(str(lite0_run.run_dir / "model.safetensors"))
+    after = load_file(str(result.run_dir / "model.safetensors"))
+    assert set(before) == set(after)
+    assert not torch.equal(before["head.weight"], after["head.weight"])  # the same layout, trained further
 
 
 # --------------------------------------------------------------------------- torchvision, --weights, eager fallback
@@ -255,6 +302,118 @@ def test_fit_head_uses_an_informative_prior_and_folds_into_one_linear():
     idx = [0, 1, n - 1]
     tiny = solver.fit_head(feats[idx], y[idx], K, None)  # a class with one image: no cross-validation
     assert tiny.folds == 0 and tiny.lam == pytest.approx(solver.FALLBACK_PENALTY / len(idx))
+
+
+def test_standardized_head_reads_raw_features_and_ignores_their_scale():
+    rng = np.random.default_rng(3)
+    n, views, D, K = 60, 2, 12, 3
+    y = np.repeat(np.arange(K), n // K)
+    feats = rng.normal(size=(n, views, D)).astype(np.float32)
+    feats[:, :, :3] += 1.5 * np.eye(K, dtype=np.float32)[y][:, None]
+    scaled = feats * np.geomspace(1e-2, 1e2, D, dtype=np.float32) + 5.0  # blocks of very different scales
+    a = solver.fit_head(feats, y, K, None, standardize=True)
+    b = solver.fit_head(scaled, y, K, None, standardize=True)
+    la = torch.from_numpy(feats[:, 0]) @ a.weight.T + a.bias
+    lb = torch.from_numpy(scaled[:, 0]) @ b.weight.T + b.bias
+    assert a.lam == b.lam
+    assert torch.allclose(la, lb, atol=2e-3), float((la - lb).abs().max())  # the head folded back to raw inputs
+    plain = solver.fit_head(scaled, y, K, None)  # without it, the large features take the penalty's budget
+    lp = torch.from_numpy(scaled[:, 0]) @ plain.weight.T + plain.bias
+    assert not torch.allclose(lp, lb, atol=1e-1)
+
+
+def test_standardized_prior_gives_the_same_source_logits():
+    rng = np.random.default_rng(4)
+    n, D, K = 40, 8, 2
+    y = np.repeat(np.arange(K), n // K)
+    feats = (rng.normal(size=(n, 2, D)) * 10 + 3).astype(np.float32)
+    feats[:, :, 0] += np.where(y == 0, 30.0, -30.0)[:, None]
+    W = np.zeros((4, D), np.float32)
+    W[0, 0], W[1, 0] = 0.2, -0.2
+    fit = solver.fit_head(feats, y, K, (torch.from_numpy(W), torch.zeros(4)), standardize=True)
+    assert fit.alpha is not None  # the prior still helps after the z-scoring
+    logits = torch.from_numpy(feats[:, 0]) @ fit.weight.T + fit.bias
+    assert (logits.argmax(1).numpy() == y).all()
+
+
+def test_readout_net_matches_timm_intermediates_and_rebuilds_from_metadata():
+    from imgcls.models.readout import ReadoutNet
+
+    torch.manual_seed(0)
+    net = create_model("efficientnet_lite0", 4, 64, readout=["blocks.3", "blocks.4", "blocks.5", "blocks.6"])
+    assert isinstance(net, ReadoutNet) and net.head.in_features == 1984 and net.final_dim == 1280
+    net.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        final, inter = net.net.forward_intermediates(x, indices=[4, 5, 6, 7], extra_blocks=True)
+        expected = torch.cat([t.mean((2, 3)) for t in inter] + [net.net.forward_head(final)], 1)
+        assert torch.allclose(net.features(x), expected, atol=1e-5)
+        assert torch.allclose(net(x), net.head(expected), atol=1e-5)
+    assert features.classifier_head(net) is net.head
+    with pytest.raises(UserError, match="no block"):
+        create_model("efficientnet_lite0", 4, 64, readout=["blocks.99"])
+
+
+def test_near_copy_share_tells_bursts_from_distinct_images():
+    rng = np.random.default_rng(0)
+    distinct = rng.normal(size=(200, 64)).astype(np.float32)
+    assert features.near_copy_share(distinct) == 0.0
+    scenes = rng.normal(size=(40, 64)).astype(np.float32)
+    bursts = np.repeat(scenes, 5, axis=0) + 0.1 * rng.normal(size=(200, 64)).astype(np.float32)
+    assert features.near_copy_share(bursts) == 1.0
+    mixed = np.concatenate([distinct[:150], bursts[:50]])
+    assert features.near_copy_share(mixed, block=16) == pytest.approx(0.25)  # blocks give the same answer
+    assert features.near_copy_share(distinct[:1]) == 0.0
+
+
+@needs_lite0
+def test_bursts_make_the_head_read_the_final_features_only(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "bursts"
+    make_class_tree(root, {"cat": 4, "dog": 4, "fox": 4}, size=(64, 64), seed=2)
+    for path in list(root.rglob("*.png")) + list(root.rglob("*.jpg")):
+        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+        for k in range(3):  # frames of a burst: the same scene, a little noise
+            noisy = np.clip(pixels + np.random.default_rng(k).integers(-3, 4, pixels.shape), 0, 255)
+            Image.fromarray(noisy.astype(np.uint8)).save(path.with_name(f"{path.stem}-f{k}.png"))
+    result = imgcls.train(root, tmp_path / "run", model="efficientnet_lite0", pretrained=True, input_size=64,
+                          views=2, **QUICK)
+    info = json.loads((result.run_dir / "features.json").read_text())
+    assert info["near_copy_share"] > 0.9 and info["readout"] == []
+    weight = load_file(str(result.run_dir / "model.safetensors"))["head.weight"]
+    assert weight.shape == (3, 1984) and torch.all(weight[:, :704] == 0) and torch.any(weight[:, 704:] != 0)
+
+
+def test_with_linear_head_appends_a_checked_gemm(tmp_path):
+    import onnx
+
+    from imgcls.engines import OnnxEngine
+    from imgcls.export import export_onnx, onnx_model, with_linear_head
+    from imgcls.data.preprocess import Preprocess
+    from imgcls.models.classifier import Classifier
+
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    head = nn.Linear(6, 3)
+    spec = Preprocess(input_size=16)
+    extractor = Classifier(trunk, spec).eval()
+    full = Classifier(nn.Sequential(trunk, head), spec).eval()
+    batch = np.random.default_rng(0).integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)
+    base = onnx_model(extractor, torch.from_numpy(batch[:2]))
+    joined = with_linear_head(base, head.weight.detach().numpy(), head.bias.detach().numpy())
+    with torch.no_grad():
+        ref = full(torch.from_numpy(batch)).numpy()
+    assert np.abs(OnnxEngine(joined.SerializeToString())(batch) - ref).max() < 1e-5
+    assert len(base.graph.node) == len(joined.graph.node) - 1  # the extractor's graph is left as it was
+    path = export_onnx(full, ["a", "b", "c"], tmp_path / "m.onnx", "tiny", sample=batch, prebuilt=joined)
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert props["imgcls.exporter"].endswith("linear head appended")
+    wrong = with_linear_head(base, np.zeros((3, 6), np.float32), np.zeros(3, np.float32))
+    path = export_onnx(full, ["a", "b", "c"], tmp_path / "w.onnx", "tiny", sample=batch, prebuilt=wrong)
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert "appended" not in props["imgcls.exporter"]  # failed the parity check: exported as usual
+    assert np.abs(OnnxEngine(path)(batch) - ref).max() < 1e-4
 
 
 def test_cross_validation_drops_a_prior_that_does_not_help():

@@ -48,7 +48,7 @@ class Classifier(nn.Module):
         preprocess = Preprocess.from_dict(meta["preprocess"])
         build = meta.get("build", {})
         net = create_model(meta["model"], len(meta["labels"]), preprocess.input_size, build.get("norm"),
-                           build.get("se", False))
+                           build.get("se", False), build.get("readout"))
         try:
             net.load_state_dict(load_file(str(weights)))
         except SafetensorError as err:

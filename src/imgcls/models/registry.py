@@ -17,8 +17,9 @@ from typing import Callable
 from torch import nn
 
 from ..data.preprocess import Preprocess
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .heads import HEAD_ATTR
+from .readout import ReadoutNet
 
 # builder(num_classes, input_size, norm, se) -> nn.Module
 Builder = Callable[[int, int, "str | None", bool], nn.Module]
@@ -108,9 +109,12 @@ def create_model(
     input_size: int | None = None,
     norm: str | None = None,
     se: bool = False,
+    readout: tuple[str, ...] | list[str] | None = None,
 ) -> nn.Module:
     """Build the bare network (no normalization wrapper, random weights), its head
-    declared in ``net.imgcls_classifier``."""
+    declared in ``net.imgcls_classifier``.  ``readout``: blocks whose pooled outputs the head
+    reads beside the final features (a :class:`~.readout.ReadoutNet`; a model file's
+    ``build["readout"]``)."""
     spec = model_spec(name)
     size = input_size or spec.default_input_size
     if not spec.min_input_size <= size <= spec.max_input_size:
@@ -127,4 +131,10 @@ def create_model(
         raise UserError("a classifier needs at least one output class")
     net = spec.builder(num_classes, size, norm, se)
     setattr(net, HEAD_ATTR, spec.classifier)
+    if readout:
+        try:
+            net = ReadoutNet(net, readout, num_classes, size)
+        except AttributeError as err:
+            raise UserError(f"{name} has no block {first_line(err)} to read features from; the model file's"
+                            " build metadata does not fit this version of the architecture") from None
     return net

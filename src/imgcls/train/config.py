@@ -81,6 +81,7 @@ AMP = ("auto", "off", "bf16", "fp16")
 CACHE = ("auto", "ram", "none")
 NORMS = ("batch", "group", "layer", "instance")
 FREEZE = ("backbone",)
+READOUTS = ("auto", "layers", "final")
 
 _POSITIVE = Interval(0, None, "neither")
 _NON_NEGATIVE = Interval(0, None)
@@ -112,6 +113,9 @@ class TrainConfig:
                            choices=("auto", *STRATEGIES))
     views: int = option(8, "features/tail strategies: crops per training image (center + augmented)",
                         range=_AT_LEAST_1)
+    readout: str = option("auto", "features strategy: what the head reads. layers: the pooled outputs of the"
+                          " last blocks beside the final features, standardized; final: the final features only;"
+                          " auto: layers where the model declares them", choices=READOUTS)
     time_budget: float | None = option(None, "tail strategy: seconds the fit may take; the epochs of the last"
                                        " stage are planned to fit in it (default 180)", range=_POSITIVE)
     input_size: int | None = option(None, "input side in pixels (default: the model's; from scratch on smaller"

@@ -5,9 +5,14 @@ classifier head, which is swapped for ``nn.Identity``) are computed once for
 ``views`` crops of every training image (view 0 = the eval center crop, the
 others drawn with the training augmentation) and for the val images, with ONNX
 Runtime on a CPU (the extractor is exported uint8-in; PyTorch eager if that
-fails, and on a GPU).  The head's ``nn.Linear`` is then fitted full-batch
-(:func:`.head.fit_head`) and copied into the model, so the saved model is the
-ordinary full network and predicts exactly what this path measured.
+fails, and on a GPU).  Where the model's family declares taps
+(:mod:`imgcls.models.readout`, ``--readout``), the net is first wrapped so that
+its features also hold the pooled outputs of its last blocks, and the head is
+solved on standardized features.  The head's ``nn.Linear`` is then fitted
+full-batch (:func:`.head.fit_head`) and copied into the model, so the saved
+model is an ordinary network that predicts exactly what this path measured;
+its ONNX graph is the extractor's with the head appended
+(:func:`imgcls.export.with_linear_head`), not a second export.
 
 Why on a CPU: forward passes in ONNX Runtime are several times faster than
 eager training steps, so many views of every image cost less than one
@@ -24,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
@@ -37,6 +43,8 @@ from ..errors import first_line
 from ..metrics import compute_metrics
 from ..models.classifier import Classifier
 from ..models.heads import classifier_head, head_prefix
+from ..models.readout import ReadoutNet, readout_taps
+from ..models.registry import model_spec
 from .head import class_weights, fit_head
 from .session import Fit, Session
 
@@ -44,6 +52,9 @@ log = logging.getLogger("imgcls")
 
 MAX_FEATURE_ROWS = 20_000   # views are capped so that images x views stays below this (time and memory)
 BATCH = 32
+NEAR_COPY = 0.9             # cosine of standardized features past which two images count as near-copies
+BURSTY = 0.25               # share of training images with a near-copy past which the head reads the final
+                            # features only: the earlier blocks' features let it fit each burst's scene
 
 
 def feature_extractor(net: nn.Module) -> tuple[nn.Module, nn.Linear]:
@@ -80,7 +91,8 @@ def linear_readout_problem(net: nn.Module, extractor: nn.Module, head: nn.Module
 
 
 def _feature_engine(session, extractor, sample: np.ndarray):
-    """(engine, name): ONNX Runtime on a CPU, PyTorch eager otherwise or if export fails."""
+    """(engine, name, graph): ONNX Runtime on a CPU (graph: the extractor's ONNX ModelProto),
+    PyTorch eager otherwise or if export fails (graph None)."""
     module = Classifier(extractor, session.preprocess).eval()
     if session.device.type == "cpu":
         t0 = time.perf_counter()
@@ -92,13 +104,48 @@ def _feature_engine(session, extractor, sample: np.ndarray):
                 data = path.read_bytes()
             engine = OnnxEngine(data)
             log.info("fast path: feature extractor exported to ONNX in %.1f s", time.perf_counter() - t0)
-            return engine, f"onnxruntime ({engine.threads} threads)"
+            return engine, f"onnxruntime ({engine.threads} threads)", onnx.load_model_from_string(data)
         except Exception as err:  # noqa: BLE001 - any export problem: eager is slower but right
             first = first_line(err)
             log.warning("fast path: ONNX export of the feature extractor failed (%s); using PyTorch eager"
                         " (several times slower on a CPU)", first)
     engine = TorchEngine(module, device=str(session.device), amp=None)
-    return engine, f"torch eager ({session.device})"
+    return engine, f"torch eager ({session.device})", None
+
+
+def near_copy_share(center: np.ndarray, block: int = 2048) -> float:
+    """The share of images whose nearest other image has a cosine above ``NEAR_COPY``, on standardized
+    features ``(n, D)`` of their center crops.  Frames of one burst are near-copies; distinct
+    photos, even of one class, rarely are."""
+    n = len(center)
+    if n < 2:
+        return 0.0
+    z = (center - center.mean(0)) / (center.std(0) + 1e-6)
+    z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-12
+    nearest = np.empty(n, np.float32)
+    for i in range(0, n, block):
+        sim = z[i:i + block] @ z.T
+        sim[np.arange(len(sim)), np.arange(i, i + len(sim))] = -1.0  # not itself
+        nearest[i:i + block] = sim.max(1)
+    return float(np.mean(nearest > NEAR_COPY))
+
+
+def use_readout(s: Session) -> tuple[str, ...]:
+    """Wrap the session's net in a multi-layer read-out when ``--readout`` asks for one and the
+    model's family declares taps (recorded in the model file's build metadata); the taps read."""
+    net = s.model.net
+    if isinstance(net, ReadoutNet):  # started from a run whose head already reads these layers
+        return net.taps
+    taps = () if s.cfg.readout == "final" else readout_taps(model_spec(s.cfg.model).family)
+    if not taps:
+        if s.cfg.readout == "layers":
+            log.warning("fast path: %s declares no blocks to read beside its final features; the head reads"
+                        " the final features only", s.cfg.model)
+        return ()
+    s.model.net = ReadoutNet(net, taps, len(s.classes), s.preprocess.input_size)
+    s.meta["build"]["readout"] = list(taps)
+    log.info("fast path: the head reads the pooled outputs of %s beside the final features", ", ".join(taps))
+    return taps
 
 
 def _base_image(dataset, index: int) -> np.ndarray:
@@ -161,10 +208,17 @@ def compute_features(engine, dataset, views: int, seed: int = 0, progress: bool 
 
 
 def source_prior(session: Session, dim: int):
-    """The source weights' own classifier ``(W, b)`` as the head's prior, when it reads ``dim`` features."""
+    """The source weights' own classifier ``(W, b)`` as the head's prior, when it reads ``dim`` features,
+    or the net's final features, which a multi-layer read-out puts last (then padded with zeros)."""
     report = session.source.report
     prior = report.source_head if report is not None else None
-    return prior if prior is not None and prior[0].shape[1] == dim else None
+    if prior is None or prior[0].shape[1] == dim:
+        return prior
+    net = session.model.net
+    W, b = prior
+    if isinstance(net, ReadoutNet) and W.shape[1] == net.final_dim and dim > net.final_dim:
+        return torch.cat([W.new_zeros(W.shape[0], dim - net.final_dim), W], 1), b
+    return None
 
 
 def load_head(head: nn.Linear, fit) -> None:
@@ -189,9 +243,10 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
     back into ``s.model``, which is saved."""
     t_start = time.perf_counter()
     cfg = s.cfg
+    taps = use_readout(s)
     extractor, head = feature_extractor(s.model.net)
     sample = np.stack([s.val_set[i][0].numpy() for i in range(min(4, len(s.val_set)))])
-    engine, engine_name = _feature_engine(s, extractor, sample)
+    engine, engine_name, graph = _feature_engine(s, extractor, sample)
     views = cfg.views if s.train_set.transform is not None else 1
     views = max(1, min(views, MAX_FEATURE_ROWS // max(1, len(s.train_set))))
     if views < cfg.views and s.train_set.transform is not None:
@@ -209,7 +264,20 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
         t0 = time.perf_counter()
         prior = source_prior(s, train_feats.shape[2])
         weight = class_weights(y, len(s.classes), s.balance.mode)
-        fit = fit_head(train_feats, y, len(s.classes), prior, cfg.seed, weight=weight, progress=progress)
+        skip, share = 0, None  # skip: leading feature columns the head leaves at zero weight
+        if taps and cfg.readout == "auto":
+            share = near_copy_share(train_feats[:, 0])
+            if share > BURSTY:
+                skip = train_feats.shape[2] - s.model.net.final_dim
+                log.info("fast path: %.0f%% of the training images have a near-copy (bursts, as from camera traps):"
+                         " the head reads the final features only (--readout layers to read all)", 100 * share)
+        if prior is not None:
+            prior = prior[0][:, skip:], prior[1]
+        fit = fit_head(train_feats[:, :, skip:], y, len(s.classes), prior, cfg.seed, weight=weight,
+                       progress=progress, standardize=bool(taps) and not skip)
+        if skip:
+            fit.weight = torch.cat([fit.weight.new_zeros(len(s.classes), skip), fit.weight], 1)
+            taps = ()
         t_head = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
@@ -217,6 +285,8 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
     log.info("fast path: %s features of %d view(s) x %d train images + %d val images in %.1f s (%.0f img/s)",
              engine_name, train_feats.shape[1], len(train_feats), len(val_feats), t_feats, n_rows / t_feats)
     load_head(head, fit)
+    if graph is not None:  # the fitted model's ONNX graph without a second export (checked at export)
+        s.onnx_graph = export.with_linear_head(graph, fit.weight.numpy(), fit.bias.numpy())
     if fit.alpha is not None:
         prior_text = f"source-head prior of {prior[0].shape[0]} classes, weight {fit.alpha:.3g}"
     else:
@@ -241,7 +311,8 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
     rundir.save_weights(s.run_dir / rundir.WEIGHTS, s.model.net.state_dict(), s.meta)
     rundir.write_json(s.run_dir / rundir.FEATURES, {
         "engine": engine_name, "views": int(train_feats.shape[1]), "n_train": int(len(train_feats)),
-        "n_val": int(len(val_feats)), "feature_dim": int(train_feats.shape[2]),
+        "n_val": int(len(val_feats)), "feature_dim": int(train_feats.shape[2]), "readout": list(taps),
+        "near_copy_share": None if share is None else round(share, 4),
         "prior_classes": int(prior[0].shape[0]) if prior is not None else None,
         "prior_used": fit.alpha is not None, "prior_weight": fit.alpha, "penalty": fit.lam, "cv_folds": fit.folds, "cv": fit.cv,
         "feature_seconds": round(t_feats, 2), "head_seconds": round(t_head, 2), "seconds": round(seconds, 2)})

@@ -27,7 +27,7 @@ def export_model(s: Session) -> str | None:
     path.unlink(missing_ok=True)  # never leave a stale export beside new weights
     sample = np.stack([s.val_set[i][0].numpy() for i in range(min(8, len(s.val_set)))])
     try:
-        return str(export.export_onnx(s.model, s.classes, path, s.cfg.model, sample=sample))
+        return str(export.export_onnx(s.model, s.classes, path, s.cfg.model, sample=sample, prebuilt=s.onnx_graph))
     except Exception as err:  # noqa: BLE001 - exporter limitations surface as many exception types
         log.warning("ONNX export failed (%s); prediction will use PyTorch", first_line(err))
         return None

@@ -12,6 +12,9 @@ A pure function of arrays (:func:`fit_head`); the features strategy
   ``nn.Linear`` (weight ``a A W_src + V``, bias ``a A b_src + c``) and the
   saved model is the ordinary network.
 
+Features of several layers are standardized first (``standardize``), and the
+scaling is folded back into the returned head.
+
 Whether to use the prior at all, and ``lam``, are chosen by stratified
 K-fold cross-validation on the training images (all views of an image in the
 same fold, held-out loss on center views, weighted by the class weights when
@@ -190,16 +193,41 @@ def _cross_validate(feats, y, K, prior, fold, k, lambdas, weight, sample_weight,
     return np.array(losses), np.array(correct)
 
 
+def standardizer(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation over every row (image x view) of ``feats``."""
+    rows = feats.reshape(-1, feats.shape[-1])
+    mean = rows.mean(0, dtype=np.float64)
+    var = np.maximum((rows * rows).mean(0, dtype=np.float64) - mean * mean, 0.0)
+    return mean.astype(np.float32), (np.sqrt(var) + 1e-6).astype(np.float32)
+
+
 def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0,
-             penalties=PENALTIES, weight: torch.Tensor | None = None, progress: bool = False) -> HeadFit:
+             penalties=PENALTIES, weight: torch.Tensor | None = None, progress: bool = False,
+             standardize: bool = False) -> HeadFit:
     """Fit the linear head on ``feats`` (n, views, D; view 0 = center crop) and targets ``y``.
 
     ``prior``: the source classifier ``(W (M, D), b (M,))`` or None; cross-validation
     decides whether it is used, and the penalty (module docstring).  ``penalties``: the
     grid, times the number of images.  ``weight``: per-class loss weights (K,), used in
-    the fit and in the cross-validated loss alike."""
-    feats = np.ascontiguousarray(feats, dtype=np.float32)
+    the fit and in the cross-validated loss alike.  ``standardize``: solve on z-scored
+    features (features of several layers differ in scale, and the penalty is isotropic);
+    the returned head still reads the raw features (the scaling is folded into it)."""
     y = np.asarray(y, dtype=np.int64)
+    if standardize:
+        mean, std = standardizer(feats)
+        feats = (feats - mean) / std
+        if prior is not None:  # the same source logits from z-scored features
+            Wp, bp = prior
+            prior = (Wp * torch.from_numpy(std), bp + Wp @ torch.from_numpy(mean))
+    fit = _fit(np.ascontiguousarray(feats, dtype=np.float32), y, K, prior, seed, penalties, weight, progress)
+    if standardize:
+        with torch.no_grad():
+            fit.weight = fit.weight / torch.from_numpy(std)
+            fit.bias = fit.bias - fit.weight @ torch.from_numpy(mean)
+    return fit
+
+
+def _fit(feats, y, K, prior, seed, penalties, weight, progress) -> HeadFit:
     lambdas = [p / len(y) for p in penalties]
     # each image's weight in the cross-validated loss, scaled to average 1
     sample_weight = np.ones(len(y)) if weight is None else weight.numpy()[y].astype(np.float64)

@@ -311,12 +311,17 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     preprocess.save(run_dir / rundir.PREPROCESS)
     rundir.write_json(run_dir / rundir.LABELS, classes)
 
-    model = Classifier(create_model(cfg.model, len(classes), preprocess.input_size, cfg.norm, cfg.se), preprocess)
+    build = {"norm": cfg.norm, "se": cfg.se}
+    readout = (source.meta or {}).get("build", {}).get("readout")
+    if readout:  # the source run's head reads several layers: the same network, so its weights fit
+        build["readout"] = list(readout)
+    model = Classifier(create_model(cfg.model, len(classes), preprocess.input_size, cfg.norm, cfg.se, readout),
+                       preprocess)
     if not resume:
         load_source(cfg, source, model.net)
     return Session(cfg, run_dir, classes, splits, scanned.caches, preprocess,
                    ImageDataset(splits["train"], index, preprocess, augment, scanned.caches["train"]),
                    ImageDataset(splits["val"], index, preprocess, None, scanned.caches["val"]),
                    model.to(device), device, amp_dtype,
-                   rundir.model_meta(cfg.model, classes, preprocess, {"norm": cfg.norm, "se": cfg.se}), source,
+                   rundir.model_meta(cfg.model, classes, preprocess, build), source,
                    balance)

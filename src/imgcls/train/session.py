@@ -39,6 +39,7 @@ class Session:
     source: WeightSource = field(default_factory=lambda: WeightSource("none"))
     balance: Any = None              # train.balance.Balance: class weighting resolved from the counts
     strategy: str = ""
+    onnx_graph: Any = None           # an ONNX ModelProto of the fitted model made by the strategy (checked at export)
 
 
 @dataclass

@@ -16,3 +16,4 @@ class Record:
     path: Path
     label: str | None = None   # class name; None for unlabelled (prediction) inputs
     group: str | None = None   # trigger event / site: all shots of a group land in one split
+    camera: str | None = None  # the camera or site (a CSV column); events are grouped per camera

@@ -5,7 +5,8 @@ Two labelled layouts are understood:
 * a class-folder tree ``ROOT/<class>/**/<image>``, optionally split into
   ``ROOT/train``, ``ROOT/val`` (or ``valid``/``validation``) and ``ROOT/test``;
 * a CSV file with a path column and a label column (names configurable),
-  paths relative to the CSV's folder; optional ``group`` and ``split`` columns.
+  paths relative to the CSV's folder; optional ``group`` (or ``--event-column``),
+  ``camera`` (or ``site``) and ``split`` columns.
 
 For prediction, inputs may be files, folders (searched recursively) or a CSV
 of paths.  Nothing here opens an image: that is the scanner's and decoder's job.
@@ -78,8 +79,13 @@ def from_folder(root: str | Path) -> Dataset:
     return Dataset({"all": _class_tree(root)}, str(root))
 
 
+CAMERA_COLUMNS = ("camera", "site")  # first found: where each image was taken (events are per camera)
+
+
 def from_csv(path: str | Path, path_column: str = "path", label_column: str = "label",
-             group_column: str = "group") -> Dataset:
+             group_column: str = "group", event_column: str | None = None) -> Dataset:
+    """``event_column``: the column naming each image's capture event (its group), instead of
+    ``group_column``."""
     path = Path(path)
     base = path.parent
     columns, rows = read_csv(path)
@@ -87,6 +93,11 @@ def from_csv(path: str | Path, path_column: str = "path", label_column: str = "l
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}; it has {', '.join(columns) or 'no header'}."
                         " Name the right ones with --path-column / --label-column")
+    if event_column is not None:
+        if event_column not in columns:
+            raise UserError(f"{path}: no column {event_column!r} for --event-column; it has {', '.join(columns)}")
+        group_column = event_column
+    camera_column = next((c for c in CAMERA_COLUMNS if c in columns), None)
     splits: dict[str, list[Record]] = {}
     unknown: dict[str, int] = {}  # split value -> first line
     for line_no, row in rows:
@@ -99,8 +110,9 @@ def from_csv(path: str | Path, path_column: str = "path", label_column: str = "l
         if value and value.lower() not in SPLIT_NAMES:
             unknown.setdefault(value, line_no)
         group = (row.get(group_column) or "").strip() or None
+        camera = (row.get(camera_column) or "").strip() or None if camera_column else None
         file = Path(raw) if Path(raw).is_absolute() else base / raw
-        splits.setdefault(split, []).append(Record(file, label, group))
+        splits.setdefault(split, []).append(Record(file, label, group, camera))
     if unknown:
         first = min(unknown.values())
         raise UserError(f"{path}:{first}: unknown split value(s) {', '.join(sorted(unknown))} in the split column;"
@@ -168,15 +180,19 @@ def _csv_step(path: Path, reader, step, line: int | None = None):
         raise UserError(f"{where}: not a readable CSV ({err}); fix the line or save the file again as CSV") from None
 
 
-def load_dataset(data: str | Path, path_column: str = "path", label_column: str = "label") -> Dataset:
+def load_dataset(data: str | Path, path_column: str = "path", label_column: str = "label",
+                 event_column: str | None = None) -> Dataset:
     """A folder tree or a CSV -> :class:`Dataset`, with errors that say what to fix."""
     data = Path(data)
     if not data.exists():
         raise UserError(f"{data}: no such file or folder")
     if data.is_dir():
+        if event_column is not None:
+            raise UserError(f"--event-column {event_column} needs a CSV; {data} is a folder (its events come from"
+                            " the images' EXIF times)")
         return from_folder(data)
     if data.suffix.lower() == ".csv":
-        return from_csv(data, path_column, label_column)
+        return from_csv(data, path_column, label_column, event_column=event_column)
     raise UserError(f"{data}: expected a folder of class folders or a .csv file")
 
 

@@ -82,6 +82,7 @@ CACHE = ("auto", "ram", "none")
 NORMS = ("batch", "group", "layer", "instance")
 FREEZE = ("backbone",)
 READOUTS = ("auto", "layers", "final")
+GROUP_BY = ("event", "site", "none")
 
 _POSITIVE = Interval(0, None, "neither")
 _NON_NEGATIVE = Interval(0, None)
@@ -150,6 +151,13 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
     path_column: str = option("path", "CSV column with image paths")
     label_column: str = option("label", "CSV column with labels")
+    group_by: str = option("event", "what a split keeps whole. event: capture events (an --event-column or"
+                           " group column, else frames within --event-gap seconds per camera, from EXIF times);"
+                           " site: whole cameras (a camera/site column, else the image's folder); none: images",
+                           choices=GROUP_BY)
+    event_column: str | None = option(None, "CSV column naming each image's capture event")
+    event_gap: float = option(10.0, "seconds between frames of one event, when events come from EXIF times",
+                              range=_POSITIVE)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import rundir
+from ..data.events import EventReport, camera_of, column_report, events_on_both_sides, group_events
 from ..data.dataset import CACHE_LIMIT_BYTES, ImageDataset, decode_all, estimate_cache_bytes
 from ..data.preprocess import Augment, Preprocess
 from ..data.records import Record
@@ -123,14 +124,61 @@ def resolve_normalization(cfg: TrainConfig, source: WeightSource, geometry: Prep
 # --------------------------------------------------------------------------- data
 
 
-def split_dataset(cfg: TrainConfig) -> tuple[dict[str, list[Record]], list[str]]:
-    """The data's records by split (train, val, maybe test) and the class names."""
-    dataset = load_dataset(cfg.data, cfg.path_column, cfg.label_column)
-    splits = dict(dataset.splits)
-    if "all" in splits:
-        splits["train"], splits["val"] = split_records(splits.pop("all"), cfg.val_fraction, cfg.seed)
-    elif "val" not in splits:
-        splits["train"], splits["val"] = split_records(splits["train"], cfg.val_fraction, cfg.seed)
+def assign_groups(cfg: TrainConfig, splits: dict[str, list[Record]]) -> tuple[dict[str, list[Record]], EventReport]:
+    """Every record's group, the unit a split keeps whole (``--group-by``): its capture event (from a
+    column, else from EXIF times per camera), its camera, or nothing."""
+    names = list(splits)
+    records = [r for name in names for r in splits[name]]
+    if cfg.group_by == "none":
+        records, report = [replace(r, group=None) for r in records], EventReport("none")
+    elif cfg.group_by == "site":
+        records = [replace(r, group=f"site:{camera_of(r)}") for r in records]
+        report = column_report(records)
+        report.source = "site"
+    elif any(r.group is not None for r in records):
+        report = column_report(records)
+    else:
+        records, report = group_events(records, cfg.event_gap)
+    out, start = {}, 0
+    for name in names:
+        out[name], start = records[start:start + len(splits[name])], start + len(splits[name])
+    return out, report
+
+
+def _log_events(report: EventReport, cfg: TrainConfig) -> None:
+    if report.source == "none":
+        return
+    where = {"column": "from the data's event/group column", "site": "whole cameras (--group-by site)",
+             "exif": f"within {cfg.event_gap:g} s per camera, {report.from_exif} frames by EXIF time, "
+                     f"{report.from_mtime} by file time, {report.without_time} without a time"}[report.source]
+    log.info("capture events: %d (%s), %.1f frames per event on average, %d at most", report.events, where,
+             report.mean_frames, report.max_frames)
+    if report.leaked_by_random_split:
+        log.info("capture events: a split of single images would have put %d of them on both sides of the split",
+                 report.leaked_by_random_split)
+    if report.across_given_splits:
+        log.warning("capture events: %d events have frames in more than one of the data's own splits; validation"
+                    " scores those frames as if unseen. Split by event (drop the split column or folders)",
+                    report.across_given_splits)
+
+
+def split_dataset(cfg: TrainConfig) -> tuple[dict[str, list[Record]], list[str], EventReport]:
+    """The data's records by split (train, val, maybe test), the class names and the capture events."""
+    dataset = load_dataset(cfg.data, cfg.path_column, cfg.label_column, cfg.event_column)
+    splits, events = assign_groups(cfg, dict(dataset.splits))
+    to_split = "all" if "all" in splits else ("train" if "val" not in splits else None)
+    if to_split is not None:
+        pool = splits.pop(to_split)
+        splits["train"], splits["val"] = split_records(pool, cfg.val_fraction, cfg.seed)
+        if events.source != "none":
+            train, val = split_records([replace(r, group=None) for r in pool], cfg.val_fraction, cfg.seed)
+            keyed = {os.path.abspath(r.path): r.group for r in pool}
+            events.leaked_by_random_split = events_on_both_sides(
+                {"train": [replace(r, group=keyed[os.path.abspath(r.path)]) for r in train],
+                 "val": [replace(r, group=keyed[os.path.abspath(r.path)]) for r in val]})
+    elif events.source != "none":
+        events.across_given_splits = events_on_both_sides(splits)
+    _log_events(events, cfg)
     classes = sorted({r.label for r in splits["train"]})
     if len(classes) < 2:
         raise UserError(f"{cfg.data}: only one class ({', '.join(classes) or 'none'}) in the training data;"
@@ -141,7 +189,7 @@ def split_dataset(cfg: TrainConfig) -> tuple[dict[str, list[Record]], list[str]]
                         " add training images for them")
     if not splits["val"]:
         raise UserError(f"{cfg.data}: too few images to hold out a validation split; add images or a val/ folder")
-    return splits, classes
+    return splits, classes, events
 
 
 @dataclass
@@ -154,6 +202,7 @@ class ScanResult:
     duplicates: list[dict]
     ram_cache: bool
     cache_bytes: int
+    events: dict | None = None  # data.events.EventReport.to_dict()
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {name: dict(sorted(Counter(r.label for r in recs).items())) for name, recs in self.splits.items()}
@@ -162,7 +211,7 @@ class ScanResult:
         return {"counts": self.counts(),
                 "unreadable": [{"path": str(r.path), "split": s, "reason": why} for r, s, why in self.unreadable],
                 "duplicates": self.duplicates, "ram_cache": self.ram_cache,
-                "cache_megabytes": round(self.cache_bytes / 2**20, 1)}
+                "cache_megabytes": round(self.cache_bytes / 2**20, 1), "events": self.events}
 
 
 def scan(cfg: TrainConfig, splits: dict[str, list[Record]], spec: Preprocess, augment: Augment,
@@ -290,11 +339,12 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     augment = Augment.from_dict(cfg.augment)
     torch.manual_seed(cfg.seed)
 
-    splits, classes = split_dataset(cfg)
+    splits, classes, events = split_dataset(cfg)
     # a resumed run decodes exactly as it did before (the cache depends on the sizes)
     geometry = (rundir.read_preprocess(run_dir / rundir.PREPROCESS) if resume
                 else resolve_geometry(cfg, source, splits["train"]))
     scanned = scan(cfg, splits, geometry, augment, progress)
+    scanned.events = events.to_dict()
     _report_scan(scanned, classes, run_dir)
     splits = scanned.splits
     balance = resolve_class_balance(cfg, scanned.counts()["train"], classes)

@@ -123,8 +123,8 @@ def group_events(records: list[Record], gap: float = DEFAULT_GAP, workers: int =
         for k, event in enumerate(events):
             if len(event) > limit and any(times[i][1] == "mtime" for i in event):
                 report.mtime_split += len(event)
-                for i in event:
-                    groups[i] = f"{camera}/file-{i}"
+                for i in event:  # by file: rows naming one file still share a group
+                    groups[i] = f"file:{os.path.abspath(records[i].path)}"
                 continue
             start = datetime.fromtimestamp(times[event[0]][0], timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
             for i in event:

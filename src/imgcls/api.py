@@ -23,16 +23,8 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
     ``val``, else everything).  Writes ``eval.json`` and the confusion matrix
     (CSV, PNG) into the run directory when ``run`` is one (:func:`save_evaluation`)."""
     predictor = load(run, backend=backend)
-    dataset = load_dataset(data)
-    if split is None:
-        split = next((s for s in ("test", "val", "all") if s in dataset.splits), "train")
-    if split not in dataset.splits:
-        raise UserError(f"{data} has no {split!r} split; it has {', '.join(dataset.splits)}")
-    records = dataset.splits[split]
+    records = _labelled_records(predictor, data, split)
     labels = predictor.labels
-    unknown = sorted({r.label for r in records} - set(labels))
-    if unknown:
-        raise UserError(f"{data}: class(es) {', '.join(unknown)} are not among the model's classes ({', '.join(labels)})")
     stream = predictor.iter_logits(records, batch_size=batch_size)
     metrics, failed = metrics_of_stream(tqdm(stream, total=len(records), disable=not progress, desc="evaluate"),
                                         labels)
@@ -43,6 +35,63 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
     if write:
         save_evaluation(metrics, run)
     return metrics
+
+
+def choose_thresholds(run: str | Path, data: str | Path, label: str, target_recall: float = 0.99,
+                      split: str | None = None, backend: str = "auto", batch_size: int | None = None,
+                      progress: bool = False) -> dict:
+    """Choose the threshold of class ``label`` on labelled ``data`` so that at least ``target_recall``
+    of the other classes' images stay out of its automatic pile; store it in the run
+    (``thresholds.json``), draw the trade-off (``thresholds_<label>.png``) and return the figures
+    (the chosen threshold and those for :data:`~.thresholds.REPORT_RECALLS`)."""
+    import numpy as np
+
+    from . import thresholds as th
+
+    if not Path(run).is_dir():
+        raise UserError(f"{run}: thresholds are stored in a run directory; give the run, not a model file")
+    if not 0.0 < target_recall < 1.0:
+        raise UserError(f"--target-recall must lie strictly between 0 and 1, not {target_recall}")
+    predictor = load(run, backend=backend)
+    if label not in predictor.labels:
+        raise UserError(f"--class {label}: not a class of this model ({', '.join(predictor.labels)})")
+    records = _labelled_records(predictor, data, split)
+    probs, truth = [], []
+    index = {name: i for i, name in enumerate(predictor.labels)}
+    for record, p, error in tqdm(predictor.iter_probs(records, batch_size=batch_size), total=len(records),
+                                 disable=not progress, desc="thresholds"):
+        if p is None:
+            log.warning("left out (unreadable): %s: %s", record.path, error)
+            continue
+        probs.append(p)
+        truth.append(index[record.label])
+    if not probs:
+        raise UserError(f"{data}: none of the {len(records)} images could be read")
+    probs, truth = np.stack(probs), np.asarray(truth)
+    c = index[label]
+    if not (truth != c).any():
+        raise UserError(f"{data}: every image is {label!r}; thresholds need images of the other classes too")
+    chosen = th.choose_threshold(probs, truth, c, target_recall, label)
+    report = [th.choose_threshold(probs, truth, c, r, label) for r in th.REPORT_RECALLS]
+    path = th.save_thresholds(run, [chosen], predictor.labels)
+    png = th.plot_tradeoff(th.tradeoff(probs, truth, c), [chosen], label, Path(run) / f"thresholds_{label}.png")
+    return {"chosen": chosen.to_dict(), "table": [r.to_dict() for r in report], "images": len(truth),
+            "of_class": int((truth == c).sum()), "file": str(path), "plot": str(png)}
+
+
+def _labelled_records(predictor, data, split):
+    """The records of ``data``'s split (``test``, else ``val``, else everything), checked against the model."""
+    dataset = load_dataset(data)
+    if split is None:
+        split = next((s for s in ("test", "val", "all") if s in dataset.splits), "train")
+    if split not in dataset.splits:
+        raise UserError(f"{data} has no {split!r} split; it has {', '.join(dataset.splits)}")
+    records = dataset.splits[split]
+    unknown = sorted({r.label for r in records} - set(predictor.labels))
+    if unknown:
+        raise UserError(f"{data}: class(es) {', '.join(unknown)} are not among the model's classes"
+                        f" ({', '.join(predictor.labels)})")
+    return records
 
 
 def save_evaluation(metrics, run: str | Path) -> Path | None:

@@ -74,13 +74,35 @@ def cmd_predict(args) -> None:
     from .predict import check_options, load, predict_to_csv
 
     check_options(args.batch_size, args.top_k)  # before the model loads or any file is touched
-    predictor = load(args.run, backend=args.backend)
+    predictor = load(args.run, backend=args.backend).with_threshold(args.threshold)
     log.info("engine: %s", predictor.backend)
     result = predict_to_csv(predictor, args.inputs, args.out, batch_size=args.batch_size, top_k=args.top_k,
                             resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     kept = f" (+ {result['kept']} kept from before)" if result["kept"] else ""
     unreadable = f" ({result['errors']} unreadable, see the error column)" if result["errors"] else ""
     print(f"{result['images']} images{kept} -> {result['out']}{unreadable}")
+
+
+def cmd_thresholds(args) -> None:
+    from .api import choose_thresholds
+
+    result = choose_thresholds(args.run, args.data, args.label, args.target_recall, split=args.split,
+                               backend=args.backend, batch_size=args.batch_size,
+                               progress=not (args.json or args.quiet))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    label, chosen = args.label, result["chosen"]
+    print(f"{result['images']} labelled images, {result['of_class']} of them {label!r}\n")
+    print(f"| recall of the other classes (target) | threshold on P({label}) | set aside as {label} |"
+          f" precision of that pile | images still reviewed | share reviewed |")
+    print("|---|---|---|---|---|---|")
+    for row in [*result["table"], chosen]:
+        print(f"| {row['other_recall']:.4f} ({row['target_recall']:g}) | {row['threshold']:.4f} | {row['pile']} |"
+              f" {row['pile_precision']:.4f} | {row['review']} | {row['review_share']:.1%} |")
+    print(f"\nstored: {label} >= {chosen['threshold']:.4f} in {result['file']} (predictions below it are"
+          f" 'uncertain'); curve: {result['plot']}")
+    print("these figures hold for data like this labelled set; check them again on a new site or season")
 
 
 def cmd_stats(args) -> None:
@@ -172,11 +194,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--batch-size", type=int, help="images per engine call (default: 8 on a CPU, 32 on a GPU)")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
+    p.add_argument("--threshold", type=float, metavar="P",
+                   help="one threshold for every class: below it a row's decision is 'uncertain' (replaces the"
+                        " run's own, from `imgcls thresholds`)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="--out exists (an interrupted run): keep its rows, predict only the images it lacks")
     again.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("thresholds", help="choose a class's threshold on labelled data for a review budget"
+                                         " (e.g. how many empty frames to set aside unseen)")
+    p.add_argument("run", help="run directory (the threshold is stored there)")
+    p.add_argument("data", help="labelled folder tree or CSV (its test split, else val, else all)")
+    p.add_argument("--class", dest="label", required=True, help="the class whose pile is set aside, e.g. empty")
+    p.add_argument("--target-recall", type=float, default=0.99,
+                   help="share of the other classes' images that must stay out of that pile (default 0.99)")
+    p.add_argument("--split", help="which split of DATA")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
+    p.add_argument("--batch-size", type=int, help="images per engine call")
+    p.set_defaults(func=cmd_thresholds)
 
     p = sub.add_parser("stats", help="per-channel mean and std of a dataset (for --mean/--std)")
     p.add_argument("data")

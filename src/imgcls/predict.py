@@ -28,7 +28,7 @@ import logging
 import os
 import stat
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -43,6 +43,7 @@ from .engines import OnnxEngine, TorchEngine, stream_logits
 from .errors import UserError
 from .softmax import softmax
 from .system import cuda_available, resolve_device
+from .thresholds import check_threshold, decide, load_thresholds
 
 try:  # POSIX; elsewhere predict runs without the output lock
     import fcntl
@@ -66,6 +67,7 @@ class Predictor:
     model_name: str = ""
     backend: str = ""
     batch_size: int = CPU_BATCH     # default images per engine call (CPU_BATCH / GPU_BATCH)
+    thresholds: dict = field(default_factory=dict)  # label -> threshold; rows get a decision column when set
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N,3,S,S) -> probabilities (N,K), float64."""
@@ -107,13 +109,23 @@ class Predictor:
                 has = probs is not None
                 row[f"label_{rank + 1}"] = self.labels[ranked[rank]] if has else ""
                 row[f"prob_{rank + 1}"] = round(float(probs[ranked[rank]]), 6) if has else ""
+        if self.thresholds:
+            # the unrounded probability: the threshold was chosen on those
+            row["decision"] = "" if probs is None else decide(row["label"], float(probs[ranked[0]]), self.thresholds)
         row["error"] = error
         return row
 
+    def with_threshold(self, threshold: float | None) -> Predictor:
+        """This predictor with one threshold for every class (``--threshold``), replacing stored ones."""
+        check_threshold(threshold)
+        if threshold is not None:
+            self.thresholds = {label: float(threshold) for label in self.labels}
+        return self
 
-def row_columns(top_k: int) -> list[str]:
+
+def row_columns(top_k: int, decision: bool = False) -> list[str]:
     ranked = [f"{kind}_{r + 1}" for r in range(top_k) for kind in ("label", "prob")] if top_k > 1 else []
-    return ["path", "label", "prob", *ranked, "error"]
+    return ["path", "label", "prob", *ranked, *(["decision"] if decision else []), "error"]
 
 
 def check_options(batch_size: int | None, top_k: int) -> None:
@@ -139,7 +151,7 @@ def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Pa
     records = collect_inputs(inputs)
     batch_size = predictor.batch_size if batch_size is None else batch_size
     top_k = min(top_k, len(predictor.labels))
-    columns = row_columns(top_k)
+    columns = row_columns(top_k, bool(predictor.thresholds))
     out = Path(out)
     _check_output_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +264,8 @@ def _rows_to_keep(out: Path, columns: list[str], records: list[Record], resume: 
         raise UserError(f"{out} is not an imgcls predict CSV (its first line is {','.join(header)[:80]!r}); --resume"
                         " continues a file this command wrote: choose another --out, or use --overwrite")
     if header != columns:
-        raise UserError(f"{out} has columns {', '.join(header)}, not {', '.join(columns)} (another --top-k?);"
+        raise UserError(f"{out} has columns {', '.join(header)}, not {', '.join(columns)} (another --top-k, or"
+                        " thresholds added or removed?);"
                         " resume with the options that wrote it, or use --overwrite")
     done = _complete_rows(out, columns)
     _check_same_inputs(out, done, records)
@@ -283,8 +296,9 @@ def _first_line(out: Path) -> list[str]:
 
 
 def _is_our_header(fields: list[str]) -> bool:
-    ranked = (len(fields) - 4) // 2
-    return fields in (row_columns(1), row_columns(max(2, ranked)))
+    decision = "decision" in fields
+    ranked = (len(fields) - 4 - decision) // 2
+    return fields in (row_columns(1, decision), row_columns(max(2, ranked), decision))
 
 
 def _complete_rows(out: Path, columns: list[str]) -> list[str]:
@@ -407,5 +421,8 @@ def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predi
                              and not cuda_available()):
         if not onnx_file.exists():
             raise UserError(f"{path} has no {rundir.ONNX}; create it with `imgcls export {path}`")
-        return _onnx_predictor(onnx_file)
-    return _torch_predictor(path / rundir.WEIGHTS, device)
+        predictor = _onnx_predictor(onnx_file)
+    else:
+        predictor = _torch_predictor(path / rundir.WEIGHTS, device)
+    predictor.thresholds = load_thresholds(path)  # set by `imgcls thresholds`
+    return predictor

@@ -17,6 +17,7 @@
       model.onnx          exported model, labels + preprocess in metadata
       model.int8.onnx     int8 model, when exported and it passed its accuracy gate
       export.json         the int8 gate's accuracies
+      thresholds.json     per-class decision thresholds (imgcls thresholds), thresholds_<class>.png
       <prefix>.json, <prefix>_confusion_matrix.csv/.png   metrics (prefix val, test, eval)
       training_curves.png
 
@@ -51,10 +52,11 @@ INT8 = "model.int8.onnx"
 EXPORT = "export.json"
 SPLIT = "split.csv"
 FEATURES = "features.json"
+THRESHOLDS = "thresholds.json"   # imgcls thresholds: per-class decision thresholds
 CURVES = "training_curves.png"
 SPLIT_COLUMNS = ("path", "label", "group", "split")
 # files of a run that nothing but training may write
-OWN_FILES = (CONFIG, LABELS, PREPROCESS, WEIGHTS, CHECKPOINT, METRICS, SUMMARY, SCAN, SPLIT, FEATURES)
+OWN_FILES = (CONFIG, LABELS, PREPROCESS, WEIGHTS, CHECKPOINT, METRICS, SUMMARY, SCAN, SPLIT, FEATURES, THRESHOLDS)
 
 
 def metrics_files(prefix: str) -> dict[str, str]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from imagezoo import class_array, write_image
 
+from imgcls.data.events import parse_time
 from imgcls.data.sources import load_dataset
 from imgcls.errors import UserError
 from imgcls.train.config import TrainConfig
@@ -109,6 +110,16 @@ def test_images_without_seq_or_datetime_are_timed_by_their_files(tmp_path, caplo
     assert "1 images have a datetime that is not a date and time" in caplog.text and "'not a date'" in caplog.text
 
 
+def test_datetimes_in_the_usual_forms():
+    base = parse_time("2024-05-01 10:00:00")
+    assert base == 1714557600.0
+    for text, offset in [("2024-05-01T10:00:00", 0), ("2024-05-01 10:00:00.500", 0.5), ("2024-05-01T10:00:00Z", 0),
+                         ("2024-05-01T12:00:00+02:00", 0), ("2024:05:01 10:00:07", 7), (" 2024-05-01 10:00:01 ", 1)]:
+        assert parse_time(text) == base + offset, text
+    for junk in ("", "yesterday", "2024-13-01 10:00:00", None, 1714557600, "0000:00:00 00:00:00"):
+        assert parse_time(junk) is None
+
+
 def _broken(tmp_path, case):
     image = {"id": 1, "file_name": "a.jpg"}
     data = {"images": [image], "annotations": [{"image_id": 1, "category_id": 1}], "categories": CATEGORIES}
@@ -117,7 +128,7 @@ def _broken(tmp_path, case):
         "not_cct": json.dumps({"info": {}, "licenses": []}),
         "list": json.dumps([1, 2]),
         "no_categories": json.dumps({"images": [image], "annotations": []}),
-        "no_file_name": json.dumps({**data, "images": [{"id": 1}]}),
+        "no_file_name": json.dumps({**data, "images": [{"id": 1, "file_name": ""}]}),
         "no_category_id": json.dumps({**data, "annotations": [{"image_id": 1}]}),
         "unknown_category": json.dumps({**data, "annotations": [{"image_id": 1, "category_id": 9}]}),
         "unknown_image": json.dumps({**data, "annotations": [{"image_id": 5, "category_id": 1}]}),

@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -212,7 +211,7 @@ def _coco_list(path: Path, data: dict, key: str, fields: tuple[str, ...]) -> lis
         raise UserError(f"{path}: {key!r} must be a list of objects (COCO Camera Traps); it is"
                         f" {type(items).__name__ if key in data else 'missing'}")
     for k, item in enumerate(items):
-        missing = [f for f in fields if not isinstance(item, dict) or item.get(f) is None]
+        missing = [f for f in fields if not isinstance(item, dict) or item.get(f) in (None, "")]
         if missing:
             raise UserError(f"{path}: {key}[{k}] has no {', '.join(map(repr, missing))}; every entry of {key!r}"
                             f" needs {', '.join(map(repr, fields))}")
@@ -297,7 +296,7 @@ def from_coco(path: str | Path, event_gap: float = DEFAULT_GAP) -> Dataset:
         log.info("%s: %d images without a seq_id grouped into %d events by time (within %g s per location;"
                  " %d by their datetime)", path, len(loose), report.events, event_gap, report.given_times)
     log.info("%s: %d labelled images in %d sequences/events, %d locations", path, len(records),
-             len({r.group for r in records}), len({r.camera for r in records}))
+             len({r.group for r in records}), len({r.camera for r in records if r.camera is not None}))
     return Dataset({"all": records}, str(path))
 
 

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .aggregate import check_aggregate
+from .data.events import DEFAULT_GAP, group_events
 from .data.sources import load_dataset
 from .errors import UserError
-from .metrics import metrics_of_stream, write_metrics
+from .metrics import event_metrics, metrics_of_stream, write_metrics
 from .predict import load
 from .train import train  # noqa: F401 - the API's train (imgcls.train is the same, callable)
 
@@ -18,23 +20,55 @@ log = logging.getLogger("imgcls")
 
 
 def evaluate(run: str | Path, data: str | Path, split: str | None = None, backend: str = "auto",
-             batch_size: int | None = None, write: bool = True, progress: bool = False):
+             batch_size: int | None = None, write: bool = True, progress: bool = False, events: bool = False,
+             aggregate: str = "mean", event_gap: float = DEFAULT_GAP, event_column: str | None = None):
     """Metrics of a trained model on labelled data (its ``test`` split, else
     ``val``, else everything).  Writes ``eval.json`` and the confusion matrix
-    (CSV, PNG) into the run directory when ``run`` is one (:func:`save_evaluation`)."""
+    (CSV, PNG) into the run directory when ``run`` is one (:func:`save_evaluation`).
+
+    ``events``: score capture events too (``Metrics.events``): the data's events (a CSV
+    ``event_column`` or ``group`` column, COCO sequences), else frames within ``event_gap`` seconds
+    per camera by EXIF time; each event's frames aggregated by ``aggregate`` (``mean`` or ``max``)."""
+    if events:
+        check_aggregate(aggregate)
+    if not event_gap > 0:
+        raise UserError(f"--event-gap {event_gap} is out of range: it must be > 0 seconds")
     predictor = load(run, backend=backend)
-    records = _labelled_records(predictor, data, split)
+    records = _labelled_records(predictor, data, split, event_column=event_column, event_gap=event_gap)
+    source = None
+    if events:
+        records, source = _with_events(records, event_gap)
     labels = predictor.labels
-    stream = predictor.iter_logits(records, batch_size=batch_size)
+    scored = []  # (record, logits) of the frames read, for the events
+
+    def keep(stream):
+        for record, logits, error in stream:
+            if events and logits is not None:
+                scored.append((record, logits))
+            yield record, logits, error
+
+    stream = keep(predictor.iter_logits(records, batch_size=batch_size))
     metrics, failed = metrics_of_stream(tqdm(stream, total=len(records), disable=not progress, desc="evaluate"),
                                         labels)
     if metrics is None:
         raise UserError(f"{data}: none of the {len(records)} images could be read")
     for record, reason in failed:
         log.warning("not evaluated (unreadable): %s: %s", record.path, reason)
+    if events:
+        metrics.events = event_metrics(scored, labels, aggregate, source)
     if write:
         save_evaluation(metrics, run)
     return metrics
+
+
+def _with_events(records, event_gap: float):
+    """The records grouped into capture events, and where the events came from (``data`` or ``exif``)."""
+    if any(r.group is not None for r in records):
+        return records, "data"
+    grouped, report = group_events(records, event_gap)
+    log.info("capture events: %d from EXIF times within %g s per camera (%d frames by EXIF time, %d by file time)",
+             report.events, event_gap, report.from_exif, report.from_mtime)
+    return grouped, "exif"
 
 
 def choose_thresholds(run: str | Path, data: str | Path, label: str, target_recall: float = 0.99,
@@ -79,9 +113,9 @@ def choose_thresholds(run: str | Path, data: str | Path, label: str, target_reca
             "of_class": int((truth == c).sum()), "file": str(path), "plot": str(png)}
 
 
-def _labelled_records(predictor, data, split):
+def _labelled_records(predictor, data, split, event_column: str | None = None, event_gap: float = DEFAULT_GAP):
     """The records of ``data``'s split (``test``, else ``val``, else everything), checked against the model."""
-    dataset = load_dataset(data)
+    dataset = load_dataset(data, event_column=event_column, event_gap=event_gap)
     if split is None:
         split = next((s for s in ("test", "val", "all") if s in dataset.splits), "train")
     if split not in dataset.splits:

@@ -62,7 +62,8 @@ def cmd_eval(args) -> None:
     from .api import evaluate, save_evaluation
 
     metrics = evaluate(args.run, args.data, split=args.split, backend=args.backend, batch_size=args.batch_size,
-                       write=False, progress=not (args.json or args.quiet))
+                       write=False, progress=not (args.json or args.quiet), events=args.events,
+                       aggregate=args.aggregate, event_gap=args.event_gap, event_column=args.event_column)
     # the metrics first: a run directory that cannot be written must not cost the user the numbers
     print(json.dumps(metrics.to_dict(), indent=2) if args.json else metrics.to_text(), flush=True)
     saved = save_evaluation(metrics, args.run)
@@ -160,7 +161,23 @@ def cmd_export(args) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+def _add_declared(parser: argparse.ArgumentParser, *names: str) -> None:
+    """Training options another command shares: flag, type, default and help from their TrainConfig
+    declaration."""
+    from dataclasses import MISSING
+
+    from .train.config import _scalar_type, declared, flag
+
+    fields = {f.name: (f, opt) for f, opt in declared()}
+    for name in names:
+        f, opt = fields[name]
+        parser.add_argument(flag(name), type=_scalar_type(f), default=None if f.default is MISSING else f.default,
+                            help=opt.help)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .aggregate import AGGREGATES  # NumPy only, as the parser's other imports
+
     parser = argparse.ArgumentParser(prog="imgcls", description="Train, evaluate and apply image classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings, errors and results only (no progress bars)")
@@ -180,11 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="metrics of a trained model on labelled data")
     p.add_argument("run", help="run directory or model file")
-    p.add_argument("data", help="labelled folder tree or CSV")
+    p.add_argument("data", help="labelled folder tree, CSV or COCO Camera Traps .json")
     p.add_argument("--split", help="which split of DATA (default: test, else val, else all)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
     p.add_argument("--batch-size", type=int, help="images per engine call (default: 8 on a CPU, 32 on a GPU)")
+    p.add_argument("--events", action="store_true",
+                   help="score capture events too: the data's events (an event/group column, COCO sequences),"
+                        " else frames within --event-gap per camera by EXIF time")
+    p.add_argument("--aggregate", choices=list(AGGREGATES), default="mean",
+                   help="--events: how an event's frame probabilities combine (max: each class's highest,"
+                        " renormalized)")
+    _add_declared(p, "event_column", "event_gap")  # the same options as training's, declared there
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="classify files, folders (recursive) or a CSV of paths")

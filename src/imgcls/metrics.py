@@ -3,7 +3,9 @@
 :func:`compute_metrics` takes arrays; :func:`metrics_of_stream` takes the
 ``(record, logits or None, error)`` stream of :func:`imgcls.engines.stream_logits`
 (or ``Predictor.iter_logits``), so evaluation and the int8 gate score logits
-one way.
+one way.  :func:`event_metrics` scores capture events: each event's frames
+aggregated into one row (:func:`imgcls.aggregate.aggregate_probs`), then the
+same :func:`compute_metrics`.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
+from .aggregate import aggregate_probs, event_label
 from .errors import UserError
 from .report import plot_confusion
 from .rundir import atomic_write, metrics_files, write_json
-from .softmax import log_softmax
+from .softmax import log_softmax, softmax
 
 if TYPE_CHECKING:
     from .data.records import Record
@@ -35,6 +38,7 @@ class Metrics:
     confusion: np.ndarray            # rows = true class, columns = predicted
     labels: list[str]
     n: int
+    events: EventMetrics | None = None   # the same figures per capture event (``imgcls eval --events``)
 
     def to_dict(self) -> dict:
         data = {"accuracy": self.accuracy, "balanced_accuracy": self.balanced_accuracy, "loss": self.loss,
@@ -42,6 +46,8 @@ class Metrics:
                 "labels": self.labels}
         if self.top5_accuracy is not None:
             data["top5_accuracy"] = self.top5_accuracy
+        if self.events is not None:
+            data["events"] = self.events.to_dict()
         return data
 
     def confusion_csv(self) -> str:
@@ -63,7 +69,39 @@ class Metrics:
         lines.append(f"{'class':<{width}}  precision  recall     f1  support")
         for row in self.per_class:
             lines.append(f"{row['label']:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:5.3f}  {row['support']:7d}")
+        if self.events is not None:
+            lines += ["", self.events.to_text()]
         return "\n".join(lines)
+
+
+EVENT_SOURCES = {"data": "given by the data (an event/group column, COCO sequences)",
+                 "exif": "frames within the event gap per camera, by EXIF time"}
+
+
+@dataclass
+class EventMetrics:
+    """Metrics of capture events: one row per event, its frames' probabilities aggregated."""
+
+    metrics: Metrics       # n = the number of events
+    aggregate: str         # how the frames were combined (imgcls.aggregate.AGGREGATES)
+    source: str            # where the events came from (EVENT_SOURCES)
+    frames: int            # scored frames in those events
+    max_frames: int
+
+    @property
+    def mean_frames(self) -> float:
+        return self.frames / self.metrics.n if self.metrics.n else 0.0
+
+    def to_dict(self) -> dict:
+        return {**self.metrics.to_dict(), "events": self.metrics.n, "frames": self.frames,
+                "frames_per_event": round(self.mean_frames, 3), "max_frames_per_event": self.max_frames,
+                "aggregate": self.aggregate, "source": self.source}
+
+    def to_text(self) -> str:
+        head = (f"events: {self.metrics.n}, {EVENT_SOURCES.get(self.source, self.source)}\n"
+                f"{self.mean_frames:.1f} frames per event on average, {self.max_frames} at most; each event scored"
+                f" by the {self.aggregate} of its frames' probabilities")
+        return head + "\n" + self.metrics.to_text()
 
 
 def compute_metrics(logits: np.ndarray, targets: np.ndarray, labels: list[str]) -> Metrics:
@@ -111,6 +149,29 @@ def metrics_of_stream(stream: Iterable[tuple[Record, np.ndarray | None, str]],
     if not rows:
         return None, failures
     return compute_metrics(np.stack(rows), np.array(targets), labels), failures
+
+
+def event_metrics(scored: Iterable[tuple[Record, np.ndarray]], labels: list[str], how: str = "mean",
+                  source: str = "data") -> EventMetrics | None:
+    """Metrics of the events of ``scored`` ``(record, logits (K,))`` frames, an event being the frames that
+    share ``record.group`` (a frame without one is an event of its own).  Each event's probabilities are
+    aggregated by ``how``; its true label is the most frequent of its frames'.  None when nothing is scored."""
+    index = {label: i for i, label in enumerate(labels)}
+    events: dict[str, list[tuple[Record, np.ndarray]]] = {}
+    for k, (record, logits) in enumerate(scored):
+        key = record.group if record.group is not None else f"\0{k}"
+        events.setdefault(key, []).append((record, logits))
+    if not events:
+        return None
+    rows, targets = [], []
+    for frames in events.values():
+        probs = softmax(np.stack([logits for _, logits in frames]).astype(np.float64), dim=1)
+        # log-probabilities as logits: softmax maps them back to the aggregated distribution
+        rows.append(np.log(np.maximum(aggregate_probs(probs, how), np.finfo(np.float64).tiny)))
+        targets.append(index[event_label([record.label for record, _ in frames])])
+    sizes = [len(frames) for frames in events.values()]
+    return EventMetrics(compute_metrics(np.stack(rows), np.array(targets), labels), how, source,
+                        frames=sum(sizes), max_frames=max(sizes))
 
 
 def write_metrics(metrics: Metrics, out_dir: str | Path, prefix: str = "eval") -> dict[str, Path]:

@@ -9,8 +9,10 @@ name of the image's folder), frames whose capture time lies within
 ``gap`` seconds of the previous frame form one event, as MegaDetector's
 and animl's sequence grouping do.
 
-The capture time is EXIF DateTimeOriginal (else DateTime), read from the
-file's header only; a file without one falls back to its modification time.
+The capture time is the one the data gives (a COCO Camera Traps ``datetime``:
+``group_events(..., times=...)``), else EXIF DateTimeOriginal (else DateTime),
+read from the file's header only; a file without one falls back to its
+modification time.
 File times are often copy times, so an event timed by file times that holds
 more than half of its camera's frames (or ``MAX_MTIME_FRAMES``) is taken
 apart into single frames rather than trusted; the run says how many.
@@ -49,6 +51,23 @@ def _parse_exif_time(value) -> float | None:
         return None
 
 
+def parse_time(value) -> float | None:
+    """Seconds of a date-time text: ``YYYY-MM-DD HH:MM:SS``, ISO 8601 (``T``, fractions, ``Z``, offsets)
+    or EXIF's ``YYYY:MM:DD HH:MM:SS``; None when it is not one.  A time without a zone reads as UTC:
+    like EXIF's, it is the camera's clock, compared only with itself."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    exif = _parse_exif_time(text) if text[4:5] == ":" else None
+    if exif is not None:
+        return exif
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
 def capture_time(path: str | Path) -> tuple[float | None, str]:
     """``(seconds, source)``: EXIF DateTimeOriginal or DateTime (``"exif"``), else the file's
     modification time (``"mtime"``); ``(None, "none")`` when the file cannot be read at all."""
@@ -82,6 +101,7 @@ class EventReport:
     events: int = 0
     frames: int = 0
     max_frames: int = 0
+    given_times: int = 0            # frames timed by the data itself (``times``), not by their files
     from_exif: int = 0
     from_mtime: int = 0
     without_time: int = 0
@@ -99,13 +119,25 @@ class EventReport:
         return out
 
 
-def group_events(records: list[Record], gap: float = DEFAULT_GAP, workers: int = 8) -> tuple[list[Record], EventReport]:
-    """The records with ``group`` set to their capture event, and a report."""
+def group_events(records: list[Record], gap: float = DEFAULT_GAP, workers: int = 8,
+                 times: list[float | None] | None = None) -> tuple[list[Record], EventReport]:
+    """The records with ``group`` set to their capture event, and a report.
+
+    ``times``: one capture time (seconds) per record that the data already gives, e.g. a COCO
+    ``datetime`` (:func:`parse_time`); a None in it, or no list, means the file's own time."""
+    given = list(times) if times is not None else [None] * len(records)
+    if len(given) != len(records):
+        raise ValueError(f"{len(given)} times for {len(records)} records")
+
+    def when(i: int) -> tuple[float | None, str]:
+        return (given[i], "given") if given[i] is not None else capture_time(records[i].path)
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        times = list(pool.map(lambda r: capture_time(r.path), records))
+        times = list(pool.map(when, range(len(records))))
     report = EventReport("exif")
     sources = Counter(source for _, source in times)
     report.from_exif, report.from_mtime, report.without_time = sources["exif"], sources["mtime"], sources["none"]
+    report.given_times = sources["given"]
     by_camera: dict[str, list[int]] = defaultdict(list)
     for i, record in enumerate(records):
         by_camera[camera_of(record)].append(i)

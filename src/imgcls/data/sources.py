@@ -1,12 +1,14 @@
 """Data sources -> records.
 
-Two labelled layouts are understood:
+Three labelled layouts are understood:
 
 * a class-folder tree ``ROOT/<class>/**/<image>``, optionally split into
   ``ROOT/train``, ``ROOT/val`` (or ``valid``/``validation``) and ``ROOT/test``;
 * a CSV file with a path column and a label column (names configurable),
   paths relative to the CSV's folder; optional ``group`` (or ``--event-column``),
-  ``camera`` (or ``site``) and ``split`` columns.
+  ``camera`` (or ``site``) and ``split`` columns;
+* a COCO Camera Traps ``.json`` (:func:`from_coco`): the label is the image's
+  category, the group its sequence (``seq_id``), the camera its ``location``.
 
 For prediction, inputs may be files, folders (searched recursively) or a CSV
 of paths.  Nothing here opens an image: that is the scanner's and decoder's job.
@@ -21,13 +23,18 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
 from .decode import open_regular
+from .events import DEFAULT_GAP, group_events, parse_time
 from .records import IMAGE_SUFFIXES, Record
+
+log = logging.getLogger("imgcls")
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 DELIMITERS = ",;\t|"
@@ -180,20 +187,155 @@ def _csv_step(path: Path, reader, step, line: int | None = None):
         raise UserError(f"{where}: not a readable CSV ({err}); fix the line or save the file again as CSV") from None
 
 
+def _read_json(path: Path, what: str):
+    """A JSON file's value; every problem a UserError naming the file (and the line)."""
+    try:
+        with open_regular(path) as handle:
+            data = handle.read()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the {what} ({err.strerror or err}); pass a regular, readable file") from None
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start});"
+                        f" save the {what} as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno}); fix the"
+                        f" {what} there") from None
+
+
+def _coco_list(path: Path, data: dict, key: str, fields: tuple[str, ...]) -> list[dict]:
+    """``data[key]``: a list of objects that each have ``fields`` (ids: text or whole numbers)."""
+    items = data.get(key)
+    if not isinstance(items, list):
+        raise UserError(f"{path}: {key!r} must be a list of objects (COCO Camera Traps); it is"
+                        f" {type(items).__name__ if key in data else 'missing'}")
+    for k, item in enumerate(items):
+        missing = [f for f in fields if not isinstance(item, dict) or item.get(f) in (None, "")]
+        if missing:
+            raise UserError(f"{path}: {key}[{k}] has no {', '.join(map(repr, missing))}; every entry of {key!r}"
+                            f" needs {', '.join(map(repr, fields))}")
+        odd = [f for f in fields if f.endswith("id") and not isinstance(item[f], (str, int))]
+        if odd:
+            raise UserError(f"{path}: {key}[{k}] has {odd[0]} {item[odd[0]]!r}; ids are text or whole numbers")
+    return items
+
+
+def _examples(items: list, n: int = 3) -> str:
+    return ", ".join(map(str, items[:n])) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def from_coco(path: str | Path, event_gap: float = DEFAULT_GAP) -> Dataset:
+    """A COCO Camera Traps file -> records: label = the image's category name, group = its
+    ``seq_id``, camera = its ``location``.  ``file_name`` is relative to the JSON's folder.
+
+    An image without a ``seq_id`` joins the frames of its location taken within ``event_gap``
+    seconds, timed by its ``datetime`` (else by the file).  Images without an annotation, and images
+    whose annotations name different categories, are left out and counted in the log."""
+    path = Path(path)
+    data = _read_json(path, "COCO Camera Traps file")
+    if not isinstance(data, dict) or not {"images", "annotations"} <= set(data):
+        raise UserError(f"{path}: not a COCO Camera Traps file: the top level needs 'images' and 'annotations'"
+                        " (and 'categories'); a .json of labelled images must have that form")
+    images = _coco_list(path, data, "images", ("id", "file_name"))
+    annotations = _coco_list(path, data, "annotations", ("image_id", "category_id"))
+    categories = _coco_list(path, data, "categories", ("id", "name"))
+    names = {c["id"]: str(c["name"]) for c in categories}
+    by_id: dict = {}
+    for k, image in enumerate(images):
+        if image["id"] in by_id:
+            raise UserError(f"{path}: images[{k}] repeats the image id {image['id']!r}; ids must be unique")
+        by_id[image["id"]] = image
+    labels: dict = {}  # image id -> its categories' names, in order
+    for k, ann in enumerate(annotations):
+        if ann["category_id"] not in names:
+            raise UserError(f"{path}: annotations[{k}] names category_id {ann['category_id']!r}, which is not in"
+                            f" 'categories' (ids {_examples(sorted(names, key=str), 10)}); add the category or fix"
+                            " the annotation")
+        if ann["image_id"] not in by_id:
+            raise UserError(f"{path}: annotations[{k}] names image_id {ann['image_id']!r}, which is not in"
+                            " 'images'; add the image or drop the annotation")
+        labels.setdefault(ann["image_id"], []).append(names[ann["category_id"]])
+    unannotated = [image["file_name"] for image in images if image["id"] not in labels]
+    conflicting = [f"{by_id[i]['file_name']} ({' + '.join(sorted(set(found)))})"
+                   for i, found in labels.items() if len(set(found)) > 1]
+    if unannotated:
+        log.warning("%s: %d images have no annotation and are left out (unlabelled): %s", path, len(unannotated),
+                    _examples(unannotated))
+    if conflicting:
+        log.warning("%s: %d images have annotations of different categories and are left out (one label per"
+                    " image is supported): %s", path, len(conflicting), _examples(conflicting))
+    records: list[Record] = []
+    times: list[float | None] = []
+    odd_times: list[str] = []
+    for image in images:
+        found = labels.get(image["id"])
+        if not found or len(set(found)) > 1:
+            continue
+        raw = str(image["file_name"])
+        file = Path(raw) if Path(raw).is_absolute() else path.parent / raw
+        seq = image.get("seq_id")
+        location = image.get("location")
+        records.append(Record(file, found[0], None if seq in (None, "") else str(seq),
+                              None if location in (None, "") else str(location)))
+        when = image.get("datetime")
+        times.append(parse_time(when))
+        if when not in (None, "") and times[-1] is None:
+            odd_times.append(f"{raw} ({when!r})")
+    if not records:
+        raise UserError(f"{path}: no image has an annotation ({len(images)} images, {len(annotations)} annotations);"
+                        " nothing to train or evaluate on")
+    if odd_times:
+        log.warning("%s: %d images have a datetime that is not a date and time (use 'YYYY-MM-DD HH:MM:SS');"
+                    " their files' times are used: %s", path, len(odd_times), _examples(odd_times))
+    loose = [i for i, r in enumerate(records) if r.group is None]
+    if loose:  # no sequence: the frames of one location close in time are one event, as for EXIF times
+        grouped, report = group_events([records[i] for i in loose], event_gap, times=[times[i] for i in loose])
+        for i, record in zip(loose, grouped):
+            records[i] = record
+        log.info("%s: %d images without a seq_id grouped into %d events by time (within %g s per location;"
+                 " %d by their datetime)", path, len(loose), report.events, event_gap, report.given_times)
+    log.info("%s: %d labelled images in %d sequences/events, %d locations", path, len(records),
+             len({r.group for r in records}), len({r.camera for r in records if r.camera is not None}))
+    return Dataset({"all": records}, str(path))
+
+
+def _load_folder(data: Path, path_column: str, label_column: str, event_column: str | None,
+                 event_gap: float) -> Dataset:
+    if event_column is not None:
+        raise UserError(f"--event-column {event_column} needs a CSV; {data} is a folder (its events come from"
+                        " the images' EXIF times)")
+    return from_folder(data)
+
+
+def _load_csv(data: Path, path_column: str, label_column: str, event_column: str | None,
+              event_gap: float) -> Dataset:
+    return from_csv(data, path_column, label_column, event_column=event_column)
+
+
+def _load_coco(data: Path, path_column: str, label_column: str, event_column: str | None,
+               event_gap: float) -> Dataset:
+    if event_column is not None:
+        raise UserError(f"--event-column {event_column} needs a CSV; {data} is a COCO Camera Traps file (its events"
+                        " are its sequences, seq_id)")
+    return from_coco(data, event_gap)
+
+
+# labelled sources by file suffix (a folder is a class tree); a new format is one entry
+LOADERS = {".csv": _load_csv, ".json": _load_coco}
+
+
 def load_dataset(data: str | Path, path_column: str = "path", label_column: str = "label",
-                 event_column: str | None = None) -> Dataset:
-    """A folder tree or a CSV -> :class:`Dataset`, with errors that say what to fix."""
+                 event_column: str | None = None, event_gap: float = DEFAULT_GAP) -> Dataset:
+    """A folder tree, a CSV or a COCO Camera Traps JSON -> :class:`Dataset`, with errors that say what
+    to fix.  ``event_gap``: seconds between frames of one event, for COCO images without a sequence."""
     data = Path(data)
     if not data.exists():
         raise UserError(f"{data}: no such file or folder")
-    if data.is_dir():
-        if event_column is not None:
-            raise UserError(f"--event-column {event_column} needs a CSV; {data} is a folder (its events come from"
-                            " the images' EXIF times)")
-        return from_folder(data)
-    if data.suffix.lower() == ".csv":
-        return from_csv(data, path_column, label_column, event_column=event_column)
-    raise UserError(f"{data}: expected a folder of class folders or a .csv file")
+    loader = _load_folder if data.is_dir() else LOADERS.get(data.suffix.lower())
+    if loader is None:
+        raise UserError(f"{data}: expected a folder of class folders, a .csv file or a COCO Camera Traps .json")
+    return loader(data, path_column, label_column, event_column, event_gap)
 
 
 def collect_inputs(inputs: list[str | Path], path_column: str = "path") -> list[Record]:

@@ -164,7 +164,7 @@ def _log_events(report: EventReport, cfg: TrainConfig) -> None:
 
 def split_dataset(cfg: TrainConfig) -> tuple[dict[str, list[Record]], list[str], EventReport]:
     """The data's records by split (train, val, maybe test), the class names and the capture events."""
-    dataset = load_dataset(cfg.data, cfg.path_column, cfg.label_column, cfg.event_column)
+    dataset = load_dataset(cfg.data, cfg.path_column, cfg.label_column, cfg.event_column, cfg.event_gap)
     splits, events = assign_groups(cfg, dict(dataset.splits))
     to_split = "all" if "all" in splits else ("train" if "val" not in splits else None)
     if to_split is not None:

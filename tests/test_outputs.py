@@ -305,3 +305,49 @@ def test_sort_into_links_or_copies_by_decision_and_never_overwrites(trained, tmp
     _predict(run, new, tmp_path / "rows3.csv", "--threshold", t, "--sort-into", copies, "--copy")
     assert len([p for p in copies.rglob("*") if p.is_file()]) == len(rows) + 1
     assert {p: p.read_bytes() for p in new.rglob("*") if p.is_file()} == before
+
+
+def _fake():
+    from imgcls.data.preprocess import Preprocess
+    from imgcls.predict import Predictor
+
+    engine = lambda batch: (batch.reshape(len(batch), 3, -1).mean(-1) / 16.0).astype(np.float32)  # noqa: E731
+    return Predictor(engine, LABELS, Preprocess(input_size=32, resize="squash", crop_pct=1.0), "fake", batch_size=2)
+
+
+@pytest.mark.parametrize("content", ["x", "remember the milk\n", '{"a": 1}\n', '["path"]'])
+def test_a_jsonl_file_we_did_not_write_is_never_touched(many, tmp_path, content):
+    from imgcls.errors import UserError
+    from imgcls.predict import predict_to_file
+
+    out = tmp_path / "notes.jsonl"
+    out.write_text(content)
+    for resume in (False, True):
+        with pytest.raises(UserError, match="not an imgcls predict JSON Lines file"):
+            predict_to_file(_fake(), [many], out, progress=False, resume=resume)
+    assert out.read_text() == content
+    predict_to_file(_fake(), [many], out, progress=False, overwrite=True)
+    assert len(jsonl_rows(out)) == 19
+
+
+def test_jsonl_resume_keeps_whole_rows_and_refuses_other_options(many, tmp_path):
+    from imgcls.errors import UserError
+    from imgcls.predict import predict_to_file
+
+    full, out = tmp_path / "full.jsonl", tmp_path / "out.jsonl"
+    predict_to_file(_fake(), [many], full, progress=False, top_k=2)
+    lines = full.read_text().splitlines(keepends=True)
+    out.write_text(lines[0][:25])  # killed inside the first row
+    result = predict_to_file(_fake(), [many], out, progress=False, top_k=2, resume=True)
+    assert (result["kept"], result["images"]) == (0, 19) and out.read_bytes() == full.read_bytes()
+    out.write_text("".join(lines[:5]) + "{broken}\n" + "".join(lines[5:7]))
+    with pytest.raises(UserError, match=r"out.jsonl:6: not a row imgcls predict wrote"):
+        predict_to_file(_fake(), [many], out, progress=False, top_k=2, resume=True)
+    out.write_text("".join(lines[:5]))
+    with pytest.raises(UserError, match="has fields .* not .*another --top-k"):
+        predict_to_file(_fake(), [many], out, progress=False, top_k=3, resume=True)
+    with pytest.raises(UserError, match="row 1 is .* but input 1 is"):
+        predict_to_file(_fake(), [many / "fox"], out, progress=False, top_k=2, resume=True)
+    with pytest.raises(UserError, match="lies inside the input folder"):
+        predict_to_file(_fake(), [many], tmp_path / "x.csv", progress=False, sort_into=many / "sorted")
+    assert not (tmp_path / "x.csv").exists()

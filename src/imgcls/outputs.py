@@ -208,14 +208,16 @@ class JsonlRows:
             return 0
         text = out.read_bytes().decode("utf-8", "surrogateescape")
         first = _json_row(text.split("\n", 1)[0])
-        ours = first is not None and self.is_ours(list(first))
+        # our rows start with the path; a first row cut by a kill is ours too (and is truncated on resume)
+        cut_first = first is None and "\n" not in text and text.startswith(ROW_START)
+        ours = cut_first or first is not None and self.is_ours(list(first))
         if not resume:
             if ours:
                 raise UserError(f"{out} already exists; add --resume to finish it (only the images it lacks are"
                                 " predicted) or --overwrite to replace it")
             raise UserError(f"{out} already exists and is not an imgcls predict JSON Lines file; choose another"
                             " --out, or add --overwrite to replace it")
-        if first is None and "\n" in text or first is not None and not ours:
+        if not ours:
             raise UserError(f"{out} is not an imgcls predict JSON Lines file; --resume continues a file this"
                             " command wrote: choose another --out, or use --overwrite")
         if first is not None and list(first) != self.columns:
@@ -250,6 +252,9 @@ class JsonlRows:
     def read(self) -> list[dict]:
         text = self.path.read_bytes().decode("utf-8", "surrogateescape")
         return [json.loads(line) for line in text.split("\n") if line]
+
+
+ROW_START = '{"path": '
 
 
 @dataclass
@@ -738,6 +743,16 @@ def _folder_name(name: str) -> str:
     # a class name is a folder name here: no separators, no "." or ".."
     name = name.replace("/", "_").replace("\\", "_").strip()
     return "_" + name if name in ("", ".", "..") else name
+
+
+def check_sort_into(dest: str | Path, inputs: list[str | Path]) -> None:
+    """``--sort-into`` must lie outside the input folders: a later run would predict the sorted files too."""
+    dest = os.path.abspath(dest)
+    for item in inputs:
+        folder = os.path.abspath(item)
+        if os.path.isdir(folder) and (dest == folder or dest.startswith(folder.rstrip(os.sep) + os.sep)):
+            raise UserError(f"--sort-into {dest} lies inside the input folder {item}; the next run would predict"
+                            " the sorted files again: choose a folder outside it")
 
 
 def sort_into(rows: list[dict], dest: str | Path, mode: str = "link") -> dict[str, int]:

@@ -175,8 +175,10 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
     fmt = outputs.resolve_format(out, format)
     if media is not None and fmt.name != "camtrapdp":
         raise UserError(f"--media applies to the Camtrap DP output (--format camtrapdp), not {fmt.name}")
-    if sort_into is not None and sort_mode not in outputs.SORT_MODES:
-        raise UserError(f"unknown sort mode {sort_mode!r}; use {' or '.join(outputs.SORT_MODES)}")
+    if sort_into is not None:
+        if sort_mode not in outputs.SORT_MODES:
+            raise UserError(f"unknown sort mode {sort_mode!r}; use {' or '.join(outputs.SORT_MODES)}")
+        outputs.check_sort_into(sort_into, inputs)
     events = events or aggregate is not None
     if fmt.name == "camtrapdp" and events and aggregate is None:
         aggregate = "mean"  # Camtrap DP has event-level observations: events on means event rows

@@ -351,3 +351,17 @@ def test_jsonl_resume_keeps_whole_rows_and_refuses_other_options(many, tmp_path)
     with pytest.raises(UserError, match="lies inside the input folder"):
         predict_to_file(_fake(), [many], tmp_path / "x.csv", progress=False, sort_into=many / "sorted")
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_a_kill_after_the_final_file_before_the_journal_is_removed_resumes_cleanly(many, tmp_path):
+    from imgcls.predict import predict_to_file
+
+    out = tmp_path / "md.json"
+    predict_to_file(_fake(), [many], out, progress=False)
+    expected = json.loads(out.read_text())["images"]
+    # the journal as it stood when the final file was written: every row, every class ranked
+    journal = tmp_path / "md.json.partial.jsonl"
+    predict_to_file(_fake(), [many], journal, format="jsonl", top_k=3, progress=False)
+    result = predict_to_file(_fake(), [many], out, progress=False, resume=True)
+    assert (result["kept"], result["images"]) == (19, 0)
+    assert not journal.exists() and json.loads(out.read_text())["images"] == expected

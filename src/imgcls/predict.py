@@ -38,6 +38,7 @@ from .data.records import Record
 from .data.sources import collect_inputs
 from .engines import OnnxEngine, TorchEngine, stream_logits
 from .errors import UserError
+from .rowfiles import output_lock
 from .softmax import softmax
 from .system import cuda_available, resolve_device
 from .thresholds import check_threshold, decide, load_thresholds
@@ -201,7 +202,7 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
                       aggregate, table, single, __version__)
     batch_size = predictor.batch_size if batch_size is None else batch_size
     result = {"images": 0, "errors": 0, "kept": 0, "out": str(out), "format": fmt.name, "files": [], "sorted": None}
-    with outputs.output_lock(out):
+    with output_lock(out):
         kept = rows_file.keep(records, resume, overwrite)
         if fmt.whole and outputs.check_final(job, row_path.exists(), resume, overwrite):
             log.info("%s is finished (its journal is gone); nothing to resume", out)

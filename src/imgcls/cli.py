@@ -72,16 +72,21 @@ def cmd_eval(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from .predict import check_options, load, predict_to_csv
+    from .predict import check_options, load, predict_to_file
 
     check_options(args.batch_size, args.top_k)  # before the model loads or any file is touched
     predictor = load(args.run, backend=args.backend).with_threshold(args.threshold)
     log.info("engine: %s", predictor.backend)
-    result = predict_to_csv(predictor, args.inputs, args.out, batch_size=args.batch_size, top_k=args.top_k,
-                            resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    result = predict_to_file(predictor, args.inputs, args.out, format=args.format, batch_size=args.batch_size,
+                             top_k=args.top_k, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                             events=args.events, event_gap=args.event_gap, aggregate=args.aggregate, media=args.media,
+                             sort_into=args.sort_into, sort_mode=args.sort_mode)
     kept = f" (+ {result['kept']} kept from before)" if result["kept"] else ""
     unreadable = f" ({result['errors']} unreadable, see the error column)" if result["errors"] else ""
-    print(f"{result['images']} images{kept} -> {result['out']}{unreadable}")
+    print(f"{result['images']} images{kept} -> {result['format']}: {', '.join(result['files'])}{unreadable}")
+    if result["sorted"] is not None:
+        piles = ", ".join(f"{folder} {n}" for folder, n in sorted(result["sorted"].items()))
+        print(f"sorted ({args.sort_mode}) into {args.sort_into}: {piles}")
 
 
 def cmd_thresholds(args) -> None:
@@ -211,16 +216,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_declared(p, "event_column", "event_gap")  # the same options as training's, declared there
     p.set_defaults(func=cmd_eval)
 
+    from .aggregate import AGGREGATES
+    from .data.events import DEFAULT_GAP
+    from .outputs import FORMATS, SORT_MODES
+
     p = sub.add_parser("predict", help="classify files, folders (recursive) or a CSV of paths")
     p.add_argument("run", help="run directory, model.safetensors or model.onnx")
     p.add_argument("inputs", nargs="+", help="image files, folders or CSVs with a path column")
-    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--out", required=True,
+                   help="file or folder to write: .csv, .jsonl, .json (MegaDetector batch output) or a folder"
+                        " (Camtrap DP)")
+    p.add_argument("--format", choices=list(FORMATS),
+                   help="output format (default: from --out: .csv csv, .jsonl jsonl, .json megadetector, a folder"
+                        " camtrapdp)")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--batch-size", type=int, help="images per engine call (default: 8 on a CPU, 32 on a GPU)")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
     p.add_argument("--threshold", type=float, metavar="P",
                    help="one threshold for every class: below it a row's decision is 'uncertain' (replaces the"
                         " run's own, from `imgcls thresholds`)")
+    p.add_argument("--events", action="store_true",
+                   help="group the images into capture events (per camera folder, EXIF times within --event-gap)"
+                        " and add an event column")
+    p.add_argument("--event-gap", type=float, default=DEFAULT_GAP, metavar="SECONDS",
+                   help=f"longest gap between two frames of one event (default {DEFAULT_GAP:g})")
+    p.add_argument("--aggregate", choices=list(AGGREGATES),
+                   help="also one row per event from its frames' probabilities (implies --events): OUT.events.csv"
+                        " / .jsonl, or event observations in Camtrap DP")
+    p.add_argument("--media", metavar="MEDIA_CSV",
+                   help="Camtrap DP: an existing media.csv; images are matched by filePath and keep its mediaID"
+                        " and deploymentID")
+    p.add_argument("--sort-into", metavar="DIR",
+                   help="afterwards, put every image into DIR/<decision or label>/ (DIR/_failed/ for unreadable"
+                        " ones); the originals stay where they are")
+    how = p.add_mutually_exclusive_group()
+    for mode in SORT_MODES:
+        how.add_argument(f"--{mode}", dest="sort_mode", action="store_const", const=mode,
+                         help=f"--sort-into makes {'symbolic links (default)' if mode == 'link' else 'copies'}")
+    p.set_defaults(sort_mode=next(iter(SORT_MODES)))
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="--out exists (an interrupted run): keep its rows, predict only the images it lacks")

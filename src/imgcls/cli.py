@@ -193,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=15)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="train a classifier on a class-folder tree or a CSV")
-    p.add_argument("data", nargs="?", help="folder of class folders (optionally train/ val/ test/) or a CSV")
+    p = sub.add_parser("train", help="train a classifier on a class-folder tree, a CSV or a COCO Camera Traps .json")
+    p.add_argument("data", nargs="?", help="folder of class folders (optionally train/ val/ test/), a CSV or a COCO"
+                   " Camera Traps .json")
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (optionally with more --epochs)")
     add_train_arguments(p)  # every option of TrainConfig, declared once in train/config.py

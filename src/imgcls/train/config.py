@@ -156,7 +156,7 @@ class TrainConfig:
                            " site: whole cameras (a camera/site column, else the image's folder); none: images",
                            choices=GROUP_BY)
     event_column: str | None = option(None, "CSV column naming each image's capture event")
-    event_gap: float = option(10.0, "seconds between frames of one event, when events come from EXIF times",
+    event_gap: float = option(10.0, "seconds between frames of one event grouped by time (EXIF, or a COCO datetime)",
                               range=_POSITIVE)
 
     def to_dict(self) -> dict:

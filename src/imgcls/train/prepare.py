@@ -148,7 +148,9 @@ def assign_groups(cfg: TrainConfig, splits: dict[str, list[Record]]) -> tuple[di
 def _log_events(report: EventReport, cfg: TrainConfig) -> None:
     if report.source == "none":
         return
-    where = {"column": "from the data's event/group column", "site": "whole cameras (--group-by site)",
+    given = (f"the COCO file's seq_id, else its datetime within {cfg.event_gap:g} s per location"
+             if Path(cfg.data).suffix.lower() == ".json" else f"the CSV's {cfg.event_column or 'group'!r} column")
+    where = {"column": f"from {given}", "site": "whole cameras (--group-by site)",
              "exif": f"within {cfg.event_gap:g} s per camera, {report.from_exif} frames by EXIF time, "
                      f"{report.from_mtime} by file time, {report.without_time} without a time"}[report.source]
     log.info("capture events: %d (%s), %.1f frames per event on average, %d at most", report.events, where,

@@ -4,6 +4,7 @@
 
 const TOP_K = 5;
 let limits = { max_files: 32, max_upload_bytes: 20 * 1024 * 1024, field: "file" };
+let hasThresholds = false;
 
 const $ = (id) => document.getElementById(id);
 
@@ -24,6 +25,7 @@ async function loadInfo() {
     const response = await fetch("info");
     const info = await response.json();
     limits = { ...limits, ...info.limits };
+    hasThresholds = Object.keys(info.thresholds || {}).length > 0;
     $("model").textContent = info.model ? "· " + info.model : "";
     const shown = info.labels.slice(0, 12).join(", ") + (info.labels.length > 12 ? ", …" : "");
     $("summary").textContent = `${info.labels.length} classes: ${shown} — engine ${info.engine},` +
@@ -35,15 +37,17 @@ async function loadInfo() {
   }
 }
 
-function newCard(file) {
+function newCard(file, before) {
   const card = el("article", "card pending");
   const img = el("img");
   img.alt = file.name;
   img.src = URL.createObjectURL(file);
+  // a file the browser cannot show either: a plain box instead of a broken-image icon
+  img.addEventListener("error", () => img.replaceWith(el("div", "thumb-missing", "no preview")), { once: true });
   const body = el("div", "body");
   body.append(el("div", "name", file.name), el("div", "label", "classifying…"), el("ul", "bars"));
   card.append(img, body);
-  $("results").prepend(card);
+  $("results").insertBefore(card, before);  // newest batch on top, each batch in the order chosen
   $("clear").hidden = false;
   return card;
 }
@@ -62,9 +66,10 @@ function showResult(card, result) {
   const label = card.querySelector(".label");
   label.textContent = result.label;
   label.dataset.label = result.label;
-  if (result.decision) {
-    const badge = el("span", "decision" + (result.decision === "uncertain" ? " uncertain" : ""), result.decision);
-    badge.title = "decision after the model's thresholds";
+  if (hasThresholds && result.decision) {
+    const uncertain = result.decision === "uncertain";
+    const badge = el("span", "decision" + (uncertain ? " uncertain" : ""), uncertain ? "uncertain" : "sure");
+    badge.title = uncertain ? "below the model's threshold for this label: check it" : "at or above the model's threshold";
     label.append(badge);
   }
   const bars = card.querySelector(".bars");
@@ -119,8 +124,9 @@ async function classify(fileList) {
   const files = Array.from(fileList);
   if (!files.length) return;
   const items = [];
+  const top = $("results").firstChild;
   for (const file of files) {
-    const card = newCard(file);
+    const card = newCard(file, top);
     if (file.size > limits.max_upload_bytes) showError(card, "larger than the server's upload limit");
     else items.push({ file, card });
   }

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+import socket
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -47,10 +48,15 @@ def images(tiny_tree):
 
 
 @pytest.fixture(scope="module")
-def server(run_dir, tmp_path_factory):
+def server_tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("server_tmpdir")
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, server_tmp, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve_log") / "server.log"
     with cli_server(run_dir, log, "--max-files", str(MAX_FILES), "--max-upload-mb", str(MAX_MB),
-                    "--batch-wait-ms", "20") as url:
+                    "--batch-wait-ms", "20", env={"TMPDIR": str(server_tmp)}) as url:
         yield url
 
 
@@ -226,8 +232,11 @@ def test_concurrent_requests_are_answered_and_batched(server, images, expected):
 # --------------------------------------------------------------------------- nothing on disk
 
 
-def test_uploads_never_touch_a_temp_file(run_dir, monkeypatch, tmp_path):
-    """A 1.5 MB upload (Starlette's form parser would spool it to a temp file) leaves tempfile untouched."""
+def test_uploads_never_touch_a_temp_file(run_dir, server, server_tmp, monkeypatch, tmp_path):
+    """A 1.5 MB upload (Starlette's form parser would spool it to a temp file) leaves tempfile untouched.
+
+    Nothing appears in the server subprocess's TMPDIR; as Linux temp files are unlinked at birth (O_TMPFILE), the
+    proof is the in-process server, where every tempfile entry point is watched."""
     from imgcls.predict import load
     from imgcls.serve import Limits, create_app
 
@@ -245,6 +254,10 @@ def test_uploads_never_touch_a_temp_file(run_dir, monkeypatch, tmp_path):
     big = tmp_path / "big.png"
     write_image(big, array=rng.integers(0, 256, (720, 720, 3), dtype=np.uint8))
     assert 1.2e6 < big.stat().st_size < 2e6
+    at_start = sorted(server_tmp.iterdir())  # ONNX Runtime leaves a small .ses file there when it starts
+    response = httpx.post(f"{server}/predict", files=_files([big]), timeout=60)
+    assert response.status_code == 200 and response.json()["results"][0]["error"] is None
+    assert sorted(server_tmp.iterdir()) == at_start
     app = create_app(load(run_dir), Limits(max_upload_mb=4))
     with thread_server(app) as url:
         response = httpx.post(f"{url}/predict", files=_files([big]), timeout=60)
@@ -257,7 +270,13 @@ def test_uploads_never_touch_a_temp_file(run_dir, monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- the command line
 
 
-def test_serve_binds_loopback_by_default():
+def test_serve_binds_loopback_only_by_default(server):
+    """Bound to 127.0.0.1 itself, not every address: another loopback address (Linux routes 127/8 to lo)
+    is refused, as an outside interface would be."""
+    port = int(server.rsplit(":", 1)[1])
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.2", port), timeout=5)
     assert build_parser().parse_args(["serve", "run"]).host == "127.0.0.1"
 
 

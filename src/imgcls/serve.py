@@ -32,6 +32,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.requests import ClientDisconnect
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
@@ -227,6 +228,8 @@ async def read_uploads(request: Request, limits: Limits) -> list[tuple[str, byte
         parser.finalize()
     except FormParserError as err:
         raise RequestError(400, f"malformed multipart body ({err})") from None
+    except ClientDisconnect:  # nobody is left to answer: no traceback in the log
+        raise RequestError(400, "the client went away during the upload") from None
     if not uploads.files:
         raise RequestError(422, f"no images: send them in the multipart field {FIELD!r}")
     return [(name, bytes(data)) for name, data in uploads.files]

@@ -294,3 +294,15 @@ def test_serve_without_the_extra_says_what_to_install(run_dir, monkeypatch, caps
     assert main(["serve", str(run_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "pip install 'imgcls[serve]'" in err and "fastapi" in err
+
+
+def test_docs_without_swagger_files_points_to_the_schema(monkeypatch):
+    import importlib.util
+
+    from imgcls import serve
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "swagger_ui" else real(name, *a))
+    html = serve._docs_page("t").body.decode()
+    assert 'href="openapi.json"' in html and "pip install 'imgcls[serve]'" in html
+    assert not re.search(r"(src|href)=\"(https?:)?//", html)

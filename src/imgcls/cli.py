@@ -163,6 +163,23 @@ def cmd_export(args) -> None:
     print(f"exported {path}")
 
 
+# serve: its own block (the web server is an optional extra)
+SERVE_MODULES = ("fastapi", "starlette", "uvicorn", "python_multipart")
+
+
+def cmd_serve(args) -> None:
+    try:
+        from .serve import Limits, serve
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in SERVE_MODULES:
+            raise
+        raise UserError(f"`imgcls serve` needs {err.name}, which is not installed; install the web server with:"
+                        " pip install 'imgcls[serve]'") from None
+    given = {name: getattr(args, name) for name in ("max_upload_mb", "max_files", "batch_size", "batch_wait_ms")}
+    serve(args.run, host=args.host, port=args.port, backend=args.backend,
+          limits=Limits(**{name: value for name, value in given.items() if value is not None}))
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -309,6 +326,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="static int8 quantization, calibrated on training images")
     p.add_argument("--out", help="file to write (default: RUN_DIR/model.onnx or model.int8.onnx)")
     p.set_defaults(func=cmd_export)
+
+    # serve: its own block; None defaults are serve.Limits' (the server's module is not imported to parse)
+    p = sub.add_parser("serve", help="share a model: a web page and a JSON API (POST /predict) on a port")
+    p.add_argument("run", help="run directory, model.safetensors or model.onnx")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
+    p.add_argument("--max-upload-mb", type=float, help="largest request body in MB (default 20)")
+    p.add_argument("--max-files", type=int, help="most images in one request (default 32)")
+    p.add_argument("--batch-size", type=int, help="most images per engine call (default 8)")
+    p.add_argument("--batch-wait-ms", type=float,
+                   help="how long an image waits for others to share its engine call (default 5)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

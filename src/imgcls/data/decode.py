@@ -49,6 +49,7 @@ prediction runtime uses this module without torch.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from pathlib import Path
@@ -66,7 +67,7 @@ except ImportError:  # pragma: no cover - simplejpeg is a core dependency
     _simplejpeg = None
 
 __all__ = ["ImageError", "NotRegularFileError", "MAX_PIXELS", "MAX_ASPECT", "open_image", "open_regular",
-           "load_uint8", "jpeg_draft_scale"]
+           "load_uint8", "jpeg_draft_scale", "open_image_bytes", "load_uint8_bytes"]
 
 #: Images with more pixels than this are refused (decompression bombs).  The
 #: default is the size at which Pillow itself raises ``DecompressionBombError``
@@ -223,6 +224,29 @@ def load_uint8(path: str | os.PathLike, spec: Preprocess) -> np.ndarray:
     ``spec.resize_size``, then applies :func:`imgcls.data.preprocess.resize_and_crop`.
     """
     return resize_and_crop(open_image(path, min_size=spec.resize_size), spec)
+
+
+def open_image_bytes(data: bytes, min_size: int | None = None, name: str | None = None) -> Image.Image:
+    """:func:`open_image` for an image held in memory (an upload): the same checks, orientation and modes.
+
+    ``name`` (the upload's file name) is what an :class:`ImageError` names.  Nothing is written to disk.
+    """
+    fp = io.BytesIO(data)
+    try:
+        return _decode(fp, name, min_size)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(_too_large_reason(fp), name) from None
+    except MemoryError:
+        raise ImageError("out of memory while decoding", name) from None
+    except Exception as exc:  # noqa: BLE001 - every decode failure becomes a reason
+        raise ImageError(_failure_reason(exc, fp), name) from None
+
+
+def load_uint8_bytes(data: bytes, spec: Preprocess, name: str | None = None) -> np.ndarray:
+    """:func:`load_uint8` for an image held in memory: bytes -> uint8 array (3, S, S) per ``spec``."""
+    return resize_and_crop(open_image_bytes(data, min_size=spec.resize_size, name=name), spec)
 
 
 # --------------------------------------------------------------------------- internals

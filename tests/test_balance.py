@@ -265,3 +265,41 @@ def test_invalid_combinations_are_one_line_user_errors(skewed, tmp_path, capsys)
         imgcls.train(skewed, tmp_path / "y", select_by="f1", **FAST)
     with pytest.raises(SystemExit):  # argparse: invalid choice, exit 2
         main(base + ["--balance", "oversample"])
+
+
+def test_tail_strategy_sampler_draws_cached_views_and_weighs_the_probe(skewed, tmp_path, monkeypatch, caplog):
+    from imgcls.models.registry import create_model
+    from imgcls.train import tail
+
+    torch.manual_seed(0)
+    torch.save(create_model("resnet18", 1000, 32).state_dict(), tmp_path / "r18.pth")
+    asked, drawn = [], []
+    real_sampler = tail.class_balanced_sampler
+
+    def recording_weights(targets, num_classes, mode):
+        asked.append(mode)
+        return class_weights(targets, num_classes, mode)
+
+    class Recorded:  # the rows an epoch draws, with their classes
+        def __init__(self, targets, num_classes, generator=None):
+            self.sampler, self.targets = real_sampler(targets, num_classes, generator), np.asarray(targets)
+
+        def __iter__(self):
+            rows = list(self.sampler)
+            drawn.append(self.targets[rows])
+            return iter(rows)
+
+    monkeypatch.setattr(tail, "class_weights", recording_weights)
+    monkeypatch.setattr(tail, "class_balanced_sampler", Recorded)
+    with caplog.at_level(logging.INFO, logger="imgcls"):
+        run = imgcls.train(skewed, tmp_path / "run", model="resnet18", weights=str(tmp_path / "r18.pth"),
+                           strategy="tail", epochs=2, time_budget=600, balance="sampler", batch_size=8, workers=0,
+                           progress=False, input_size=32, views=2, export_onnx=False)
+    assert run.summary["strategy"] == "tail" and run.summary["epochs"] == 2
+    # the probe (one fit over every view) weighs the images; the last-stage epochs draw and do not weigh
+    assert asked == ["balanced", "balanced", "none"]
+    assert len(drawn) == 2  # one epoch of draws each
+    counts = np.bincount(np.concatenate(drawn), minlength=3)
+    assert counts.min() / counts.max() > 0.6, counts
+    assert "balance sampler on the tail strategy" in caplog.text
+    assert "last-stage epochs draw" in run.summary["class_balance"]["sampler"]

@@ -131,8 +131,8 @@ def test_auto_switches_on_past_five_to_one_and_not_below():
     assert resolve_balance("none", {"a": 20, "b": 2}).selection_metric == "balanced_accuracy"
     assert resolve_balance("weights", {"a": 5, "b": 5}, "balanced_accuracy").selection_metric == "balanced_accuracy"
     # what each mode puts in a loss, with and without draws
-    table = {m: (resolve_balance(m, {"a": 20, "b": 2}).loss_weights(draws=True),
-                 resolve_balance(m, {"a": 20, "b": 2}).loss_weights(draws=False)) for m in ("none", "weights", "sampler")}
+    resolved = {m: resolve_balance(m, {"a": 20, "b": 2}) for m in ("none", "weights", "sampler")}
+    table = {m: (b.loss_weights(draws=True), b.loss_weights(draws=False)) for m, b in resolved.items()}
     assert table == {"none": ("none", "none"), "weights": ("balanced", "balanced"), "sampler": ("none", "balanced")}
 
 
@@ -188,6 +188,9 @@ def test_the_heads_cross_validation_scores_classes_alike_when_selecting_by_balan
     assert [c["loss"] for c in same.cv] == [c["loss"] for c in weighted.cv]
 
 
+# --------------------------------------------------------------------------- sampler where a fit draws nothing
+
+
 def test_features_strategy_sampler_weighs_the_images_and_says_so(skewed, tmp_path, monkeypatch, caplog):
     import imgcls.export
     from imgcls.train import features
@@ -214,6 +217,45 @@ def test_features_strategy_sampler_weighs_the_images_and_says_so(skewed, tmp_pat
     row = _metrics(run.run_dir)[0]
     assert 0 <= float(row["val_balanced_accuracy"]) <= 1 and set(run.summary["val_recall"]) == {"deer", "empty",
                                                                                                 "stoat"}
+
+
+
+def test_tail_strategy_sampler_draws_cached_views_and_weighs_the_probe(skewed, tmp_path, monkeypatch, caplog):
+    from imgcls.models.registry import create_model
+    from imgcls.train import tail
+
+    torch.manual_seed(0)
+    torch.save(create_model("resnet18", 1000, 32).state_dict(), tmp_path / "r18.pth")
+    asked, drawn = [], []
+    real_sampler = tail.class_balanced_sampler
+
+    def recording_weights(targets, num_classes, mode):
+        asked.append(mode)
+        return class_weights(targets, num_classes, mode)
+
+    class Recorded:  # the rows an epoch draws, with their classes
+        def __init__(self, targets, num_classes, generator=None):
+            self.sampler, self.targets = real_sampler(targets, num_classes, generator), np.asarray(targets)
+
+        def __iter__(self):
+            rows = list(self.sampler)
+            drawn.append(self.targets[rows])
+            return iter(rows)
+
+    monkeypatch.setattr(tail, "class_weights", recording_weights)
+    monkeypatch.setattr(tail, "class_balanced_sampler", Recorded)
+    with caplog.at_level(logging.INFO, logger="imgcls"):
+        run = imgcls.train(skewed, tmp_path / "run", model="resnet18", weights=str(tmp_path / "r18.pth"),
+                           strategy="tail", epochs=2, time_budget=600, balance="sampler", batch_size=8, workers=0,
+                           progress=False, input_size=32, views=2, export_onnx=False)
+    assert run.summary["strategy"] == "tail" and run.summary["epochs"] == 2
+    # the probe (one fit over every view) weighs the images; the last-stage epochs draw and do not weigh
+    assert asked == ["balanced", "balanced", "none"]
+    assert len(drawn) == 2  # one epoch of draws each
+    counts = np.bincount(np.concatenate(drawn), minlength=3)
+    assert counts.min() / counts.max() > 0.6, counts
+    assert "balance sampler on the tail strategy" in caplog.text
+    assert "last-stage epochs draw" in run.summary["class_balance"]["sampler"]
 
 
 # --------------------------------------------------------------------------- the former --class-weights
@@ -265,41 +307,3 @@ def test_invalid_combinations_are_one_line_user_errors(skewed, tmp_path, capsys)
         imgcls.train(skewed, tmp_path / "y", select_by="f1", **FAST)
     with pytest.raises(SystemExit):  # argparse: invalid choice, exit 2
         main(base + ["--balance", "oversample"])
-
-
-def test_tail_strategy_sampler_draws_cached_views_and_weighs_the_probe(skewed, tmp_path, monkeypatch, caplog):
-    from imgcls.models.registry import create_model
-    from imgcls.train import tail
-
-    torch.manual_seed(0)
-    torch.save(create_model("resnet18", 1000, 32).state_dict(), tmp_path / "r18.pth")
-    asked, drawn = [], []
-    real_sampler = tail.class_balanced_sampler
-
-    def recording_weights(targets, num_classes, mode):
-        asked.append(mode)
-        return class_weights(targets, num_classes, mode)
-
-    class Recorded:  # the rows an epoch draws, with their classes
-        def __init__(self, targets, num_classes, generator=None):
-            self.sampler, self.targets = real_sampler(targets, num_classes, generator), np.asarray(targets)
-
-        def __iter__(self):
-            rows = list(self.sampler)
-            drawn.append(self.targets[rows])
-            return iter(rows)
-
-    monkeypatch.setattr(tail, "class_weights", recording_weights)
-    monkeypatch.setattr(tail, "class_balanced_sampler", Recorded)
-    with caplog.at_level(logging.INFO, logger="imgcls"):
-        run = imgcls.train(skewed, tmp_path / "run", model="resnet18", weights=str(tmp_path / "r18.pth"),
-                           strategy="tail", epochs=2, time_budget=600, balance="sampler", batch_size=8, workers=0,
-                           progress=False, input_size=32, views=2, export_onnx=False)
-    assert run.summary["strategy"] == "tail" and run.summary["epochs"] == 2
-    # the probe (one fit over every view) weighs the images; the last-stage epochs draw and do not weigh
-    assert asked == ["balanced", "balanced", "none"]
-    assert len(drawn) == 2  # one epoch of draws each
-    counts = np.bincount(np.concatenate(drawn), minlength=3)
-    assert counts.min() / counts.max() > 0.6, counts
-    assert "balance sampler on the tail strategy" in caplog.text
-    assert "last-stage epochs draw" in run.summary["class_balance"]["sampler"]

@@ -25,16 +25,18 @@ from dataclasses import dataclass, field, replace
 IMBALANCE_RATIO = 5.0   # largest / smallest class count above which auto balances
 TINY_CLASS = 5          # fewer training images than this: the class gets a warning
 
+# the choices and their help text (train.config builds the options from them)
 BALANCE = {
     "auto": f"weights when class counts differ more than {IMBALANCE_RATIO:g}:1, else none",
     "none": "classes as counted",
-    "weights": "a class-weighted loss: every class weighs as if all were equally frequent",
-    "sampler": "class-balanced draws: every class is drawn about equally often",
+    "weights": "the loss weighs each class as if all were equally frequent",
+    "sampler": "each epoch draws images so that every class comes up about equally often (a head fitted at"
+               " once on cached features weighs images by their expected draws instead)",
 }
 SELECT_BY = {
     "auto": f"balanced_accuracy when class counts differ more than {IMBALANCE_RATIO:g}:1, else accuracy",
-    "accuracy": "the share of validation images right",
-    "balanced_accuracy": "the mean recall over classes: every class counts alike",
+    "accuracy": "the share of images right",
+    "balanced_accuracy": "the mean recall of the classes: every class counts alike",
 }
 # what --balance sampler does on each strategy: only an epoch loop draws images; a fit over every
 # cached view at once weighs each image by its expected share of the balanced draws instead, which
@@ -94,9 +96,9 @@ class Balance:
 def _ratio(counts: dict[str, int]) -> tuple[float, str]:
     """(largest / smallest class, "20:1 (empty 40, stoat 2)")."""
     present = [n for n in counts.values() if n > 0]
-    ratio = max(present) / min(present) if present else 1.0
     if not present:
-        return ratio, "no counts"
+        return 1.0, "no counts"
+    ratio = max(present) / min(present)
     largest = max(counts, key=counts.get)
     smallest = min(counts, key=counts.get)
     return ratio, f"{ratio:.0f}:1 ({largest} {counts[largest]}, {smallest} {counts[smallest]})"

@@ -136,13 +136,10 @@ class TrainConfig:
     step_size: int = option(7, "schedule step: decay every this many epochs", range=_AT_LEAST_1)
     gamma: float = option(0.1, "schedule step: decay factor", range=_POSITIVE)
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", range=_UNIT_RIGHT_OPEN)
-    balance: str = option("auto", "imbalanced classes. weights: weigh each class in the loss as if all were"
-                          " equally frequent; sampler: draw training images so that every class comes up about"
-                          " equally often (features strategy: weighs them instead); none: as counted; auto:"
-                          " weights when class counts differ more than 5:1", choices=BALANCE)
-    select_by: str = option("auto", "what picks the best epoch and the head's penalty: accuracy, or"
-                            " balanced_accuracy (every class counts alike); auto: balanced_accuracy when class"
-                            " counts differ more than 5:1", choices=SELECT_BY)
+    balance: str = option("auto", "imbalanced classes. " + "; ".join(f"{k}: {v}" for k, v in BALANCE.items()),
+                          choices=BALANCE)
+    select_by: str = option("auto", "what picks the best epoch and the head's penalty (cross-validated loss). "
+                            + "; ".join(f"{k}: {v}" for k, v in SELECT_BY.items()), choices=SELECT_BY)
     clip_grad: float | None = option(None, "clip the gradient norm to this value", range=_POSITIVE)
     amp: str = option("auto", "mixed precision (auto: on GPUs; on CPUs only when asked: bf16)", choices=AMP)
     augment: dict = option(help="", factory=lambda: Augment().to_dict(), cli=False)

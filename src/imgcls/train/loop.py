@@ -51,8 +51,8 @@ def make_loader(dataset, cfg, shuffle: bool = False, generator=None, workers: in
         # decoded images in RAM: augmenting them in-process beats starting worker processes
         workers = cfg.workers if cfg.workers is not None else (0 if dataset.cache is not None else default_workers())
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      generator=generator,
-                      num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      generator=generator, num_workers=workers, persistent_workers=False,
+                      pin_memory=torch.cuda.is_available(),
                       drop_last=shuffle and len(dataset) > cfg.batch_size)
 
 
@@ -154,9 +154,9 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                 (freeze_backbone if frozen else unfreeze)(model.net)
                 epoch_start = time.perf_counter()
                 lr_now = optimizer.param_groups[-1]["lr"]
-                row = train_one_epoch(model, make_loader(s.train_set, cfg, True, generator, sampler=draws), criterion,
-                                      optimizer,
-                                      scheduler, s.device, s.amp_dtype, cfg.clip_grad, scaler,
+                loader = make_loader(s.train_set, cfg, True, generator, sampler=draws)
+                row = train_one_epoch(model, loader, criterion, optimizer, scheduler, s.device, s.amp_dtype,
+                                      cfg.clip_grad, scaler,
                                       progress_desc=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None,
                                       frozen_backbone=frozen)
                 logits, targets = predict_logits(model, make_loader(s.val_set, cfg), s.device, s.amp_dtype)

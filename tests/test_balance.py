@@ -91,6 +91,17 @@ def test_a_sampler_run_trains_end_to_end_through_the_cli(skewed, tmp_path, monke
     assert (tmp_path / "sampler" / "model.onnx").exists() and 0 <= summary["val_balanced_accuracy"] <= 1
 
 
+def test_a_seeded_sampler_run_reproduces(skewed, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = [imgcls.train(skewed, tmp_path / name, epochs=2, balance="sampler", seed=seed, progress=False, **FAST)
+            for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    weights = [load_file(str(r.run_dir / "model.safetensors")) for r in runs]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    losses = [[row["train_loss"] for row in _metrics(r.run_dir)] for r in runs]
+    assert losses[0] == losses[1] and losses[0] != losses[2]
+
+
 # --------------------------------------------------------------------------- weights
 
 

@@ -288,14 +288,14 @@ def test_class_weights_formula():
 
 def test_balanced_class_weights_change_the_training_loss(tmp_path):
     make_class_tree(tmp_path / "data", {"common": 24, "rare": 4})
-    runs = {mode: imgcls.train(tmp_path / "data", tmp_path / mode, epochs=1, class_weights=mode, progress=False,
-                               **FAST) for mode in ("none", "balanced")}
+    runs = {mode: imgcls.train(tmp_path / "data", tmp_path / mode, epochs=1, balance=mode, progress=False,
+                               **FAST) for mode in ("none", "weights")}
     loss = {mode: float(next(csv.DictReader((r.run_dir / "metrics.csv").open()))["train_loss"])
             for mode, r in runs.items()}
-    assert loss["none"] != pytest.approx(loss["balanced"], rel=1e-3)
-    assert "class_weights: balanced" in (runs["balanced"].run_dir / "config.yaml").read_text()
-    assert runs["balanced"].summary["class_balance"]["selection_metric"] == "balanced_accuracy"
-    assert runs["none"].summary["class_balance"]["selection_metric"] == "accuracy"
+    assert loss["none"] != pytest.approx(loss["weights"], rel=1e-3)
+    assert "balance: weights" in (runs["weights"].run_dir / "config.yaml").read_text()
+    # selection follows the class counts (19:3 here), not the loss weighting (--select-by auto)
+    assert {r.summary["class_balance"]["selection_metric"] for r in runs.values()} == {"balanced_accuracy"}
 
 
 def test_auto_balances_past_five_to_one_and_none_switches_it_off():
@@ -303,10 +303,10 @@ def test_auto_balances_past_five_to_one_and_none_switches_it_off():
 
     assert resolve_balance("auto", {"a": 50, "b": 10}).mode == "none"        # 5:1 exactly: as counted
     auto = resolve_balance("auto", {"empty": 166, "rodent": 39, "stoat": 2})
-    assert auto.mode == "balanced" and "83:1" in auto.reason and "--class-weights none" in auto.reason
+    assert auto.mode == "weights" and "83:1" in auto.reason and "--balance none" in auto.reason
     assert auto.tiny == {"stoat": 2}
     assert resolve_balance("none", {"empty": 166, "stoat": 2}).mode == "none"
-    assert resolve_balance("balanced", {"a": 5, "b": 5}).mode == "balanced"
+    assert resolve_balance("weights", {"a": 5, "b": 5}).mode == "weights"
 
 
 def test_imbalanced_data_train_balanced_by_default_and_warn_about_tiny_classes(tmp_path, caplog):
@@ -316,10 +316,10 @@ def test_imbalanced_data_train_balanced_by_default_and_warn_about_tiny_classes(t
                             **FAST)
     balance = auto.summary["class_balance"]
     train_counts = json.loads((auto.run_dir / "scan.json").read_text())["counts"]["train"]
-    assert balance["class_weights"] == "balanced" and balance["imbalance_ratio"] == round(
+    assert balance["balance"] == "weights" and balance["imbalance_ratio"] == round(
         max(train_counts.values()) / min(train_counts.values()), 2)
     assert balance["selection_metric"] == "balanced_accuracy" and balance["tiny_classes"] == {"stoat": 2}
-    assert "class weights balanced (auto: classes differ" in caplog.text
+    assert "balance weights (auto: classes differ" in caplog.text
     warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "stoat (2 images)" in r.getMessage()]
     assert warning and "fewer than 5 training images" in warning[0]
     # accuracy, balanced accuracy and per-class recall side by side: in summary.json and in metrics.csv
@@ -329,10 +329,10 @@ def test_imbalanced_data_train_balanced_by_default_and_warn_about_tiny_classes(t
     rows = list(csv.DictReader((auto.run_dir / "metrics.csv").open()))
     assert all(0 <= float(r["val_balanced_accuracy"]) <= 1 for r in rows)
     off = imgcls.train(tmp_path / "data", tmp_path / "off", epochs=1, progress=False, val_fraction=0.25,
-                       class_weights="none", **FAST)
-    assert off.summary["class_balance"]["class_weights"] == "none"
-    with pytest.raises(UserError, match="unknown --class-weights"):
-        imgcls.train(tmp_path / "data", tmp_path / "bad", epochs=1, class_weights="inverse", progress=False, **FAST)
+                       balance="none", **FAST)
+    assert off.summary["class_balance"]["balance"] == "none"
+    with pytest.raises(UserError, match="unknown --balance"):
+        imgcls.train(tmp_path / "data", tmp_path / "bad", epochs=1, balance="inverse", progress=False, **FAST)
 
 
 def test_paths_with_commas_quotes_and_newlines_survive_split_csv_eval_and_export(tmp_path):

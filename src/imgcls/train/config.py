@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable
@@ -21,9 +22,11 @@ from typing import Any, Callable
 from ..data.preprocess import Augment
 from ..errors import UserError
 from ..system import resolve_device
+from .balance import BALANCE, SELECT_BY
 from .optim import OPTIMIZERS, SCHEDULES
 from .strategies import STRATEGIES, resolve_strategy
 
+log = logging.getLogger("imgcls")
 
 # --------------------------------------------------------------------------- constraints
 
@@ -76,7 +79,6 @@ def option(default: Any = MISSING, help: str = "", *, factory: Callable | None =
 
 # --------------------------------------------------------------------------- choices
 
-CLASS_WEIGHTS = ("auto", "none", "balanced")
 AMP = ("auto", "off", "bf16", "fp16")
 CACHE = ("auto", "ram", "none")
 NORMS = ("batch", "group", "layer", "instance")
@@ -134,9 +136,10 @@ class TrainConfig:
     step_size: int = option(7, "schedule step: decay every this many epochs", range=_AT_LEAST_1)
     gamma: float = option(0.1, "schedule step: decay factor", range=_POSITIVE)
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", range=_UNIT_RIGHT_OPEN)
-    class_weights: str = option("auto", "balanced: weigh each class in the loss (and in model selection) as if"
-                                " all were equally frequent; auto: balanced when class counts differ more than"
-                                " 5:1; none: as counted", choices=CLASS_WEIGHTS)
+    balance: str = option("auto", "imbalanced classes. " + "; ".join(f"{k}: {v}" for k, v in BALANCE.items()),
+                          choices=BALANCE)
+    select_by: str = option("auto", "what picks the best epoch and the head's penalty (cross-validated loss). "
+                            + "; ".join(f"{k}: {v}" for k, v in SELECT_BY.items()), choices=SELECT_BY)
     clip_grad: float | None = option(None, "clip the gradient norm to this value", range=_POSITIVE)
     amp: str = option("auto", "mixed precision (auto: on GPUs; on CPUs only when asked: bf16)", choices=AMP)
     augment: dict = option(help="", factory=lambda: Augment().to_dict(), cli=False)
@@ -164,10 +167,51 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
+        data = read_aliases(data)
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise UserError(f"unknown training option(s): {', '.join(sorted(unknown))}")
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A former option, read as declared ones (with a deprecation warning)."""
+
+    values: dict[str, dict[str, Any]]  # former value -> the declared options it means
+    help: str
+
+
+# former options: still read from command lines, API calls and the config.yaml of older runs
+ALIASES = {
+    # --class-weights balanced weighed the loss and selected by balanced accuracy; none selected by accuracy
+    "class_weights": Alias({"auto": {"balance": "auto", "select_by": "auto"},
+                            "none": {"balance": "none", "select_by": "accuracy"},
+                            "balanced": {"balance": "weights", "select_by": "balanced_accuracy"}},
+                           "deprecated: use --balance and --select-by"),
+}
+
+
+def read_aliases(options: dict) -> dict:
+    """``options`` with every former option (:data:`ALIASES`) replaced by what it means; a former
+    option that contradicts an option given beside it is a UserError."""
+    out = dict(options)
+    for name, alias in ALIASES.items():
+        value = out.pop(name, None)
+        if value is None:
+            continue
+        if not isinstance(value, str) or value not in alias.values:
+            raise UserError(f"unknown {flag(name)} {value!r}; use one of {', '.join(alias.values)}"
+                            f" ({alias.help})")
+        meant = alias.values[value]
+        spelled = " ".join(f"{flag(k)} {v}" for k, v in meant.items())
+        for key, new in meant.items():
+            if out.get(key) not in (None, new):
+                raise UserError(f"{flag(name)} {value} means {spelled}, which contradicts {flag(key)} {out[key]};"
+                                f" drop {flag(name)}")
+        out.update(meant)
+        log.warning("%s %s is deprecated: read as %s", flag(name), value, spelled)
+    return out
 
 
 def declared() -> list[tuple[Any, Option]]:
@@ -256,12 +300,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag(f.name), **kwargs)
     for name, (kwargs, _) in AUGMENT_FLAGS.items():
         parser.add_argument(flag(name), default=argparse.SUPPRESS, **kwargs)
+    for name, alias in ALIASES.items():
+        parser.add_argument(flag(name), default=argparse.SUPPRESS, choices=tuple(alias.values), help=alias.help)
 
 
 def options_from_args(args: argparse.Namespace) -> dict:
     """The TrainConfig fields a command line set (augmentation flags folded into ``augment``)."""
     given = vars(args)
     options = {f.name: given[f.name] for f, opt in declared() if opt.cli and f.name in given}
+    options.update({name: given[name] for name in ALIASES if name in given})  # read in TrainConfig.from_dict
     changes: dict = {}
     for name, (_, to_changes) in AUGMENT_FLAGS.items():
         if name in given:  # absent unless given (argparse.SUPPRESS); 0 is a value

@@ -263,7 +263,9 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
         t_feats = time.perf_counter() - t0
         t0 = time.perf_counter()
         prior = source_prior(s, train_feats.shape[2])
-        weight = class_weights(y, len(s.classes), s.balance.mode)
+        # one fit over every cached view: no draws, so --balance sampler weighs the images (train.balance)
+        weight = class_weights(y, len(s.classes), s.balance.loss_weights(draws=False))
+        cv_weight = class_weights(y, len(s.classes), s.balance.cv_weights)  # --select-by
         skip, share = 0, None  # skip: leading feature columns the head leaves at zero weight
         if taps and cfg.readout == "auto":
             share = near_copy_share(train_feats[:, 0])
@@ -274,7 +276,7 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
         if prior is not None:
             prior = prior[0][:, skip:], prior[1]
         fit = fit_head(train_feats[:, :, skip:], y, len(s.classes), prior, cfg.seed, weight=weight,
-                       progress=progress, standardize=bool(taps) and not skip)
+                       progress=progress, standardize=bool(taps) and not skip, cv_weight=cv_weight)
         if skip:
             fit.weight = torch.cat([fit.weight.new_zeros(len(s.classes), skip), fit.weight], 1)
             taps = ()
@@ -293,7 +295,8 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
         prior_text = ("no source-head prior (cross-validation found it did not help)" if fit.prior_offered
                       else "no source-head prior")
     log.info("fast path: head fitted in %.1f s (%s, penalty %g chosen by %s)", t_head, prior_text, fit.lam,
-             f"{fit.folds}-fold cross-validation on train" if fit.folds
+             f"{fit.folds}-fold cross-validation on train"
+             + (", every class weighing alike" if cv_weight is not None else "") if fit.folds
              else "default (too few images to cross-validate)")
 
     def logits_of(feats):
@@ -306,7 +309,8 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
     seconds = time.perf_counter() - t_start
     rundir.append_metrics(s.run_dir, {"epoch": 1, "lr": "", "train_loss": train_metrics.loss,
                                       "train_accuracy": train_metrics.accuracy, "val_loss": val.loss,
-                                      "val_accuracy": val.accuracy, "epoch_seconds": seconds,
+                                      "val_accuracy": val.accuracy,
+                                      "val_balanced_accuracy": val.balanced_accuracy, "epoch_seconds": seconds,
                                       "images_per_second": n_rows / t_feats})
     rundir.save_weights(s.run_dir / rundir.WEIGHTS, s.model.net.state_dict(), s.meta)
     rundir.write_json(s.run_dir / rundir.FEATURES, {
@@ -314,7 +318,9 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
         "n_val": int(len(val_feats)), "feature_dim": int(train_feats.shape[2]), "readout": list(taps),
         "near_copy_share": None if share is None else round(share, 4),
         "prior_classes": int(prior[0].shape[0]) if prior is not None else None,
-        "prior_used": fit.alpha is not None, "prior_weight": fit.alpha, "penalty": fit.lam, "cv_folds": fit.folds, "cv": fit.cv,
+        "prior_used": fit.alpha is not None, "prior_weight": fit.alpha, "penalty": fit.lam, "cv_folds": fit.folds,
+        "cv_selection": s.balance.selection_metric, "cv": fit.cv,
         "feature_seconds": round(t_feats, 2), "head_seconds": round(t_head, 2), "seconds": round(seconds, 2)})
-    log.info("fast path: val accuracy %.4f (loss %.4f), %.1f s in all", val.accuracy, val.loss, seconds)
+    log.info("fast path: val accuracy %.4f balanced %.4f (loss %.4f), %.1f s in all", val.accuracy,
+             val.balanced_accuracy, val.loss, seconds)
     return Fit(val.accuracy, 1, 1, strategy="features")

@@ -17,8 +17,8 @@ scaling is folded back into the returned head.
 
 Whether to use the prior at all, and ``lam``, are chosen by stratified
 K-fold cross-validation on the training images (all views of an image in the
-same fold, held-out loss on center views, weighted by the class weights when
-the classes are balanced), never on val: the family (with or without the
+same fold, held-out loss on center views, with every class weighing alike when
+the run selects by balanced accuracy), never on val: the family (with or without the
 prior) with the lower best held-out loss, then within it the one-standard-error
 rule (the strongest penalty whose loss is within one standard error of the
 best).  Without a prior this is an L2 logistic regression.  Why the prior,
@@ -203,13 +203,15 @@ def standardizer(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0,
              penalties=PENALTIES, weight: torch.Tensor | None = None, progress: bool = False,
-             standardize: bool = False) -> HeadFit:
+             standardize: bool = False, cv_weight: torch.Tensor | None | str = "weight") -> HeadFit:
     """Fit the linear head on ``feats`` (n, views, D; view 0 = center crop) and targets ``y``.
 
     ``prior``: the source classifier ``(W (M, D), b (M,))`` or None; cross-validation
     decides whether it is used, and the penalty (module docstring).  ``penalties``: the
-    grid, times the number of images.  ``weight``: per-class loss weights (K,), used in
-    the fit and in the cross-validated loss alike.  ``standardize``: solve on z-scored
+    grid, times the number of images.  ``weight``: per-class loss weights (K,) of the fit.
+    ``cv_weight``: per-class weights (K,) of the cross-validated held-out loss that chooses
+    (``"weight"``: the same as ``weight``; None: every image alike; balanced weights: every
+    class alike, as balanced accuracy counts them).  ``standardize``: solve on z-scored
     features (features of several layers differ in scale, and the penalty is isotropic);
     the returned head still reads the raw features (the scaling is folded into it)."""
     y = np.asarray(y, dtype=np.int64)
@@ -219,7 +221,9 @@ def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0
         if prior is not None:  # the same source logits from z-scored features
             Wp, bp = prior
             prior = (Wp * torch.from_numpy(std), bp + Wp @ torch.from_numpy(mean))
-    fit = _fit(np.ascontiguousarray(feats, dtype=np.float32), y, K, prior, seed, penalties, weight, progress)
+    cv_weight = weight if isinstance(cv_weight, str) and cv_weight == "weight" else cv_weight
+    fit = _fit(np.ascontiguousarray(feats, dtype=np.float32), y, K, prior, seed, penalties, weight, cv_weight,
+               progress)
     if standardize:
         with torch.no_grad():
             fit.weight = fit.weight / torch.from_numpy(std)
@@ -227,10 +231,10 @@ def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0
     return fit
 
 
-def _fit(feats, y, K, prior, seed, penalties, weight, progress) -> HeadFit:
+def _fit(feats, y, K, prior, seed, penalties, weight, cv_weight, progress) -> HeadFit:
     lambdas = [p / len(y) for p in penalties]
     # each image's weight in the cross-validated loss, scaled to average 1
-    sample_weight = np.ones(len(y)) if weight is None else weight.numpy()[y].astype(np.float64)
+    sample_weight = np.ones(len(y)) if cv_weight is None else cv_weight.numpy()[y].astype(np.float64)
     sample_weight = sample_weight / sample_weight.mean()
     fold, k = _folds(y, K, seed)
     families = [prior, None] if prior is not None else [None]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from .. import rundir
@@ -35,12 +35,24 @@ from .session import Fit, Session
 log = logging.getLogger("imgcls")
 
 
-def make_loader(dataset, cfg, shuffle: bool = False, generator=None, workers: int | None = None) -> DataLoader:
+def class_balanced_sampler(targets, num_classes: int, generator=None) -> WeightedRandomSampler:
+    """``--balance sampler``: as many draws as ``targets`` holds, with replacement, each image drawn with
+    probability proportional to ``n / (K n_c)`` (its expected draws per epoch, the balanced class weight),
+    so every class comes up about equally often."""
+    weight = class_weights(targets, num_classes, "balanced")[torch.as_tensor(np.asarray(targets, dtype=np.int64))]
+    return WeightedRandomSampler(weight.double(), num_samples=len(targets), replacement=True, generator=generator)
+
+
+def make_loader(dataset, cfg, shuffle: bool = False, generator=None, workers: int | None = None,
+                sampler=None) -> DataLoader:
+    """``sampler``: draws the order of an epoch instead of shuffling (``shuffle`` then only drops the
+    last incomplete batch)."""
     if workers is None:
         # decoded images in RAM: augmenting them in-process beats starting worker processes
         workers = cfg.workers if cfg.workers is not None else (0 if dataset.cache is not None else default_workers())
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      generator=generator, num_workers=workers, persistent_workers=False,
+                      pin_memory=torch.cuda.is_available(),
                       drop_last=shuffle and len(dataset) > cfg.batch_size)
 
 
@@ -110,8 +122,8 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: schedule(step, total_steps, warmup_steps, steps_per_epoch, cfg))
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
-    weight = class_weights(s.train_set.targets, len(s.classes), s.balance.mode)
-    select = s.balance.selection_metric  # accuracy, or balanced accuracy when the classes are weighted
+    weight = class_weights(s.train_set.targets, len(s.classes), s.balance.loss_weights(draws=True))
+    select = s.balance.selection_metric  # accuracy or balanced accuracy (--select-by)
     criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(s.device),
                                     label_smoothing=cfg.label_smoothing)
 
@@ -136,12 +148,15 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 generator = seed_epoch(cfg.seed, epoch)
+                draws = (class_balanced_sampler(s.train_set.targets, len(s.classes), generator)
+                         if s.balance.sampler else None)
                 frozen = cfg.freeze == "backbone" or epoch < cfg.head_epochs
                 (freeze_backbone if frozen else unfreeze)(model.net)
                 epoch_start = time.perf_counter()
                 lr_now = optimizer.param_groups[-1]["lr"]
-                row = train_one_epoch(model, make_loader(s.train_set, cfg, True, generator), criterion, optimizer,
-                                      scheduler, s.device, s.amp_dtype, cfg.clip_grad, scaler,
+                loader = make_loader(s.train_set, cfg, True, generator, sampler=draws)
+                row = train_one_epoch(model, loader, criterion, optimizer, scheduler, s.device, s.amp_dtype,
+                                      cfg.clip_grad, scaler,
                                       progress_desc=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None,
                                       frozen_backbone=frozen)
                 logits, targets = predict_logits(model, make_loader(s.val_set, cfg), s.device, s.amp_dtype)

@@ -276,9 +276,10 @@ def _report_scan(result: ScanResult, classes: list[str], run_dir: Path) -> None:
 
 
 def resolve_class_balance(cfg: TrainConfig, counts: dict[str, int], classes: list[str]) -> Balance:
-    """``--class-weights`` resolved from the training counts, logged; tiny classes get a warning."""
-    balance = resolve_balance(cfg.class_weights, {c: counts.get(c, 0) for c in classes})
-    log.info("class weights %s (%s)", balance.mode, balance.reason)
+    """``--balance`` and ``--select-by`` resolved from the training counts, logged; tiny classes get a warning."""
+    balance = resolve_balance(cfg.balance, {c: counts.get(c, 0) for c in classes}, cfg.select_by)
+    log.info("balance %s (%s)", balance.mode, balance.reason)
+    log.info("model selection by %s (%s)", balance.selection_metric, balance.selection_reason)
     warning = tiny_class_warning(balance.tiny)
     if warning:
         log.warning(warning)

@@ -123,4 +123,8 @@ def choose(session, resume: bool = False) -> Strategy:
                                     readout_problem=problem, tail_problem=tail)
     log.info("strategy %s%s: %s", name, " (auto)" if cfg.strategy == "auto" else "", reason)
     session.strategy = name
+    if session.balance is not None:
+        session.balance = session.balance.for_strategy(name)
+        if session.balance.sampler_note():
+            log.info("balance sampler on the %s strategy: %s", name, session.balance.sampler_note())
     return STRATEGIES[name]

@@ -10,10 +10,11 @@
    it, the penalty chosen on train).
 3. Fine-tuning: the last stage and the head train on the cached maps
    (AdamW, warm-up then cosine, random horizontal flips of the maps, the
-   run's class weights and label smoothing) for as many epochs as the time
+   run's class weights or class-balanced draws of the cached views
+   (``--balance sampler``), label smoothing) for as many epochs as the time
    budget allows, measured on the first steps.  The schedule is fixed in
    advance and the last epoch is kept: val is scored every epoch but never
-   picks anything.
+   picks anything (``--select-by`` acts on the probe's cross-validation).
 
 Starting the fine-tuning from the probe's head (LP-FT) keeps the first
 gradient steps from wrecking the pretrained stage with a random head.  The
@@ -42,6 +43,7 @@ from ..models.registry import model_spec
 from ..models.tail import split, split_problem
 from .features import compute_features, load_head, source_prior
 from .head import class_weights, fit_head
+from .loop import class_balanced_sampler
 from .session import Fit, Session
 
 log = logging.getLogger("imgcls")
@@ -140,9 +142,11 @@ def fit_tail(s: Session, progress: bool = True) -> Fit:
     t0 = time.perf_counter()
     feats = _pooled(tail, maps, shape, s.device)
     prior = source_prior(s, feats.shape[2])
-    weight = class_weights(y, len(s.classes), s.balance.mode)
+    # the probe is one fit over every view: --balance sampler weighs the images there (train.balance)
+    weight = class_weights(y, len(s.classes), s.balance.loss_weights(draws=False))
     head = tail.parts[-1]
-    probe = fit_head(feats, y, len(s.classes), prior, cfg.seed, weight=weight, progress=progress)
+    probe = fit_head(feats, y, len(s.classes), prior, cfg.seed, weight=weight, progress=progress,
+                     cv_weight=class_weights(y, len(s.classes), s.balance.cv_weights))
     load_head(head, probe)
     t_probe = time.perf_counter() - t0
     val_x = torch.from_numpy(val_maps.reshape(len(val_maps), *shape))
@@ -162,8 +166,10 @@ def fit_tail(s: Session, progress: bool = True) -> Fit:
     x = torch.from_numpy(maps.reshape(-1, *shape))
     targets = torch.from_numpy(np.repeat(y, maps.shape[1]))
     optimizer = torch.optim.AdamW(tail.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    weight = class_weights(y, len(s.classes), s.balance.loss_weights(draws=True))
     loss_weight = None if weight is None else weight.to(s.device)
     generator = torch.Generator().manual_seed(cfg.seed)
+    draws = class_balanced_sampler(targets, len(s.classes), generator) if s.balance.sampler else None
 
     def step(index, measure_only=False):
         if index is None:
@@ -197,7 +203,7 @@ def fit_tail(s: Session, progress: bool = True) -> Fit:
         t_epoch = time.perf_counter()
         lr_now = optimizer.param_groups[0]["lr"]
         tail.train()
-        order = torch.randperm(len(x), generator=generator)
+        order = torch.tensor(list(draws)) if draws is not None else torch.randperm(len(x), generator=generator)
         loss_sum = hits = 0
         for k in tqdm(range(steps_per_epoch), desc=f"last stage {epoch + 1}/{epochs}", disable=not progress,
                       unit="step", leave=False):
@@ -222,7 +228,9 @@ def fit_tail(s: Session, progress: bool = True) -> Fit:
         "n_train": int(len(maps)), "n_val": int(len(val_maps)), "prior_used": probe.alpha is not None,
         "prior_weight": probe.alpha, "penalty": probe.lam, "cv_folds": probe.folds,
         "probe_val_accuracy": start.accuracy, "probe_val_balanced_accuracy": start.balanced_accuracy,
+        "cv_selection": s.balance.selection_metric,
         "epochs": epochs, "time_budget": budget, "map_seconds": round(t_maps, 2), "probe_seconds": round(t_probe, 2),
         "seconds": round(seconds, 2)})
-    log.info("tail: val accuracy %.4f (probe %.4f), %.1f s in all", val.accuracy, start.accuracy, seconds)
+    log.info("tail: val accuracy %.4f balanced %.4f (probe %.4f), %.1f s in all", val.accuracy,
+             val.balanced_accuracy, start.accuracy, seconds)
     return Fit(val.accuracy, epochs, epochs, strategy="tail")

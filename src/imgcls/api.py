@@ -10,8 +10,9 @@ from tqdm.auto import tqdm
 
 from .data.sources import load_dataset
 from .errors import UserError
-from .metrics import metrics_of_stream, write_metrics
+from .metrics import write_metrics
 from .predict import load
+from .tasks import TASKS, with_label_sets
 from .train import train  # noqa: F401 - the API's train (imgcls.train is the same, callable)
 
 log = logging.getLogger("imgcls")
@@ -26,8 +27,8 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
     records = _labelled_records(predictor, data, split)
     labels = predictor.labels
     stream = predictor.iter_logits(records, batch_size=batch_size)
-    metrics, failed = metrics_of_stream(tqdm(stream, total=len(records), disable=not progress, desc="evaluate"),
-                                        labels)
+    metrics, failed = TASKS[predictor.task].stream_metrics(
+        tqdm(stream, total=len(records), disable=not progress, desc="evaluate"), labels, predictor.thresholds)
     if metrics is None:
         raise UserError(f"{data}: none of the {len(records)} images could be read")
     for record, reason in failed:
@@ -53,6 +54,10 @@ def choose_thresholds(run: str | Path, data: str | Path, label: str, target_reca
     if not 0.0 < target_recall < 1.0:
         raise UserError(f"--target-recall must lie strictly between 0 and 1, not {target_recall}")
     predictor = load(run, backend=backend)
+    if TASKS[predictor.task].label_sets:
+        raise UserError(f"{run} is a multi-label model: training tuned each label's threshold on val (highest F1)"
+                        " and stored them in thresholds.json; `imgcls thresholds` chooses one class of a multiclass"
+                        " model. Use --threshold P with predict for one threshold for every label")
     if label not in predictor.labels:
         raise UserError(f"--class {label}: not a class of this model ({', '.join(predictor.labels)})")
     records = _labelled_records(predictor, data, split)
@@ -86,8 +91,8 @@ def _labelled_records(predictor, data, split):
         split = next((s for s in ("test", "val", "all") if s in dataset.splits), "train")
     if split not in dataset.splits:
         raise UserError(f"{data} has no {split!r} split; it has {', '.join(dataset.splits)}")
-    records = dataset.splits[split]
-    unknown = sorted({r.label for r in records} - set(predictor.labels))
+    records = with_label_sets(dataset.splits[split], {"task": predictor.task, "label_sep": predictor.label_sep})
+    unknown = sorted({label for r in records for label in r.label_set} - set(predictor.labels))
     if unknown:
         raise UserError(f"{data}: class(es) {', '.join(unknown)} are not among the model's classes"
                         f" ({', '.join(predictor.labels)})")

@@ -35,13 +35,12 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import rundir
+from . import rundir, tasks
 from .data.preprocess import Preprocess
 from .data.records import Record
 from .data.sources import collect_inputs
 from .engines import OnnxEngine, TorchEngine, stream_logits
 from .errors import UserError
-from .softmax import softmax
 from .system import cuda_available, resolve_device
 from .thresholds import check_threshold, decide, load_thresholds
 
@@ -68,10 +67,12 @@ class Predictor:
     backend: str = ""
     batch_size: int = CPU_BATCH     # default images per engine call (CPU_BATCH / GPU_BATCH)
     thresholds: dict = field(default_factory=dict)  # label -> threshold; rows get a decision column when set
+    task: str = tasks.DEFAULT       # imgcls.tasks: how logits become probabilities and rows
+    label_sep: str = tasks.DEFAULT_SEP  # multilabel: joins the labels of a row
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N,3,S,S) -> probabilities (N,K), float64."""
-        return softmax(np.asarray(self.engine(batch), dtype=np.float64))
+        return tasks.TASKS[self.task].probabilities(self.engine(batch))
 
     def iter_logits(self, records: Iterable[Record], batch_size: int | None = None,
                     workers: int | None = None) -> Iterator[tuple[Record, np.ndarray | None, str]]:
@@ -84,7 +85,7 @@ class Predictor:
                    workers: int | None = None) -> Iterator[tuple[Record, np.ndarray | None, str]]:
         """Yield ``(record, probabilities (K,) or None, error)`` per record, in order."""
         for record, logits, error in self.iter_logits(records, batch_size, workers):
-            yield record, (None if logits is None else softmax(np.asarray(logits, dtype=np.float64))), error
+            yield record, (None if logits is None else tasks.TASKS[self.task].probabilities(logits[None])[0]), error
 
     def iter_predict(self, inputs: Iterable[str | Path | Record], batch_size: int | None = None, top_k: int = 1,
                      workers: int | None = None) -> Iterator[dict]:
@@ -93,7 +94,10 @@ class Predictor:
         records = [r if isinstance(r, Record) else Record(Path(r)) for r in inputs]
         top_k = min(top_k, len(self.labels))
         for record, probs, error in self.iter_probs(records, batch_size, workers):
-            yield self._row(record, probs, error, top_k)
+            if tasks.TASKS[self.task].label_sets:  # multilabel: each label's probability and the set that passes
+                yield tasks.label_set_row(record, probs, error, self.labels, self.thresholds, self.label_sep)
+            else:
+                yield self._row(record, probs, error, top_k)
 
     def predict(self, inputs: Iterable[str | Path], batch_size: int | None = None, top_k: int = 1) -> list[dict]:
         """Files and folders (recursive) or CSVs of paths -> list of row dicts."""
@@ -151,7 +155,8 @@ def predict_to_csv(predictor: Predictor, inputs: list[str | Path], out: str | Pa
     records = collect_inputs(inputs)
     batch_size = predictor.batch_size if batch_size is None else batch_size
     top_k = min(top_k, len(predictor.labels))
-    columns = row_columns(top_k, bool(predictor.thresholds))
+    columns = (tasks.label_set_columns(predictor.labels) if tasks.TASKS[predictor.task].label_sets
+               else row_columns(top_k, bool(predictor.thresholds)))
     out = Path(out)
     _check_output_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -298,7 +303,8 @@ def _first_line(out: Path) -> list[str]:
 def _is_our_header(fields: list[str]) -> bool:
     decision = "decision" in fields
     ranked = (len(fields) - 4 - decision) // 2
-    return fields in (row_columns(1, decision), row_columns(max(2, ranked), decision))
+    return fields in (row_columns(1, decision), row_columns(max(2, ranked), decision)) \
+        or tasks.is_label_set_header(fields)
 
 
 def _complete_rows(out: Path, columns: list[str]) -> list[str]:
@@ -387,7 +393,8 @@ def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
     classifier, meta = Classifier.from_file(weights)
     engine = TorchEngine(classifier, device=device)
     return Predictor(engine, list(meta["labels"]), classifier.preprocess, meta["model"], f"torch ({engine.device})",
-                     GPU_BATCH if engine.device.type == "cuda" else CPU_BATCH)
+                     GPU_BATCH if engine.device.type == "cuda" else CPU_BATCH, task=tasks.of(meta).name,
+                     label_sep=tasks.sep_of(meta))
 
 
 def _onnx_predictor(path: Path) -> Predictor:
@@ -396,7 +403,8 @@ def _onnx_predictor(path: Path) -> Predictor:
         raise UserError(f"{path}: this ONNX file carries no imgcls labels/preprocessing; export it with `imgcls export`")
     on_gpu = "CUDAExecutionProvider" in engine.providers
     return Predictor(engine, list(engine.labels), engine.preprocess, engine.metadata.get("model") or "", "onnxruntime",
-                     GPU_BATCH if on_gpu else CPU_BATCH)
+                     GPU_BATCH if on_gpu else CPU_BATCH, task=tasks.of(engine.metadata).name,
+                     label_sep=tasks.sep_of(engine.metadata))
 
 
 def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predictor:

@@ -35,7 +35,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from .. import export, rundir
+from .. import tasks, export, rundir
 from ..data.dataset import base_image
 from ..data.decode import ImageError
 from ..engines import OnnxEngine, TorchEngine
@@ -231,6 +231,9 @@ def load_head(head: nn.Linear, fit) -> None:
 def readout_problem(session: Session) -> str | None:
     """None when the session's model is a linear head on pooled features (the features
     strategy can run), else why not; checked on two images of the val set."""
+    task = tasks.of(session.meta)
+    if task.name != tasks.DEFAULT:  # the head solver fits a softmax head
+        return f"the {task.name} task is trained by epochs only"
     net = session.model.net
     extractor, head = feature_extractor(net)
     sample = np.stack([session.val_set[i][0].numpy() for i in range(min(2, len(session.val_set)))])

@@ -281,9 +281,9 @@ class OnnxEngine:
 
         outputs = None if self.labels is None else output_count(self.metadata, len(self.labels))
         if outputs is not None and self.num_classes is not None and outputs != self.num_classes:
-            raise UserError(f"{name}: its {META_LABELS} metadata names {len(self.labels)} classes"
-                            f" ({self.metadata['task']}: {outputs} outputs) but the model outputs {self.num_classes};"
-                            " export the model again with `imgcls export`")
+            task = "" if outputs == len(self.labels) else f" (a {self.metadata['task']} model of them has {outputs})"
+            raise UserError(f"{name}: its {META_LABELS} metadata names {len(self.labels)} classes but the model"
+                            f" outputs {self.num_classes}{task}; export the model again with `imgcls export`")
         if self.num_classes is None and outputs is not None:
             self.num_classes = outputs
         self.preprocess = None

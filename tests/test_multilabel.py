@@ -218,12 +218,44 @@ def test_multilabel_export_command_keeps_the_task(multilabel_run, tmp_path):
     assert main(["-q", "export", str(run), "--int8", "--out", str(tmp_path / "q.onnx")]) == 2
 
 
-def test_features_strategy_refuses_label_sets(multilabel_run, tmp_path, capsys):
-    _, run, data, _ = multilabel_run
-    code = main(["-q", "train", str(data), "--out", str(tmp_path / "f"), "--label-sep", ";", "--weights", str(run),
-                 "--strategy", "features", *TRAIN])
-    assert code == 2
-    assert "--strategy finetune" in capsys.readouterr().err
+def test_features_strategy_fits_a_sigmoid_per_label(multilabel_run, tmp_path, capsys):
+    _, run, data, unseen = multilabel_run
+    out = tmp_path / "f"
+    assert main(["-q", "train", str(data), "--out", str(out), "--label-sep", ";", "--weights", str(run),
+                 "--strategy", "features", "--views", "2", *TRAIN]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"] == "features" and summary["task"] == "multilabel" and summary["val_mAP"] >= 0.9
+    assert set(load_thresholds(out)) == set(LABELS)
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert graph.output[0].type.tensor_type.shape.dim[-1].dim_value == 3
+    capsys.readouterr()
+    assert main(["eval", str(out), str(unseen), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mAP"] >= 0.9
+    # the tail strategy fine-tunes a softmax head: refused, with the way out
+    code = main(["-q", "train", str(data), "--out", str(tmp_path / "t"), "--label-sep", ";", "--weights", str(run),
+                 "--strategy", "tail", *TRAIN])
+    assert code == 2 and "--strategy finetune" in capsys.readouterr().err
+
+
+def test_a_two_class_softmax_head_folds_into_one_sigmoid_row():
+    from imgcls.train.task_heads import fit_task_head
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 30)
+    feats = (rng.normal(0, 1, (60, 1, 5)) + y[:, None, None] * np.array([1.5, 0, -1, 0, 0])).astype(np.float32)
+    two = fit_task_head("multiclass", feats, y, 2, seed=0)
+    one = fit_task_head("binary-sigmoid", feats, y, 2, seed=0)
+    assert one.weight.shape == (1, 5) and one.bias.shape == (1,)
+    x = torch.from_numpy(feats[:, 0])
+    p_softmax = torch.softmax(x @ two.weight.T + two.bias, 1)[:, 1]
+    p_sigmoid = torch.sigmoid(x @ one.weight.T + one.bias)[:, 0]
+    assert torch.allclose(p_softmax, p_sigmoid, atol=1e-6)
+    assert ((p_sigmoid > 0.5).numpy() == y).mean() >= 0.9
+    # one-vs-rest: one row per label, each the binary fit of that label
+    labels = np.stack([y, 1 - y, (rng.random(60) < 0.5).astype(int)], 1)
+    rest = fit_task_head("multilabel", feats, labels, 3, seed=0)
+    assert rest.weight.shape == (3, 5)
+    assert torch.allclose(rest.weight[0], one.weight[0], atol=1e-6)
 
 
 # --------------------------------------------------------------------------- binary as one sigmoid

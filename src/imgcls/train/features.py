@@ -40,12 +40,11 @@ from ..data.dataset import base_image
 from ..data.decode import ImageError
 from ..engines import OnnxEngine, TorchEngine
 from ..errors import first_line
-from ..metrics import compute_metrics
 from ..models.classifier import Classifier
 from ..models.heads import classifier_head, head_prefix
 from ..models.readout import ReadoutNet, readout_taps
 from ..models.registry import model_spec
-from .head import class_weights, fit_head
+from .task_heads import fit_task_head
 from .session import Fit, Session
 
 log = logging.getLogger("imgcls")
@@ -232,8 +231,8 @@ def readout_problem(session: Session) -> str | None:
     """None when the session's model is a linear head on pooled features (the features
     strategy can run), else why not; checked on two images of the val set."""
     task = tasks.of(session.meta)
-    if task.name != tasks.DEFAULT:  # the head solver fits a softmax head
-        return f"the {task.name} task is trained by epochs only"
+    if task.name != tasks.DEFAULT and session.cfg.strategy == "tail":  # tail fine-tunes a softmax head
+        return f"the tail strategy trains multiclass models only, not {task.name}"
     net = session.model.net
     extractor, head = feature_extractor(net)
     sample = np.stack([session.val_set[i][0].numpy() for i in range(min(2, len(session.val_set)))])
@@ -246,6 +245,7 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
     back into ``s.model``, which is saved."""
     t_start = time.perf_counter()
     cfg = s.cfg
+    task = tasks.of(s.meta)  # the head: softmax, one sigmoid, or one sigmoid per label (task_heads)
     taps = use_readout(s)
     extractor, head = feature_extractor(s.model.net)
     sample = np.stack([s.val_set[i][0].numpy() for i in range(min(4, len(s.val_set)))])
@@ -266,7 +266,6 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
         t_feats = time.perf_counter() - t0
         t0 = time.perf_counter()
         prior = source_prior(s, train_feats.shape[2])
-        weight = class_weights(y, len(s.classes), s.balance.mode)
         skip, share = 0, None  # skip: leading feature columns the head leaves at zero weight
         if taps and cfg.readout == "auto":
             share = near_copy_share(train_feats[:, 0])
@@ -276,10 +275,10 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
                          " the head reads the final features only (--readout layers to read all)", 100 * share)
         if prior is not None:
             prior = prior[0][:, skip:], prior[1]
-        fit = fit_head(train_feats[:, :, skip:], y, len(s.classes), prior, cfg.seed, weight=weight,
-                       progress=progress, standardize=bool(taps) and not skip)
+        fit = fit_task_head(task.name, train_feats[:, :, skip:], y, len(s.classes), prior, cfg.seed,
+                            s.balance.mode, progress, standardize=bool(taps) and not skip)
         if skip:
-            fit.weight = torch.cat([fit.weight.new_zeros(len(s.classes), skip), fit.weight], 1)
+            fit.weight = torch.cat([fit.weight.new_zeros(fit.weight.shape[0], skip), fit.weight], 1)
             taps = ()
         t_head = time.perf_counter() - t0
     finally:
@@ -303,13 +302,13 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
         with torch.no_grad():
             return (torch.from_numpy(feats) @ fit.weight.T + fit.bias).numpy()
 
-    train_metrics = compute_metrics(logits_of(train_feats.reshape(-1, train_feats.shape[2])),
-                                    np.repeat(y, train_feats.shape[1]), s.classes)
-    val = compute_metrics(logits_of(val_feats[:, 0]), y_val, s.classes)
+    train_metrics = task.metrics(logits_of(train_feats.reshape(-1, train_feats.shape[2])),
+                                 np.repeat(y, train_feats.shape[1], axis=0), s.classes)
+    val = task.metrics(logits_of(val_feats[:, 0]), y_val, s.classes)
     seconds = time.perf_counter() - t_start
     rundir.append_metrics(s.run_dir, {"epoch": 1, "lr": "", "train_loss": train_metrics.loss,
-                                      "train_accuracy": train_metrics.accuracy, "val_loss": val.loss,
-                                      "val_accuracy": val.accuracy, "epoch_seconds": seconds,
+                                      "train_accuracy": train_metrics.accuracy, **task.epoch_columns(val),
+                                      "epoch_seconds": seconds,
                                       "images_per_second": n_rows / t_feats})
     rundir.save_weights(s.run_dir / rundir.WEIGHTS, s.model.net.state_dict(), s.meta)
     rundir.write_json(s.run_dir / rundir.FEATURES, {

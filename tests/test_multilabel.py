@@ -127,9 +127,12 @@ def test_split_stratifies_label_sets_by_their_rarest_label_and_keeps_groups():
 
 
 def test_task_resolution_and_label_parsing(tmp_path):
-    records = [Record(Path("a.png"), "deer; fox"), Record(Path("b.png"), "owl")]
+    records = [Record(Path("a.png"), "deer; fox"), Record(Path("b.png"), "owl;")]
     parsed = parse_label_sets({"all": records}, ";", tmp_path / "x.csv")["all"]
-    assert [r.label_set for r in parsed] == [("deer", "fox"), ("owl",)] and parsed[0].label == "deer; fox"
+    assert [r.label_set for r in parsed] == [("deer", "fox"), ("owl",)]
+    assert [r.label for r in parsed] == ["deer;fox", "owl"]  # the text, normalized
+    with pytest.raises(UserError, match="no label"):
+        parse_label_sets({"all": [Record(Path("c.png"), ";")]}, ";", tmp_path / "x.csv")
     assert resolve("auto", ";", parsed, 3) == "multilabel"
     assert resolve("auto", None, records, 3) == "multiclass"
     with pytest.raises(UserError, match="--task multilabel"):

@@ -144,6 +144,13 @@ assert tuple(TASKS) == NAMES
 # --------------------------------------------------------------------------- the task of a run and of a model file
 
 
+def _parsed(record, sep: str):
+    """The record with ``labels`` parsed from its label text, which becomes those labels joined by ``sep``
+    (``"deer; fox;"`` -> ``"deer;fox"``, a lone label its own name)."""
+    labels = tuple(dict.fromkeys(p.strip() for p in (record.label or "").split(sep) if p.strip()))
+    return replace(record, label=sep.join(labels), labels=labels)
+
+
 def parse_label_sets(splits: dict[str, list], sep: str | None, source) -> dict[str, list]:
     """Records with ``labels`` parsed from their label text split at ``sep`` (None: unchanged)."""
     if sep is None:
@@ -157,11 +164,10 @@ def parse_label_sets(splits: dict[str, list], sep: str | None, source) -> dict[s
     for name, records in splits.items():
         parsed = []
         for r in records:
-            labels = tuple(dict.fromkeys(p.strip() for p in (r.label or "").split(sep) if p.strip()))
-            if not labels:
+            parsed.append(_parsed(r, sep))
+            if not parsed[-1].labels:
                 raise UserError(f"{source}: {r.path} has no label between the separators ({r.label!r});"
                                 " give each row at least one label")
-            parsed.append(replace(r, labels=labels))
         out[name] = parsed
     return out
 
@@ -248,9 +254,7 @@ def with_label_sets(records: list, metadata: dict | None) -> list:
     if not of(metadata).label_sets:
         return records
     sep = sep_of(metadata)
-    return [r if r.labels is not None else
-            replace(r, labels=tuple(dict.fromkeys(p.strip() for p in (r.label or "").split(sep) if p.strip())))
-            for r in records]
+    return [r if r.labels is not None else _parsed(r, sep) for r in records]
 
 
 def threshold_list(thresholds: dict | None, labels: list[str], default: float = 0.5) -> list[float]:

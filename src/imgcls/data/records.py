@@ -16,10 +16,10 @@ class Record:
     """One image and what is known about it.
 
     Multi-label (several species in one frame) is an addition that leaves every
-    single-label path as it was: ``label`` keeps the label text as the source
-    gave it (``"deer;fox"``), so split.csv, the scan and messages show what the
-    user wrote, and ``labels`` holds the parsed set (``("deer", "fox")``,
-    :func:`imgcls.tasks.parse_label_sets`).  Code that needs "every label of
+    single-label path as it was: ``label`` keeps the label text, the labels
+    joined by the separator (``"deer;fox"``), so split.csv, the scan and
+    messages show what the user wrote, and ``labels`` holds the parsed set
+    (``("deer", "fox")``, :func:`imgcls.tasks.parse_label_sets`).  Code that needs "every label of
     this record" reads :attr:`label_set`, which is ``(label,)`` for the usual
     single-label record; code that indexes classes by ``label`` fails loudly on
     a joined text instead of silently using one of its labels.

@@ -88,6 +88,15 @@ def test_bce_with_logits_is_the_bernoulli_negative_log_likelihood():
                                      abs=1e-12)
 
 
+def test_balanced_weights_of_a_sigmoid_weigh_each_label_by_its_absent_over_present():
+    from imgcls.train.objectives import _pos_weight
+
+    targets = [np.array([1, 0]), np.array([1, 1]), np.array([0, 0]), np.array([1, 0])]
+    assert _pos_weight(targets, "balanced").tolist() == pytest.approx([1 / 3, 3.0])
+    assert _pos_weight(targets, "none") is None
+    assert _pos_weight([1, 0, 0, 0], "balanced").tolist() == pytest.approx([3.0])  # binary: class indices
+
+
 def test_label_set_metrics_agree_with_scikit_learn():
     truth = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1]])
     probs = np.array([[0.9, 0.2, 0.7], [0.3, 0.8, 0.1], [0.6, 0.4, 0.2], [0.1, 0.3, 0.9], [0.7, 0.6, 0.3],
@@ -159,6 +168,7 @@ def test_multilabel_train_writes_map_thresholds_and_the_task(multilabel_run):
     # the kept epoch is the one with the best val mAP
     best = max(range(8), key=lambda i: float(rows[i]["val_map"]))
     assert summary["best_epoch"] == best + 1
+    assert summary["class_balance"]["selection_metric"] == "mean_average_precision"
     val = json.loads((run / "val.json").read_text())
     assert val["mAP"] == pytest.approx(summary["val_mAP"]) and {r["label"] for r in val["per_label"]} == set(LABELS)
     stored = json.loads((run / "thresholds.json").read_text())
@@ -180,6 +190,9 @@ def test_multilabel_eval_scores_label_sets(multilabel_run, capsys):
     assert [r["threshold"] for r in metrics["per_label"]] == pytest.approx(
         [load_thresholds(run)[x] for x in LABELS])  # the stored thresholds, not 0.5
     assert (run / "eval.json").exists() and (run / "eval_confusion_matrix.csv").read_text().startswith("label,tn,fp")
+    # one class's review-budget threshold is a multiclass tool: refused, pointing at the tuned ones
+    assert main(["thresholds", str(run), str(unseen), "--class", "deer"]) == 2
+    assert "thresholds.json" in capsys.readouterr().err
 
 
 def test_multilabel_predict_onnx_matches_torch_and_uses_the_thresholds(multilabel_run, tmp_path):

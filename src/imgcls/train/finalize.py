@@ -60,6 +60,8 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
         summary["initial_weights"] = s.source.report.summary()
     if s.balance is not None:
         summary["class_balance"] = s.balance.to_dict()
+        # the task's own selection metric (multilabel: mAP) picked the epoch, not the balance's
+        summary["class_balance"]["selection_metric"] = task.selection or s.balance.selection_metric
     if (run_dir / rundir.METRICS).exists():
         plot_training_curves(run_dir / rundir.METRICS, run_dir / rundir.CURVES)
     if not fit.interrupted:

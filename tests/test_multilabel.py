@@ -179,6 +179,9 @@ def test_multilabel_train_writes_map_thresholds_and_the_task(multilabel_run):
     assert meta["task"] == "multilabel" and meta["label_sep"] == ";"
     props = {p.key: p.value for p in onnx.load(str(run / "model.onnx")).metadata_props}
     assert props["imgcls.task"] == "multilabel" and props["imgcls.label_sep"] == ";"
+    # the tuned thresholds travel with both model files
+    assert json.loads(props["imgcls.thresholds"]) == pytest.approx(stored["thresholds"])
+    assert meta["thresholds"] == pytest.approx(stored["thresholds"])
 
 
 def test_multilabel_eval_scores_label_sets(multilabel_run, capsys):
@@ -215,7 +218,12 @@ def test_multilabel_predict_onnx_matches_torch_and_uses_the_thresholds(multilabe
     truth = {Path(r["path"]).name: r["label"] for r in csv.DictReader(unseen.open())}
     right = sum(truth[Path(r["path"]).name] == r["labels"] for r in onnx_rows)
     assert right >= 0.8 * len(onnx_rows)
-    # the model file alone knows its task (sigmoid), and --threshold 0 passes every label
+    # each model file alone knows its task (sigmoid) and its thresholds
+    for name in ("model.onnx", "model.safetensors"):
+        alone = tmp_path / f"{name}.csv"
+        assert main(["-q", "predict", str(run / name), str(images), "--out", str(alone)]) == 0
+        assert [r["labels"] for r in csv.DictReader(alone.open())] == [r["labels"] for r in onnx_rows]
+    # --threshold 0 passes every label
     alone = tmp_path / "alone.csv"
     assert main(["-q", "predict", str(run / "model.onnx"), str(images), "--out", str(alone), "--threshold", "0"]) == 0
     rows = list(csv.DictReader(alone.open()))
@@ -230,7 +238,7 @@ def test_multilabel_export_command_keeps_the_task(multilabel_run, tmp_path):
     out = tmp_path / "again.onnx"
     assert main(["-q", "export", str(run), "--out", str(out)]) == 0
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-    assert props["imgcls.task"] == "multilabel"
+    assert props["imgcls.task"] == "multilabel" and set(json.loads(props["imgcls.thresholds"])) == set(LABELS)
     assert main(["-q", "export", str(run), "--int8", "--out", str(tmp_path / "q.onnx")]) == 2
 
 

@@ -161,6 +161,19 @@ def _set_metadata(model, props: dict[str, str]) -> None:
         entry.key, entry.value = key, value
 
 
+def stamp_metadata(path: str | Path, props: dict[str, str]) -> None:
+    """Add or replace metadata entries of an exported file (the graph is untouched), atomically."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    _set_metadata(model, props)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        onnx.save_model(model, str(tmp), save_as_external_data=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _save_model(model, path: Path) -> None:
     """One self-contained file below the 2 GB protobuf limit, else weights in ``<name>.data``."""
     if model.ByteSize() < _PROTOBUF_LIMIT:

@@ -393,8 +393,8 @@ def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
     classifier, meta = Classifier.from_file(weights)
     engine = TorchEngine(classifier, device=device)
     return Predictor(engine, list(meta["labels"]), classifier.preprocess, meta["model"], f"torch ({engine.device})",
-                     GPU_BATCH if engine.device.type == "cuda" else CPU_BATCH, task=tasks.of(meta).name,
-                     label_sep=tasks.sep_of(meta))
+                     GPU_BATCH if engine.device.type == "cuda" else CPU_BATCH, tasks.thresholds_of(meta),
+                     task=tasks.of(meta).name, label_sep=tasks.sep_of(meta))
 
 
 def _onnx_predictor(path: Path) -> Predictor:
@@ -403,8 +403,8 @@ def _onnx_predictor(path: Path) -> Predictor:
         raise UserError(f"{path}: this ONNX file carries no imgcls labels/preprocessing; export it with `imgcls export`")
     on_gpu = "CUDAExecutionProvider" in engine.providers
     return Predictor(engine, list(engine.labels), engine.preprocess, engine.metadata.get("model") or "", "onnxruntime",
-                     GPU_BATCH if on_gpu else CPU_BATCH, task=tasks.of(engine.metadata).name,
-                     label_sep=tasks.sep_of(engine.metadata))
+                     GPU_BATCH if on_gpu else CPU_BATCH, tasks.thresholds_of(engine.metadata),
+                     task=tasks.of(engine.metadata).name, label_sep=tasks.sep_of(engine.metadata))
 
 
 def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predictor:
@@ -432,5 +432,5 @@ def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predi
         predictor = _onnx_predictor(onnx_file)
     else:
         predictor = _torch_predictor(path / rundir.WEIGHTS, device)
-    predictor.thresholds = load_thresholds(path)  # set by `imgcls thresholds`
+    predictor.thresholds = load_thresholds(path) or predictor.thresholds  # `imgcls thresholds`, training's
     return predictor

@@ -7,7 +7,8 @@
       labels.json         class names, index order = model output order
       preprocess.json     the Preprocess spec of the weights
       model.safetensors   best weights (bare network) + metadata: model, labels,
-                          preprocess, build options, task -> enough alone to predict
+                          preprocess, build options, task (multilabel: its tuned
+                          thresholds) -> enough alone to predict
       checkpoint.pt       last epoch's full training state, for --resume
       metrics.csv         one row per epoch
       summary.json        headline numbers

@@ -29,6 +29,7 @@ Multi-label data is a CSV whose label column joins the labels of a row with
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -209,17 +210,39 @@ def sep_of(metadata: dict | None) -> str:
 
 META_TASK = "imgcls.task"
 META_LABEL_SEP = "imgcls.label_sep"
+META_THRESHOLDS = "imgcls.thresholds"
 
 
 def onnx_props(metadata: dict | None) -> dict[str, str]:
-    """``imgcls.task`` (and ``imgcls.label_sep``) for an ONNX file's metadata_props."""
+    """``imgcls.task`` (and ``imgcls.label_sep``, ``imgcls.thresholds`` when stored) for an ONNX file's
+    metadata_props."""
     task = of(metadata)
-    return {META_TASK: task.name, **({META_LABEL_SEP: sep_of(metadata)} if task.label_sets else {})}
+    thresholds = thresholds_of(metadata)
+    return {META_TASK: task.name, **({META_LABEL_SEP: sep_of(metadata)} if task.label_sets else {}),
+            **(thresholds_props(thresholds) if thresholds else {})}
 
 
 def from_onnx_props(props: dict[str, str]) -> dict:
-    """The inverse of :func:`onnx_props`: ``{task, label_sep}`` (older files: multiclass)."""
-    return {"task": props.get(META_TASK) or DEFAULT, "label_sep": props.get(META_LABEL_SEP)}
+    """The inverse of :func:`onnx_props` and :func:`thresholds_props`: ``{task, label_sep, thresholds}``
+    (older files: multiclass, no thresholds)."""
+    try:
+        thresholds = json.loads(props[META_THRESHOLDS]) if META_THRESHOLDS in props else None
+    except json.JSONDecodeError:
+        raise UserError(f"the {META_THRESHOLDS} metadata is not valid JSON; export the model again") from None
+    return {"task": props.get(META_TASK) or DEFAULT, "label_sep": props.get(META_LABEL_SEP), "thresholds": thresholds}
+
+
+def thresholds_props(thresholds: dict[str, float]) -> dict[str, str]:
+    """A label-set model's tuned thresholds as ONNX metadata, so the file alone predicts label sets."""
+    return {META_THRESHOLDS: json.dumps({k: float(v) for k, v in thresholds.items()}, ensure_ascii=False)}
+
+
+def thresholds_of(metadata: dict | None) -> dict[str, float]:
+    """The thresholds a model file carries (label sets, tuned in training); {} when none."""
+    stored = (metadata or {}).get("thresholds") or {}
+    if not isinstance(stored, dict):
+        raise UserError("the model's thresholds metadata is not a mapping of label -> threshold; export it again")
+    return {str(k): float(v) for k, v in stored.items()}
 
 
 def output_count(metadata: dict | None, n_labels: int) -> int:

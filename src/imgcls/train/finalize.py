@@ -45,6 +45,14 @@ def _engine(s: Session, onnx_path: str | None):
 split_summary = tasks.class_summary  # a multiclass split's entries of summary.json
 
 
+def stamp_thresholds(s: Session, onnx_path: str | None, thresholds: dict[str, float]) -> None:
+    """Tuned thresholds into the metadata of model.safetensors (the best weights, saved again) and model.onnx."""
+    s.meta["thresholds"] = dict(thresholds)
+    rundir.save_weights(s.run_dir / rundir.WEIGHTS, s.model.net.state_dict(), s.meta)
+    if onnx_path is not None:
+        export.stamp_metadata(onnx_path, tasks.thresholds_props(thresholds))
+
+
 def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
     """Summary, curves, and (unless interrupted) the export and the val/test metrics of the best weights."""
     run_dir = s.run_dir
@@ -83,6 +91,8 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
                 continue
             if split == "val":
                 metrics, thresholds = tasks.settle_thresholds(task, metrics, run_dir)
+                if thresholds:  # the model files carry them too: either file alone predicts label sets
+                    stamp_thresholds(s, onnx_path, thresholds)
             write_metrics(metrics, run_dir, prefix=split)
             summary.update(task.summary(split, metrics))
             log.info("%s: %s", split, task.describe(metrics))

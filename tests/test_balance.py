@@ -113,7 +113,10 @@ def test_balance_weights_uses_the_balanced_class_weights(skewed, tmp_path, monke
         asked.append((mode, weight))
         return weight
 
-    monkeypatch.setattr(loop, "class_weights", recording)
+    from imgcls.train import objectives
+
+    monkeypatch.setattr(objectives, "class_weights", recording)  # the criterion's, built first
+    monkeypatch.setattr(loop, "class_weights", recording)  # the sampler's
     runs, loss_weight = {}, {}
     for name, options in (("weights", {"balance": "weights"}), ("sampler", {"balance": "sampler"}),
                           ("old", {"class_weights": "balanced"})):
@@ -153,7 +156,9 @@ def test_auto_switches_on_past_five_to_one_and_not_below():
 def test_select_by_picks_the_epoch_that_maximises_its_metric(skewed, tmp_path, monkeypatch):
     # a scripted validation where the two metrics disagree: accuracy peaks at epoch 1, balanced at 2
     script = {1: (0.9, 0.5), 2: (0.8, 0.7), 3: (0.85, 0.6)}
-    real = loop.compute_metrics
+    from imgcls import tasks
+
+    real = tasks.compute_metrics  # what the multiclass task's per-epoch val metrics call
     calls = []
 
     def scripted(logits, targets, labels):
@@ -161,7 +166,7 @@ def test_select_by_picks_the_epoch_that_maximises_its_metric(skewed, tmp_path, m
         accuracy, balanced = script[len(calls)]
         return dataclasses.replace(real(logits, targets, labels), accuracy=accuracy, balanced_accuracy=balanced)
 
-    monkeypatch.setattr(loop, "compute_metrics", scripted)
+    monkeypatch.setattr(tasks, "compute_metrics", scripted)
     best = {}
     for metric in ("accuracy", "balanced_accuracy"):
         calls.clear()
@@ -204,7 +209,7 @@ def test_the_heads_cross_validation_scores_classes_alike_when_selecting_by_balan
 
 def test_features_strategy_sampler_weighs_the_images_and_says_so(skewed, tmp_path, monkeypatch, caplog):
     import imgcls.export
-    from imgcls.train import features
+    from imgcls.train import task_heads
 
     start = imgcls.train(skewed, tmp_path / "start", epochs=1, progress=False, **FAST)
     asked = []
@@ -213,7 +218,7 @@ def test_features_strategy_sampler_weighs_the_images_and_says_so(skewed, tmp_pat
         asked.append(mode)
         return class_weights(targets, num_classes, mode)
 
-    monkeypatch.setattr(features, "class_weights", recording)
+    monkeypatch.setattr(task_heads, "class_weights", recording)
     monkeypatch.setattr(imgcls.export, "export_onnx", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("skip")))
     with caplog.at_level(logging.INFO, logger="imgcls"):
         run = imgcls.train(skewed, tmp_path / "features", weights=str(start.run_dir), strategy="features", views=2,

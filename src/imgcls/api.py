@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-
+import numpy as np
 from tqdm.auto import tqdm
 
 from .aggregate import check_aggregate
 from .data.events import DEFAULT_GAP, group_events
 from .data.sources import load_dataset
 from .errors import UserError
-from .metrics import event_metrics, metrics_of_stream, write_metrics
+from .metrics import event_metrics, write_metrics
 from .predict import load
+from .tasks import TASKS, with_label_sets
 from .train import train  # noqa: F401 - the API's train (imgcls.train is the same, callable)
 
 log = logging.getLogger("imgcls")
@@ -39,17 +40,22 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
     if events:
         records, source = _with_events(records, event_gap)
     labels = predictor.labels
-    scored = []  # (record, logits) of the frames read, for the events
+    task = TASKS[predictor.task]
+    if events and task.label_sets:
+        raise UserError("--events scores an event by one class; a multi-label model's events are not scored yet"
+                        " (leave out --events)")
+    scored = []  # (record, log-probabilities as softmax logits) of the frames read, for the events
 
     def keep(stream):
         for record, logits, error in stream:
             if events and logits is not None:
-                scored.append((record, logits))
+                probs = task.probabilities(np.asarray(logits)[None])[0]  # a binary sigmoid's one logit too
+                scored.append((record, np.log(np.maximum(probs, np.finfo(np.float64).tiny))))
             yield record, logits, error
 
     stream = keep(predictor.iter_logits(records, batch_size=batch_size))
-    metrics, failed = metrics_of_stream(tqdm(stream, total=len(records), disable=not progress, desc="evaluate"),
-                                        labels)
+    metrics, failed = task.stream_metrics(
+        tqdm(stream, total=len(records), disable=not progress, desc="evaluate"), labels, predictor.thresholds)
     if metrics is None:
         raise UserError(f"{data}: none of the {len(records)} images could be read")
     for record, reason in failed:
@@ -78,8 +84,6 @@ def choose_thresholds(run: str | Path, data: str | Path, label: str, target_reca
     of the other classes' images stay out of its automatic pile; store it in the run
     (``thresholds.json``), draw the trade-off (``thresholds_<label>.png``) and return the figures
     (the chosen threshold and those for :data:`~.thresholds.REPORT_RECALLS`)."""
-    import numpy as np
-
     from . import thresholds as th
 
     if not Path(run).is_dir():
@@ -87,6 +91,10 @@ def choose_thresholds(run: str | Path, data: str | Path, label: str, target_reca
     if not 0.0 < target_recall < 1.0:
         raise UserError(f"--target-recall must lie strictly between 0 and 1, not {target_recall}")
     predictor = load(run, backend=backend)
+    if TASKS[predictor.task].label_sets:
+        raise UserError(f"{run} is a multi-label model: training tuned each label's threshold on val (highest F1)"
+                        " and stored them in thresholds.json; `imgcls thresholds` chooses one class of a multiclass"
+                        " model. Use --threshold P with predict for one threshold for every label")
     if label not in predictor.labels:
         raise UserError(f"--class {label}: not a class of this model ({', '.join(predictor.labels)})")
     records = _labelled_records(predictor, data, split)
@@ -120,8 +128,8 @@ def _labelled_records(predictor, data, split, event_column: str | None = None, e
         split = next((s for s in ("test", "val", "all") if s in dataset.splits), "train")
     if split not in dataset.splits:
         raise UserError(f"{data} has no {split!r} split; it has {', '.join(dataset.splits)}")
-    records = dataset.splits[split]
-    unknown = sorted({r.label for r in records} - set(predictor.labels))
+    records = with_label_sets(dataset.splits[split], {"task": predictor.task, "label_sep": predictor.label_sep})
+    unknown = sorted({label for r in records for label in r.label_set} - set(predictor.labels))
     if unknown:
         raise UserError(f"{data}: class(es) {', '.join(unknown)} are not among the model's classes"
                         f" ({', '.join(predictor.labels)})")

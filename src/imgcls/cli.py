@@ -55,6 +55,9 @@ def cmd_train(args) -> int | None:
     if "val_recall" in s:
         print(f"val balanced accuracy {s['val_balanced_accuracy']:.4f}; recall: "
               + ", ".join(f"{c} {r:.2f}" for c, r in s["val_recall"].items()))
+    if "val_mAP" in s:  # multilabel: the accuracy above is subset accuracy (the whole label set right)
+        print(f"val mAP {s['val_mAP']:.4f}" + (f", test mAP {s['test_mAP']:.4f}" if "test_mAP" in s else "")
+              + "; F1 per label at its tuned threshold: " + ", ".join(f"{c} {f:.2f}" for c, f in s["val_f1"].items()))
     print(f"run directory: {result.run_dir}")
 
 

@@ -136,12 +136,15 @@ def decode_metadata(props: dict[str, str], source: str = "the model") -> dict[st
     preprocess = _json(META_PREPROCESS)
     if preprocess is not None and not isinstance(preprocess, dict):
         raise UserError(f"{source}: the {META_PREPROCESS} metadata must be a JSON object; {fix}")
+    from .tasks import from_onnx_props  # NumPy only
+
     return {
         "labels": labels,
         "preprocess": preprocess,
         "model": props.get(META_MODEL),
         "version": props.get(META_VERSION),
         "props": dict(props),
+        **from_onnx_props(props),  # task, label_sep
     }
 
 
@@ -274,11 +277,15 @@ class OnnxEngine:
         # everything the file says is checked here, at load, not mid-run
         self.metadata = decode_metadata(dict(self.session.get_modelmeta().custom_metadata_map), name)
         self.labels: list[str] | None = self.metadata["labels"]
-        if self.labels is not None and self.num_classes is not None and len(self.labels) != self.num_classes:
+        from .tasks import output_count  # NumPy only
+
+        outputs = None if self.labels is None else output_count(self.metadata, len(self.labels))
+        if outputs is not None and self.num_classes is not None and outputs != self.num_classes:
+            task = "" if outputs == len(self.labels) else f" (a {self.metadata['task']} model of them has {outputs})"
             raise UserError(f"{name}: its {META_LABELS} metadata names {len(self.labels)} classes but the model"
-                            f" outputs {self.num_classes}; export the model again with `imgcls export`")
-        if self.num_classes is None and self.labels is not None:
-            self.num_classes = len(self.labels)
+                            f" outputs {self.num_classes}{task}; export the model again with `imgcls export`")
+        if self.num_classes is None and outputs is not None:
+            self.num_classes = outputs
         self.preprocess = None
         if self.metadata["preprocess"] is not None:
             self.preprocess = _metadata_preprocess(self.metadata["preprocess"], name)

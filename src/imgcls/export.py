@@ -49,6 +49,7 @@ from .engines import INPUT_NAME, OUTPUT_NAME, OnnxEngine, encode_metadata, read_
 from .errors import UserError, first_line
 from .metrics import metrics_of_stream
 from .models.classifier import Classifier
+from .tasks import of as of_task, onnx_props, output_count
 
 PARITY_ATOL = 1e-4
 DYNAMO_OPSET = 18
@@ -160,6 +161,19 @@ def _set_metadata(model, props: dict[str, str]) -> None:
         entry.key, entry.value = key, value
 
 
+def stamp_metadata(path: str | Path, props: dict[str, str]) -> None:
+    """Add or replace metadata entries of an exported file (the graph is untouched), atomically."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    _set_metadata(model, props)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        onnx.save_model(model, str(tmp), save_as_external_data=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _save_model(model, path: Path) -> None:
     """One self-contained file below the 2 GB protobuf limit, else weights in ``<name>.data``."""
     if model.ByteSize() < _PROTOBUF_LIMIT:
@@ -197,6 +211,7 @@ def export_onnx(
     exporter: str = "auto",
     atol: float = PARITY_ATOL,
     prebuilt=None,
+    task: dict | None = None,
 ) -> Path:
     """Export ``classifier`` (an imgcls Classifier) to one ONNX file and check it.
 
@@ -211,6 +226,8 @@ def export_onnx(
     * ``prebuilt``: an ONNX ModelProto of the same model made another way
       (:func:`with_linear_head`), tried first under the same parity rule; the
       exporters run only if it fails.
+    * ``task``: the model metadata's task entries (:func:`imgcls.tasks.meta`), stored as
+      ``imgcls.task`` / ``imgcls.label_sep``; a binary-sigmoid model has one output for its two labels.
     * Raises :class:`ExportError` (a UserError) when no exporter produces a
       file within the parity rule; nothing is written then.
 
@@ -234,11 +251,12 @@ def export_onnx(
     module.eval()
     with torch.inference_mode():
         num_classes = int(module(torch.from_numpy(sample[:1])).shape[-1])
-    if num_classes != len(labels):
-        raise UserError(f"the model has {num_classes} outputs but {len(labels)} labels were given")
+    if num_classes != output_count(task, len(labels)):
+        raise UserError(f"the model has {num_classes} outputs but {len(labels)} labels were given"
+                        f" (task {of_task(task).name})")
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    props = encode_metadata(labels, classifier.preprocess.to_dict(), model_name)
+    props = encode_metadata(labels, classifier.preprocess.to_dict(), model_name, onnx_props(task))
     example = torch.from_numpy(np.ascontiguousarray(np.concatenate([sample, sample])[:2]))
     order = list(_EXPORTERS) if exporter == "auto" else [exporter]
     makers = [(name, lambda name=name: _EXPORTERS[name](module, example, opset or _DEFAULT_OPSET[name]),
@@ -552,9 +570,12 @@ def export_run(run: str | Path, out: str | Path | None = None, int8: bool = Fals
     sample = next(_image_batches(val[:8], spec), None)
     fp32_path = Path(out) if out and not int8 else run / rundir.ONNX
     if not int8 or not fp32_path.exists():
-        export_onnx(classifier, labels, fp32_path, meta["model"], sample=sample)
+        export_onnx(classifier, labels, fp32_path, meta["model"], sample=sample, task=meta)
     if not int8:
         return fp32_path
+    if of_task(meta).name != "multiclass":
+        raise UserError(f"--int8: the accuracy gate scores multiclass models only; this is a {of_task(meta).name}"
+                        f" model: keep the fp32 model ({fp32_path})")
     int8_path = Path(out) if out else run / rundir.INT8
     calibration = _image_batches(_spread(_split_records(split, "train"), _CALIBRATION_IMAGES), spec)
     quantize_int8(fp32_path, int8_path, calibration)

@@ -176,9 +176,119 @@ def event_metrics(scored: Iterable[tuple[Record, np.ndarray]], labels: list[str]
 
 def write_metrics(metrics: Metrics, out_dir: str | Path, prefix: str = "eval") -> dict[str, Path]:
     """eval.json, confusion_matrix.csv and .png in ``out_dir``."""
+    if isinstance(metrics, LabelSetMetrics):  # multi-label: no K x K confusion matrix
+        return write_label_set_metrics(metrics, out_dir, prefix)
     out_dir = Path(out_dir)
     paths = {kind: out_dir / name for kind, name in metrics_files(prefix).items()}
     write_json(paths["json"], metrics.to_dict())
     atomic_write(paths["confusion_csv"], metrics.confusion_csv())
     plot_confusion(metrics.confusion, metrics.labels, paths["confusion_png"])
+    return paths
+
+
+# --------------------------------------------------------------------------- multi-label (label sets)
+
+
+@dataclass
+class LabelSetMetrics:
+    """Metrics of a multi-label model: a sigmoid per label, a label predicted when its probability
+    reaches its threshold.
+
+    ``mean_average_precision`` (mAP) is threshold-free: the mean over labels with a positive of
+    scikit-learn's ``average_precision_score``.  Precision, recall, F1 and the subset accuracy (the
+    share of images whose predicted set is exactly the true set) are taken at ``thresholds``.
+    ``scores`` / ``truth`` keep the arrays, so thresholds can be tuned and the metrics redone
+    (:meth:`at`)."""
+
+    accuracy: float                  # subset accuracy (exact set match)
+    mean_average_precision: float
+    macro_f1: float
+    micro_f1: float
+    loss: float                      # binary cross-entropy, mean over N x K
+    per_label: list[dict]            # label, average_precision, precision, recall, f1, support, threshold
+    counts: np.ndarray               # (K, 4): tn, fp, fn, tp per label
+    labels: list[str]
+    thresholds: list[float]
+    n: int
+    scores: np.ndarray | None = None  # (N, K) logits
+    truth: np.ndarray | None = None   # (N, K) 0/1
+
+    @property
+    def per_class(self) -> list[dict]:
+        return self.per_label
+
+    def at(self, thresholds) -> "LabelSetMetrics":
+        """The same predictions scored at other thresholds (a sequence in label order)."""
+        return compute_label_set_metrics(self.scores, self.truth, self.labels, thresholds)
+
+    def to_dict(self) -> dict:
+        return {"task": "multilabel", "subset_accuracy": self.accuracy, "mAP": self.mean_average_precision,
+                "macro_f1": self.macro_f1, "micro_f1": self.micro_f1, "loss": self.loss, "n": self.n,
+                "per_label": self.per_label, "labels": self.labels}
+
+    def counts_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["label", "tn", "fp", "fn", "tp", "threshold"])
+        for label, row, t in zip(self.labels, self.counts.tolist(), self.thresholds):
+            writer.writerow([label, *row, f"{t:.6g}"])
+        return out.getvalue()
+
+    def to_text(self) -> str:
+        lines = [f"subset accuracy    {self.accuracy:.4f}  (n={self.n}; the whole label set right)",
+                 f"mAP                {self.mean_average_precision:.4f}",
+                 f"macro / micro F1   {self.macro_f1:.4f} / {self.micro_f1:.4f}",
+                 f"loss (BCE)         {self.loss:.4f}", ""]
+        width = max(8, *(len(label) for label in self.labels))
+        lines.append(f"{'label':<{width}}  AP      precision  recall     f1  support  threshold")
+        for row in self.per_label:
+            ap = "   -  " if row["average_precision"] is None else f"{row['average_precision']:.3f} "
+            lines.append(f"{row['label']:<{width}}  {ap}  {row['precision']:9.3f}  {row['recall']:6.3f}"
+                         f"  {row['f1']:5.3f}  {row['support']:7d}  {row['threshold']:9.4f}")
+        return "\n".join(lines)
+
+
+def compute_label_set_metrics(logits: np.ndarray, truth: np.ndarray, labels: list[str],
+                              thresholds=None) -> LabelSetMetrics:
+    """Multi-label metrics from logits (N, K) and a 0/1 indicator matrix (N, K); ``thresholds``: one
+    probability per label (default 0.5 each, i.e. logit 0)."""
+    from sklearn.metrics import (accuracy_score, average_precision_score, f1_score,
+                                 multilabel_confusion_matrix, precision_recall_fscore_support)
+
+    from .softmax import binary_cross_entropy_with_logits, sigmoid
+
+    logits = np.asarray(logits, dtype=np.float64).reshape(len(truth), len(labels))
+    truth = (np.asarray(truth, dtype=np.float64) > 0.5).astype(np.int64)
+    k = len(labels)
+    t = np.full(k, 0.5) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    probs = sigmoid(logits)
+    pred = (probs >= t).astype(np.int64)
+    precision, recall, f1, support = precision_recall_fscore_support(truth, pred, average=None,
+                                                                     labels=list(range(k)), zero_division=0)
+    ap = [float(average_precision_score(truth[:, j], probs[:, j])) if truth[:, j].any() else None
+          for j in range(k)]
+    scored = [a for a in ap if a is not None]
+    counts = multilabel_confusion_matrix(truth, pred, labels=list(range(k))).reshape(k, 4)
+    per_label = [{"label": labels[j], "average_precision": ap[j], "precision": float(precision[j]),
+                  "recall": float(recall[j]), "f1": float(f1[j]), "support": int(support[j]),
+                  "threshold": float(t[j])} for j in range(k)]
+    n = len(truth)
+    return LabelSetMetrics(
+        accuracy=float(accuracy_score(truth, pred)) if n else float("nan"),
+        mean_average_precision=float(np.mean(scored)) if scored else float("nan"),
+        macro_f1=float(f1_score(truth, pred, average="macro", zero_division=0)),
+        micro_f1=float(f1_score(truth, pred, average="micro", zero_division=0)),
+        loss=float(binary_cross_entropy_with_logits(logits, truth)) if n else float("nan"),
+        per_label=per_label, counts=counts, labels=list(labels), thresholds=[float(x) for x in t], n=n,
+        scores=logits, truth=truth)
+
+
+def write_label_set_metrics(metrics: LabelSetMetrics, out_dir: str | Path, prefix: str = "eval") -> dict[str, Path]:
+    """``<prefix>.json`` and, in place of a confusion matrix, each label's tn/fp/fn/tp (CSV)."""
+    out_dir = Path(out_dir)
+    names = metrics_files(prefix)
+    paths = {"json": out_dir / names["json"], "confusion_csv": out_dir / names["confusion_csv"],
+             "confusion_png": None}
+    write_json(paths["json"], metrics.to_dict())
+    atomic_write(paths["confusion_csv"], metrics.counts_csv())
     return paths

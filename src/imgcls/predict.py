@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import __version__, outputs, rundir
+from . import __version__, outputs, rundir, tasks
 from .aggregate import check_aggregate
 from .data.events import DEFAULT_GAP, group_events
 from .data.preprocess import Preprocess
@@ -39,7 +39,6 @@ from .data.sources import collect_inputs
 from .engines import OnnxEngine, TorchEngine, stream_logits
 from .errors import UserError
 from .rowfiles import output_lock
-from .softmax import softmax
 from .system import cuda_available, resolve_device
 from .thresholds import check_threshold, decide, load_thresholds
 
@@ -62,6 +61,8 @@ class Predictor:
     batch_size: int = CPU_BATCH     # default images per engine call (CPU_BATCH / GPU_BATCH)
     thresholds: dict = field(default_factory=dict)  # label -> threshold; rows get a decision column when set
     source: str = ""                # the file or run it was loaded from
+    task: str = tasks.DEFAULT       # imgcls.tasks: how logits become probabilities and rows
+    label_sep: str = tasks.DEFAULT_SEP  # multilabel: joins the labels of a row
 
     def classifier_name(self) -> str:
         """How output files name the model (MegaDetector's ``classifier``, Camtrap DP's ``classifiedBy``)."""
@@ -70,7 +71,7 @@ class Predictor:
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N,3,S,S) -> probabilities (N,K), float64."""
-        return softmax(np.asarray(self.engine(batch), dtype=np.float64))
+        return tasks.TASKS[self.task].probabilities(self.engine(batch))
 
     def iter_logits(self, records: Iterable[Record], batch_size: int | None = None,
                     workers: int | None = None) -> Iterator[tuple[Record, np.ndarray | None, str]]:
@@ -83,7 +84,7 @@ class Predictor:
                    workers: int | None = None) -> Iterator[tuple[Record, np.ndarray | None, str]]:
         """Yield ``(record, probabilities (K,) or None, error)`` per record, in order."""
         for record, logits, error in self.iter_logits(records, batch_size, workers):
-            yield record, (None if logits is None else softmax(np.asarray(logits, dtype=np.float64))), error
+            yield record, (None if logits is None else tasks.TASKS[self.task].probabilities(logits[None])[0]), error
 
     def iter_predict(self, inputs: Iterable[str | Path | Record], batch_size: int | None = None, top_k: int = 1,
                      workers: int | None = None, events: bool = False) -> Iterator[dict]:
@@ -93,7 +94,10 @@ class Predictor:
         records = [r if isinstance(r, Record) else Record(Path(r)) for r in inputs]
         top_k = min(top_k, len(self.labels))
         for record, probs, error in self.iter_probs(records, batch_size, workers):
-            yield self._row(record, probs, error, top_k, events)
+            if tasks.TASKS[self.task].label_sets:  # multilabel: each label's probability and the set that passes
+                yield tasks.label_set_row(record, probs, error, self.labels, self.thresholds, self.label_sep)
+            else:
+                yield self._row(record, probs, error, top_k, events)
 
     def predict(self, inputs: Iterable[str | Path], batch_size: int | None = None, top_k: int = 1) -> list[dict]:
         """Files and folders (recursive) or CSVs of paths -> list of row dicts."""
@@ -174,6 +178,11 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
         check_aggregate(aggregate)
     out = Path(out)
     fmt = outputs.resolve_format(out, format)
+    if tasks.TASKS[predictor.task].label_sets and (fmt.whole or events or aggregate is not None
+                                                   or sort_into is not None):
+        raise UserError(f"a multi-label model writes one row per image with each label's probability and the set"
+                        f" that passes: --format csv or jsonl, without --events, --aggregate or --sort-into"
+                        f" (asked: {fmt.name})")
     if media is not None and fmt.name != "camtrapdp":
         raise UserError(f"--media applies to the Camtrap DP output (--format camtrapdp), not {fmt.name}")
     if sort_into is not None:
@@ -192,7 +201,8 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
     labels = predictor.labels
     # final files and event rows are made from the rows alone: they keep every class's probability
     top_k = len(labels) if fmt.whole or aggregate else min(top_k, len(labels))
-    columns = row_columns(top_k, bool(predictor.thresholds), events)
+    columns = (tasks.label_set_columns(labels) if tasks.TASKS[predictor.task].label_sets
+               else row_columns(top_k, bool(predictor.thresholds), events))
     outputs.check_output_path(out, fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
     row_path = outputs.journal_path(out) if fmt.whole else out
@@ -247,7 +257,8 @@ def _write_rows(predictor: Predictor, records: list[Record], rows_file, kept: in
 def _is_our_header(fields: list[str]) -> bool:
     decision, event = "decision" in fields, "event" in fields
     ranked = (len(fields) - 4 - decision - event) // 2
-    return fields in (row_columns(1, decision, event), row_columns(max(2, ranked), decision, event))
+    return fields in (row_columns(1, decision, event), row_columns(max(2, ranked), decision, event)) \
+        or tasks.is_label_set_header(fields)
 
 
 # --------------------------------------------------------------------------- loading
@@ -261,7 +272,8 @@ def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
     classifier, meta = Classifier.from_file(weights)
     engine = TorchEngine(classifier, device=device)
     return Predictor(engine, list(meta["labels"]), classifier.preprocess, meta["model"], f"torch ({engine.device})",
-                     GPU_BATCH if engine.device.type == "cuda" else CPU_BATCH)
+                     GPU_BATCH if engine.device.type == "cuda" else CPU_BATCH, tasks.thresholds_of(meta),
+                     task=tasks.of(meta).name, label_sep=tasks.sep_of(meta))
 
 
 def _onnx_predictor(path: Path) -> Predictor:
@@ -270,7 +282,8 @@ def _onnx_predictor(path: Path) -> Predictor:
         raise UserError(f"{path}: this ONNX file carries no imgcls labels/preprocessing; export it with `imgcls export`")
     on_gpu = "CUDAExecutionProvider" in engine.providers
     return Predictor(engine, list(engine.labels), engine.preprocess, engine.metadata.get("model") or "", "onnxruntime",
-                     GPU_BATCH if on_gpu else CPU_BATCH)
+                     GPU_BATCH if on_gpu else CPU_BATCH, tasks.thresholds_of(engine.metadata),
+                     task=tasks.of(engine.metadata).name, label_sep=tasks.sep_of(engine.metadata))
 
 
 def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predictor:
@@ -298,6 +311,6 @@ def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predi
         predictor = _onnx_predictor(onnx_file)
     else:
         predictor = _torch_predictor(path / rundir.WEIGHTS, device)
-    predictor.thresholds = load_thresholds(path)  # set by `imgcls thresholds`
+    predictor.thresholds = load_thresholds(path) or predictor.thresholds  # `imgcls thresholds`, training's
     predictor.source = str(path)
     return predictor

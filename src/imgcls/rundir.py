@@ -7,7 +7,8 @@
       labels.json         class names, index order = model output order
       preprocess.json     the Preprocess spec of the weights
       model.safetensors   best weights (bare network) + metadata: model, labels,
-                          preprocess, build options -> enough alone to predict
+                          preprocess, build options, task (multilabel: its tuned
+                          thresholds) -> enough alone to predict
       checkpoint.pt       last epoch's full training state, for --resume
       metrics.csv         one row per epoch
       summary.json        headline numbers
@@ -17,7 +18,8 @@
       model.onnx          exported model, labels + preprocess in metadata
       model.int8.onnx     int8 model, when exported and it passed its accuracy gate
       export.json         the int8 gate's accuracies
-      thresholds.json     per-class decision thresholds (imgcls thresholds), thresholds_<class>.png
+      thresholds.json     per-class decision thresholds (imgcls thresholds), thresholds_<class>.png;
+                          multi-label runs: each label's threshold, tuned on val by training
       <prefix>.json, <prefix>_confusion_matrix.csv/.png   metrics (prefix val, test, eval)
       training_curves.png
 
@@ -191,8 +193,11 @@ def read_weights_meta(path: str | Path) -> dict:
     return meta
 
 
-def model_meta(model_name: str, labels: list[str], preprocess: Preprocess, build: dict) -> dict:
-    return {"model": model_name, "labels": list(labels), "preprocess": preprocess.to_dict(), "build": build}
+def model_meta(model_name: str, labels: list[str], preprocess: Preprocess, build: dict,
+               task: dict | None = None) -> dict:
+    """``task``: the task's entries (:func:`imgcls.tasks.meta`: task name, label separator)."""
+    return {"model": model_name, "labels": list(labels), "preprocess": preprocess.to_dict(), "build": build,
+            **(task or {})}
 
 
 def write_split(path: str | Path, rows) -> None:
@@ -216,7 +221,7 @@ def read_split(path: str | Path) -> list[dict[str, str]]:
 
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
-                  "epoch_seconds", "images_per_second")
+                  "epoch_seconds", "images_per_second", "val_map")  # val_map: multi-label runs
 
 
 def truncate_metrics(run_dir: str | Path, epochs: int) -> None:

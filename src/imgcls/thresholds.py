@@ -100,6 +100,33 @@ def decide(label: str, prob: float, thresholds: dict[str, float]) -> str:
     return label if prob >= thresholds.get(label, 0.0) else UNCERTAIN
 
 
+# --------------------------------------------------------------------------- multi-label: a threshold per label
+
+
+def best_f1_threshold(probs: np.ndarray, truth: np.ndarray, default: float = 0.5) -> tuple[float, dict]:
+    """The threshold on one label's probabilities with the highest F1 on labelled data, and its figures.
+
+    Candidates are the scores themselves (scikit-learn's ``precision_recall_curve``); the threshold
+    returned lies halfway between the chosen score and the next lower one, so a probability that
+    differs in the last digits (ONNX Runtime vs torch) decides the same way.  Without a positive
+    the label keeps ``default``."""
+    from sklearn.metrics import precision_recall_curve
+
+    probs = np.asarray(probs, dtype=np.float64)
+    truth = np.asarray(truth) > 0.5
+    if not truth.any():
+        return default, {"rule": "default (no positive to tune on)", "threshold": default, "support": 0,
+                         "n": int(len(truth))}
+    precision, recall, scores = precision_recall_curve(truth, probs)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    k = int(np.argmax(f1))
+    below = probs[probs < scores[k]]
+    threshold = float((scores[k] + below.max()) / 2) if len(below) else float(scores[k] / 2)
+    return threshold, {"rule": "highest F1", "threshold": threshold, "f1": float(f1[k]),
+                       "precision": float(precision[k]), "recall": float(recall[k]),
+                       "support": int(truth.sum()), "n": int(len(truth))}
+
+
 # --------------------------------------------------------------------------- the run's file
 
 
@@ -117,12 +144,17 @@ def load_thresholds(run_dir: str | Path) -> dict[str, float]:
 
 def save_thresholds(run_dir: str | Path, choices: list[Choice], labels: list[str]) -> Path:
     """Merge ``choices`` into the run's thresholds (other classes keep theirs) and write the file."""
+    return store_thresholds(run_dir, {c.label: (c.threshold, c.to_dict()) for c in choices}, labels)
+
+
+def store_thresholds(run_dir: str | Path, chosen: dict[str, tuple[float, dict]], labels: list[str]) -> Path:
+    """Merge ``{label: (threshold, how it was chosen)}`` into the run's ``thresholds.json``."""
     path = Path(run_dir) / FILE
     current = load_thresholds(run_dir)
     details = json.loads(path.read_text()).get("chosen", {}) if path.is_file() else {}
-    for choice in choices:
-        current[choice.label] = choice.threshold
-        details[choice.label] = choice.to_dict()
+    for label, (threshold, detail) in chosen.items():
+        current[label] = float(threshold)
+        details[label] = detail
     unknown = sorted(set(current) - set(labels))
     if unknown:
         raise UserError(f"{path}: thresholds for class(es) {', '.join(unknown)} the model does not have")

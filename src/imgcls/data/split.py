@@ -1,7 +1,8 @@
 """Stratified (and grouped) train/validation splits with a fixed seed.
 
 Written by hand rather than with scikit-learn's splitters because it must do
-three things at once: stratify by class, keep every shot of a trigger event
+three things at once: stratify by class (a multi-label record by its rarest label,
+so rare labels reach validation too), keep every shot of a trigger event
 (``Record.group``) on one side, and guarantee each class at least one
 validation image when it has two or more.
 """
@@ -26,9 +27,10 @@ def split_records(records: list[Record], val_fraction: float = 0.2, seed: int = 
     for i, record in enumerate(records):
         same_file = first.setdefault(os.path.abspath(record.path), i)
         units[record.group if record.group is not None else f"\0{same_file}"].append(record)
+    stratum = _strata(records)
     by_class: dict[str, list[str]] = defaultdict(list)
     for key, members in units.items():
-        majority = Counter(r.label for r in members).most_common(1)[0][0]
+        majority = Counter(stratum(r) for r in members).most_common(1)[0][0]
         by_class[majority].append(key)
 
     rng = random.Random(seed)
@@ -43,3 +45,16 @@ def split_records(records: list[Record], val_fraction: float = 0.2, seed: int = 
     train = [r for key, members in units.items() if key not in val_keys for r in members]
     val = [r for key, members in units.items() if key in val_keys for r in members]
     return train, val
+
+
+def _strata(records: list[Record]):
+    """record -> the label it is stratified by: its label, or for a multi-label record (``labels`` set)
+    its rarest label overall (ties by name), so every label with two or more units reaches validation."""
+    counts = Counter(label for r in records if r.labels is not None for label in r.labels)
+
+    def stratum(record: Record):
+        if record.labels is None or not record.labels:
+            return record.label
+        return min(record.labels, key=lambda label: (counts[label], label))
+
+    return stratum

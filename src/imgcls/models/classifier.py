@@ -21,6 +21,7 @@ from torch import nn
 from .. import rundir
 from ..data.preprocess import Preprocess
 from ..errors import UserError, first_line
+from ..tasks import output_count
 from .registry import create_model
 
 
@@ -47,8 +48,8 @@ class Classifier(nn.Module):
         meta = rundir.read_weights_meta(weights)
         preprocess = Preprocess.from_dict(meta["preprocess"])
         build = meta.get("build", {})
-        net = create_model(meta["model"], len(meta["labels"]), preprocess.input_size, build.get("norm"),
-                           build.get("se", False), build.get("readout"))
+        net = create_model(meta["model"], output_count(meta, len(meta["labels"])), preprocess.input_size,
+                           build.get("norm"), build.get("se", False), build.get("readout"))
         try:
             net.load_state_dict(load_file(str(weights)))
         except SafetensorError as err:

@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..system import resolve_device
 from .balance import BALANCE, SELECT_BY
 from .optim import OPTIMIZERS, SCHEDULES
+from ..tasks import TASKS
 from .strategies import STRATEGIES, resolve_strategy
 
 log = logging.getLogger("imgcls")
@@ -154,6 +155,12 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
     path_column: str = option("path", "CSV column with image paths")
     label_column: str = option("label", "CSV column with labels")
+    label_sep: str | None = option(None, "multi-label CSV: the separator joining an image's labels in the label"
+                                   " column (e.g. ';' for 'deer;fox')")
+    task: str = option("auto", "multiclass: one class per image (softmax); multilabel: any set of labels per image"
+                       " (a sigmoid each, thresholds tuned on val); binary-sigmoid: two classes as one logit,"
+                       " P(second class) = sigmoid; auto: multilabel when --label-sep is given and some image has"
+                       " several labels, else multiclass", choices=("auto", *TASKS))
     group_by: str = option("event", "what a split keeps whole. event: capture events (an --event-column or"
                            " group column, else frames within --event-gap seconds per camera, from EXIF times);"
                            " site: whole cameras (a camera/site column, else the image's folder); none: images",

@@ -35,17 +35,16 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from .. import export, rundir
+from .. import tasks, export, rundir
 from ..data.dataset import base_image
 from ..data.decode import ImageError
 from ..engines import OnnxEngine, TorchEngine
 from ..errors import first_line
-from ..metrics import compute_metrics
 from ..models.classifier import Classifier
 from ..models.heads import classifier_head, head_prefix
 from ..models.readout import ReadoutNet, readout_taps
 from ..models.registry import model_spec
-from .head import class_weights, fit_head
+from .task_heads import fit_task_head
 from .session import Fit, Session
 
 log = logging.getLogger("imgcls")
@@ -231,6 +230,9 @@ def load_head(head: nn.Linear, fit) -> None:
 def readout_problem(session: Session) -> str | None:
     """None when the session's model is a linear head on pooled features (the features
     strategy can run), else why not; checked on two images of the val set."""
+    task = tasks.of(session.meta)
+    if task.name != tasks.DEFAULT and session.cfg.strategy == "tail":  # tail fine-tunes a softmax head
+        return f"the tail strategy trains multiclass models only, not {task.name}"
     net = session.model.net
     extractor, head = feature_extractor(net)
     sample = np.stack([session.val_set[i][0].numpy() for i in range(min(2, len(session.val_set)))])
@@ -243,6 +245,7 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
     back into ``s.model``, which is saved."""
     t_start = time.perf_counter()
     cfg = s.cfg
+    task = tasks.of(s.meta)  # the head: softmax, one sigmoid, or one sigmoid per label (task_heads)
     taps = use_readout(s)
     extractor, head = feature_extractor(s.model.net)
     sample = np.stack([s.val_set[i][0].numpy() for i in range(min(4, len(s.val_set)))])
@@ -263,9 +266,6 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
         t_feats = time.perf_counter() - t0
         t0 = time.perf_counter()
         prior = source_prior(s, train_feats.shape[2])
-        # one fit over every cached view: no draws, so --balance sampler weighs the images (train.balance)
-        weight = class_weights(y, len(s.classes), s.balance.loss_weights(draws=False))
-        cv_weight = class_weights(y, len(s.classes), s.balance.cv_weights)  # --select-by
         skip, share = 0, None  # skip: leading feature columns the head leaves at zero weight
         if taps and cfg.readout == "auto":
             share = near_copy_share(train_feats[:, 0])
@@ -275,10 +275,13 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
                          " the head reads the final features only (--readout layers to read all)", 100 * share)
         if prior is not None:
             prior = prior[0][:, skip:], prior[1]
-        fit = fit_head(train_feats[:, :, skip:], y, len(s.classes), prior, cfg.seed, weight=weight,
-                       progress=progress, standardize=bool(taps) and not skip, cv_weight=cv_weight)
+        # one fit over every cached view: no draws, so --balance sampler weighs the images (train.balance);
+        # the cross-validated loss counts classes alike when selecting by balanced accuracy (--select-by)
+        fit = fit_task_head(task.name, train_feats[:, :, skip:], y, len(s.classes), prior, cfg.seed,
+                            s.balance.loss_weights(draws=False), progress, standardize=bool(taps) and not skip,
+                            cv_mode=s.balance.cv_weights)
         if skip:
-            fit.weight = torch.cat([fit.weight.new_zeros(len(s.classes), skip), fit.weight], 1)
+            fit.weight = torch.cat([fit.weight.new_zeros(fit.weight.shape[0], skip), fit.weight], 1)
             taps = ()
         t_head = time.perf_counter() - t0
     finally:
@@ -296,21 +299,20 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
                       else "no source-head prior")
     log.info("fast path: head fitted in %.1f s (%s, penalty %g chosen by %s)", t_head, prior_text, fit.lam,
              f"{fit.folds}-fold cross-validation on train"
-             + (", every class weighing alike" if cv_weight is not None else "") if fit.folds
+             + (", every class weighing alike" if s.balance.cv_weights == "balanced" else "") if fit.folds
              else "default (too few images to cross-validate)")
 
     def logits_of(feats):
         with torch.no_grad():
             return (torch.from_numpy(feats) @ fit.weight.T + fit.bias).numpy()
 
-    train_metrics = compute_metrics(logits_of(train_feats.reshape(-1, train_feats.shape[2])),
-                                    np.repeat(y, train_feats.shape[1]), s.classes)
-    val = compute_metrics(logits_of(val_feats[:, 0]), y_val, s.classes)
+    train_metrics = task.metrics(logits_of(train_feats.reshape(-1, train_feats.shape[2])),
+                                 np.repeat(y, train_feats.shape[1], axis=0), s.classes)
+    val = task.metrics(logits_of(val_feats[:, 0]), y_val, s.classes)
     seconds = time.perf_counter() - t_start
     rundir.append_metrics(s.run_dir, {"epoch": 1, "lr": "", "train_loss": train_metrics.loss,
-                                      "train_accuracy": train_metrics.accuracy, "val_loss": val.loss,
-                                      "val_accuracy": val.accuracy,
-                                      "val_balanced_accuracy": val.balanced_accuracy, "epoch_seconds": seconds,
+                                      "train_accuracy": train_metrics.accuracy, **task.epoch_columns(val),
+                                      "epoch_seconds": seconds,
                                       "images_per_second": n_rows / t_feats})
     rundir.save_weights(s.run_dir / rundir.WEIGHTS, s.model.net.state_dict(), s.meta)
     rundir.write_json(s.run_dir / rundir.FEATURES, {
@@ -321,6 +323,5 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
         "prior_used": fit.alpha is not None, "prior_weight": fit.alpha, "penalty": fit.lam, "cv_folds": fit.folds,
         "cv_selection": s.balance.selection_metric, "cv": fit.cv,
         "feature_seconds": round(t_feats, 2), "head_seconds": round(t_head, 2), "seconds": round(seconds, 2)})
-    log.info("fast path: val accuracy %.4f balanced %.4f (loss %.4f), %.1f s in all", val.accuracy,
-             val.balanced_accuracy, val.loss, seconds)
+    log.info("fast path: val %s (loss %.4f), %.1f s in all", task.describe(val), val.loss, seconds)
     return Fit(val.accuracy, 1, 1, strategy="features")

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .. import export, rundir
+from .. import export, rundir, tasks
 from ..errors import UserError, first_line
 from ..engines import OnnxEngine, TorchEngine, stream_logits
-from ..metrics import metrics_of_stream, write_metrics
+from ..metrics import write_metrics
 from ..report import plot_training_curves
 from .session import Fit, Session, TrainResult
 
@@ -27,7 +27,8 @@ def export_model(s: Session) -> str | None:
     path.unlink(missing_ok=True)  # never leave a stale export beside new weights
     sample = np.stack([s.val_set[i][0].numpy() for i in range(min(8, len(s.val_set)))])
     try:
-        return str(export.export_onnx(s.model, s.classes, path, s.cfg.model, sample=sample, prebuilt=s.onnx_graph))
+        return str(export.export_onnx(s.model, s.classes, path, s.cfg.model, sample=sample, prebuilt=s.onnx_graph,
+                                      task=s.meta))
     except Exception as err:  # noqa: BLE001 - exporter limitations surface as many exception types
         log.warning("ONNX export failed (%s); prediction will use PyTorch", first_line(err))
         return None
@@ -41,11 +42,15 @@ def _engine(s: Session, onnx_path: str | None):
     return TorchEngine(s.model, device=str(s.device), amp=_AMP_NAMES[s.amp_dtype])
 
 
-def split_summary(split: str, metrics) -> dict:
-    """What summary.json keeps of a split's final metrics: accuracy next to balanced accuracy and
-    per-class recall (a rare class's misses do not show in accuracy)."""
-    return {f"{split}_accuracy": metrics.accuracy, f"{split}_balanced_accuracy": metrics.balanced_accuracy,
-            f"{split}_recall": {row["label"]: round(row["recall"], 4) for row in metrics.per_class}}
+split_summary = tasks.class_summary  # a multiclass split's entries of summary.json
+
+
+def stamp_thresholds(s: Session, onnx_path: str | None, thresholds: dict[str, float]) -> None:
+    """Tuned thresholds into the metadata of model.safetensors (the best weights, saved again) and model.onnx."""
+    s.meta["thresholds"] = dict(thresholds)
+    rundir.save_weights(s.run_dir / rundir.WEIGHTS, s.model.net.state_dict(), s.meta)
+    if onnx_path is not None:
+        export.stamp_metadata(onnx_path, tasks.thresholds_props(thresholds))
 
 
 def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
@@ -53,7 +58,8 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
     run_dir = s.run_dir
     if not (run_dir / rundir.WEIGHTS).exists():
         raise UserError("training stopped before the first epoch finished; nothing was saved")
-    summary = {"model": s.cfg.model, "classes": s.classes, "strategy": fit.strategy,
+    task = tasks.of(s.meta)
+    summary = {"model": s.cfg.model, "classes": s.classes, "task": task.name, "strategy": fit.strategy,
                "best_val_accuracy": fit.best_val_accuracy, "best_epoch": fit.best_epoch, "epochs": fit.epochs,
                "epochs_planned": s.cfg.epochs, "train_seconds": round(train_seconds, 2), "n_train": len(s.train_set),
                "n_val": len(s.val_set), "stopped_early": fit.stopped_early, "interrupted": fit.interrupted, "signal": fit.signal,
@@ -62,6 +68,8 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
         summary["initial_weights"] = s.source.report.summary()
     if s.balance is not None:
         summary["class_balance"] = s.balance.to_dict()
+        # the task's own selection metric (multilabel: mAP) picked the epoch, not the balance's
+        summary["class_balance"]["selection_metric"] = task.selection or s.balance.selection_metric
     if (run_dir / rundir.METRICS).exists():
         plot_training_curves(run_dir / rundir.METRICS, run_dir / rundir.CURVES)
     if not fit.interrupted:
@@ -70,21 +78,24 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
         if onnx_path is not None:
             summary["onnx"] = onnx_path
         engine = _engine(s, onnx_path)
+        thresholds = None  # label sets: tuned on val, then used on test
         for split in ("val", "test"):
             records = s.splits.get(split)
             if not records:
                 continue
             stream = stream_logits(engine, s.preprocess, records, batch_size=s.cfg.batch_size)
-            metrics, failed = metrics_of_stream(stream, s.classes)
+            metrics, failed = task.stream_metrics(stream, s.classes, thresholds)
             for record, reason in failed:
                 log.warning("not evaluated (unreadable now): %s: %s", record.path, reason)
             if metrics is None:
                 continue
+            if split == "val":
+                metrics, thresholds = tasks.settle_thresholds(task, metrics, run_dir)
+                if thresholds:  # the model files carry them too: either file alone predicts label sets
+                    stamp_thresholds(s, onnx_path, thresholds)
             write_metrics(metrics, run_dir, prefix=split)
-            summary.update(split_summary(split, metrics))
-            log.info("%s: accuracy %.4f, balanced accuracy %.4f; recall per class: %s", split, metrics.accuracy,
-                     metrics.balanced_accuracy, ", ".join(f"{c} {r:.2f}" for c, r in
-                                                         summary[f"{split}_recall"].items()))
+            summary.update(task.summary(split, metrics))
+            log.info("%s: %s", split, task.describe(metrics))
             if split == "test":
                 summary["n_test"] = metrics.n
     rundir.write_json(run_dir / rundir.SUMMARY, summary)

@@ -23,12 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm.auto import tqdm
 
-from .. import rundir
+from .. import rundir, tasks
 from ..errors import UserError, first_line
-from ..metrics import compute_metrics
 from ..models.heads import freeze_backbone, param_groups, set_frozen_bn_eval, unfreeze
 from ..system import default_workers
 from .head import class_weights
+from .objectives import objective
 from .optim import OPTIMIZERS, SCHEDULES
 from .session import Fit, Session
 
@@ -66,7 +66,8 @@ def make_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_dtype, clip_grad, scaler,
-                    progress_desc: str | None = None, frozen_backbone: bool = False) -> dict:
+                    progress_desc: str | None = None, frozen_backbone: bool = False, hits=None) -> dict:
+    """``hits(logits, targets)``: the right answers of a batch (default: top-1 class)."""
     model.train()
     if frozen_backbone:
         set_frozen_bn_eval(model.net)  # a frozen backbone keeps its BatchNorm statistics too
@@ -89,7 +90,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_
         scheduler.step()
         n = targets.shape[0]
         loss_sum += loss.item() * n
-        correct += (logits.argmax(1) == targets).sum().item()
+        correct += (hits(logits, targets) if hits else (logits.argmax(1) == targets).sum()).item()
         seen += n
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / elapsed:.0f}")
@@ -122,10 +123,12 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: schedule(step, total_steps, warmup_steps, steps_per_epoch, cfg))
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
-    weight = class_weights(s.train_set.targets, len(s.classes), s.balance.loss_weights(draws=True))
-    select = s.balance.selection_metric  # accuracy or balanced accuracy (--select-by)
-    criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(s.device),
-                                    label_smoothing=cfg.label_smoothing)
+    task = tasks.of(s.meta)  # multiclass, binary-sigmoid or multilabel: loss, hits and metrics follow it
+    goal = objective(task.name)
+    # the task's own criterion (mAP) first, else accuracy or balanced accuracy (--select-by)
+    select = task.selection or s.balance.selection_metric
+    criterion = goal.criterion(s.train_set.targets, len(s.classes), s.balance.loss_weights(draws=True),
+                               cfg.label_smoothing).to(s.device)
 
     start_epoch, best, best_epoch, bad_epochs = 0, -1.0, 0, 0
     best_accuracy = -1.0
@@ -158,11 +161,11 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                 row = train_one_epoch(model, loader, criterion, optimizer, scheduler, s.device, s.amp_dtype,
                                       cfg.clip_grad, scaler,
                                       progress_desc=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None,
-                                      frozen_backbone=frozen)
+                                      frozen_backbone=frozen, hits=goal.hits)
                 logits, targets = predict_logits(model, make_loader(s.val_set, cfg), s.device, s.amp_dtype)
-                val = compute_metrics(logits, targets, s.classes)
-                row.update(epoch=epoch + 1, lr=lr_now, val_loss=val.loss, val_accuracy=val.accuracy,
-                           val_balanced_accuracy=val.balanced_accuracy, epoch_seconds=time.perf_counter() - epoch_start)
+                val = task.metrics(logits, targets, s.classes)
+                row.update(epoch=epoch + 1, lr=lr_now, **task.epoch_columns(val),
+                           epoch_seconds=time.perf_counter() - epoch_start)
                 rundir.append_metrics(run_dir, row)
                 score = getattr(val, select)
                 if score > best:
@@ -172,9 +175,10 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                     bad_epochs += 1
                 save_checkpoint(run_dir / rundir.CHECKPOINT, checkpoint_state(
                     model, optimizer, scheduler, scaler, epoch + 1, best_accuracy, best_epoch, bad_epochs, best))
-                log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f balanced %.4f  %.0f img/s",
-                         epoch + 1, cfg.epochs, row["train_loss"], row["train_accuracy"], val.loss, val.accuracy,
-                         val.balanced_accuracy, row["images_per_second"])
+                log.info("epoch %d/%d  train loss %.4f acc %.4f  val %s  %.0f img/s", epoch + 1, cfg.epochs,
+                         row["train_loss"], row["train_accuracy"],
+                         " ".join(f"{k[4:]} {v:.4f}" for k, v in task.epoch_columns(val).items()),
+                         row["images_per_second"])
                 epoch += 1
                 if cfg.patience is not None and bad_epochs >= cfg.patience:
                     stopped_early = True

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import rundir
+from .. import rundir, tasks
 from ..data.events import EventReport, camera_of, column_report, events_on_both_sides, group_events
 from ..data.dataset import CACHE_LIMIT_BYTES, ImageDataset, decode_all, estimate_cache_bytes
 from ..data.preprocess import Augment, Preprocess
@@ -167,7 +167,7 @@ def _log_events(report: EventReport, cfg: TrainConfig) -> None:
 def split_dataset(cfg: TrainConfig) -> tuple[dict[str, list[Record]], list[str], EventReport]:
     """The data's records by split (train, val, maybe test), the class names and the capture events."""
     dataset = load_dataset(cfg.data, cfg.path_column, cfg.label_column, cfg.event_column, cfg.event_gap)
-    splits, events = assign_groups(cfg, dict(dataset.splits))
+    splits, events = assign_groups(cfg, tasks.parse_label_sets(dict(dataset.splits), cfg.label_sep, cfg.data))
     to_split = "all" if "all" in splits else ("train" if "val" not in splits else None)
     if to_split is not None:
         pool = splits.pop(to_split)
@@ -181,11 +181,12 @@ def split_dataset(cfg: TrainConfig) -> tuple[dict[str, list[Record]], list[str],
     elif events.source != "none":
         events.across_given_splits = events_on_both_sides(splits)
     _log_events(events, cfg)
-    classes = sorted({r.label for r in splits["train"]})
+    classes = sorted({label for r in splits["train"] for label in r.label_set})
     if len(classes) < 2:
         raise UserError(f"{cfg.data}: only one class ({', '.join(classes) or 'none'}) in the training data;"
                         " a classifier needs at least two")
-    unknown = sorted({r.label for s in ("val", "test") for r in splits.get(s, []) if r.label not in classes})
+    unknown = sorted({label for s in ("val", "test") for r in splits.get(s, []) for label in r.label_set
+                      if label not in classes})
     if unknown:
         raise UserError(f"{cfg.data}: class(es) {', '.join(unknown)} appear in val/test but not in train;"
                         " add training images for them")
@@ -207,7 +208,8 @@ class ScanResult:
     events: dict | None = None  # data.events.EventReport.to_dict()
 
     def counts(self) -> dict[str, dict[str, int]]:
-        return {name: dict(sorted(Counter(r.label for r in recs).items())) for name, recs in self.splits.items()}
+        return {name: dict(sorted(Counter(label for r in recs for label in r.label_set).items()))
+                for name, recs in self.splits.items()}
 
     def to_dict(self) -> dict:
         return {"counts": self.counts(),
@@ -343,6 +345,9 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     torch.manual_seed(cfg.seed)
 
     splits, classes, events = split_dataset(cfg)
+    task = tasks.TASKS[tasks.resolve(cfg.task, cfg.label_sep, [r for rs in splits.values() for r in rs], len(classes))]
+    if task.name != tasks.DEFAULT:
+        log.info("task %s: %d labels, %d logits", task.name, len(classes), task.outputs(len(classes)))
     # a resumed run decodes exactly as it did before (the cache depends on the sizes)
     geometry = (rundir.read_preprocess(run_dir / rundir.PREPROCESS) if resume
                 else resolve_geometry(cfg, source, splits["train"]))
@@ -351,9 +356,12 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     _report_scan(scanned, classes, run_dir)
     splits = scanned.splits
     balance = resolve_class_balance(cfg, scanned.counts()["train"], classes)
+    if balance.sampler and task.name == "multilabel":
+        raise UserError("--balance sampler draws images by their class, and a multi-label image has several;"
+                        " use --balance weights (each label's presence weighed against its absence) or none")
     rundir.write_split(run_dir / rundir.SPLIT,
                        [(r.path, r.label, r.group, name) for name, records in splits.items() for r in records])
-    index = {c: i for i, c in enumerate(classes)}
+    index = tasks.training_index(task, [r for rs in splits.values() for r in rs], classes)
 
     def pixels():  # decoding from disk is slow: count fewer images then
         if scanned.caches["train"] is not None:
@@ -368,7 +376,8 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     readout = (source.meta or {}).get("build", {}).get("readout")
     if readout:  # the source run's head reads several layers: the same network, so its weights fit
         build["readout"] = list(readout)
-    model = Classifier(create_model(cfg.model, len(classes), preprocess.input_size, cfg.norm, cfg.se, readout),
+    model = Classifier(create_model(cfg.model, task.outputs(len(classes)), preprocess.input_size, cfg.norm, cfg.se,
+                                    readout),
                        preprocess)
     if not resume:
         load_source(cfg, source, model.net)
@@ -376,5 +385,6 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
                    ImageDataset(splits["train"], index, preprocess, augment, scanned.caches["train"]),
                    ImageDataset(splits["val"], index, preprocess, None, scanned.caches["val"]),
                    model.to(device), device, amp_dtype,
-                   rundir.model_meta(cfg.model, classes, preprocess, build), source,
+                   rundir.model_meta(cfg.model, classes, preprocess, build, tasks.meta(task.name, cfg.label_sep)),
+                   source,
                    balance)

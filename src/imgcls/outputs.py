@@ -96,6 +96,7 @@ class Job:
     media: MediaTable | None = None         # camtrapdp --media
     base: Path | None = None                # MegaDetector paths are relative to this folder
     version: str = ""
+    fingerprint: dict | None = None         # the sidecar's fingerprints (imgcls.fingerprint), in the final files
     finished: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def decision(self, label: str | None, prob: float | None) -> str | None:
@@ -177,7 +178,8 @@ def megadetector(job: Job, rows: list[dict]) -> dict:
     info = {"format_version": MEGADETECTOR_VERSION, "classifier": job.model,
             "classification_completion_time": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
             "classifier_metadata": {"tool": f"imgcls {job.version}".strip(), "whole_image": True,
-                                    "empty_class": empty, "thresholds": job.thresholds or None}}
+                                    "empty_class": empty, "thresholds": job.thresholds or None,
+                                    "fingerprint": job.fingerprint}}
     return {"info": info, "detection_categories": {"1": "animal"},
             "classification_categories": {index[label]: label for label in job.labels}, "images": images}
 
@@ -198,11 +200,11 @@ def _write_megadetector(job: Job, rows: list[dict]) -> list[Path]:
     return [job.out]
 
 
-def _check_megadetector(out: Path, records: list[Record]) -> bool:
+def _check_megadetector(out: Path, count: Callable[[], int]) -> bool:
     """A finished MegaDetector file of these inputs (the journal is gone once it is written)."""
     try:
         data = json.loads(out.read_text(encoding="utf-8", errors="surrogateescape"))
-        return isinstance(data, dict) and len(data["images"]) == len(records) and "format_version" in data["info"]
+        return isinstance(data, dict) and "format_version" in data["info"] and len(data["images"]) == count()
     except (ValueError, KeyError, TypeError):
         return False
 
@@ -340,13 +342,13 @@ def _write_camtrapdp(job: Job, rows: list[dict]) -> list[Path]:
         "imgcls": {"version": job.version, "model": job.model, "labels": job.labels,
                    "media": str(job.media.path) if job.media else None,
                    "deployments": "given by --media" if job.media else "the folder name of each image (its camera)",
-                   "aggregate": job.aggregate},
+                   "aggregate": job.aggregate, "fingerprint": job.fingerprint},
     }
     rundir.atomic_write(folder / "datapackage.json", json.dumps(package, indent=2, ensure_ascii=False))
     return [folder / "observations.csv", folder / "media.csv", folder / "datapackage.json"]
 
 
-def _check_camtrapdp(out: Path, records: list[Record]) -> bool:
+def _check_camtrapdp(out: Path, count: Callable[[], int]) -> bool:
     try:
         return "imgcls" in json.loads((out / "datapackage.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -364,7 +366,8 @@ class Format:
     rows: type                                           # CsvRows or JsonlRows
     final: Callable[[Job, list[dict]], list[Path]] | None  # whole file(s) from the journal; None: the row file is it
     events: Callable[[Job, list[dict]], list[Path]] | None  # event rows beside (None: final writes them, or none)
-    finished: Callable[[Path, list[Record]], bool] | None = None  # a final output already there is a finished run
+    finished: Callable[[Path, Callable[[], int]], bool] | None = None  # a final output there is a finished run
+                                                         # (given a function counting the inputs)
     folder: bool = False                                 # the output is a folder
 
     @property
@@ -408,14 +411,22 @@ def check_output_path(out: Path, fmt: Format) -> None:
         raise UserError(f"{out} exists and is not a regular file; --out must name a {fmt.name} file to write")
 
 
-def check_final(job: Job, journal_kept: bool, resume: bool, overwrite: bool) -> bool:
+def output_files(out: Path, fmt: Format, aggregate: str | None) -> list[Path]:
+    """The files a finished run leaves (the sidecar lists them)."""
+    if fmt.folder:
+        return [out / "observations.csv", out / "media.csv", out / "datapackage.json"]
+    return [out, *([events_path(out)] if aggregate and fmt.events else [])]
+
+
+def check_final(job: Job, journal_kept: bool, resume: bool, overwrite: bool, count: Callable[[], int]) -> bool:
     """For a whole-file format: True when the output is already finished (nothing to do); UserErrors for an
-    output that must not be replaced.  ``journal_kept``: the journal holds rows (an interrupted run)."""
+    output that must not be replaced.  ``journal_kept``: the journal holds rows (an interrupted run);
+    ``count``: counts the inputs."""
     out, fmt = job.out, job.format
     exists = out.exists() and (not fmt.folder or any(out.iterdir()))
     if not exists or overwrite or journal_kept:
         return False
-    if not fmt.finished(out, job.records):
+    if not fmt.finished(out, count):
         raise UserError(f"{out} already exists and is not imgcls {fmt.name} output of these inputs; choose another"
                         " --out, or add --overwrite to replace it")
     if not resume:

@@ -91,6 +91,13 @@ def cmd_predict(args) -> None:
         print(f"sorted ({args.sort_mode}) into {args.sort_into}: {piles}")
 
 
+def cmd_merge(args) -> None:
+    from .merge import merge
+
+    result = merge(args.parts, args.out, overwrite=args.overwrite)
+    print(f"{result['rows']} images from {result['parts']} parts -> {result['format']}: {', '.join(result['files'])}")
+
+
 def cmd_thresholds(args) -> None:
     from .api import choose_thresholds
 
@@ -268,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--out exists (an interrupted run): keep its rows, predict only the images it lacks")
     again.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("merge", help="join the outputs of `imgcls predict --shard K/N` (or other outputs of one model)"
+                                    " into one")
+    p.add_argument("parts", nargs="+", help="the outputs to merge (each with its OUT.meta.json), e.g. out/part_*.csv")
+    p.add_argument("--out", required=True, help="the merged output (same format as the parts)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("thresholds", help="choose a class's threshold on labelled data for a review budget"
                                          " (e.g. how many empty frames to set aside unseen)")

@@ -31,6 +31,7 @@ import json
 import logging
 import mimetypes
 import os
+import re
 import shutil
 import stat
 from concurrent.futures import ThreadPoolExecutor
@@ -416,6 +417,19 @@ def output_files(out: Path, fmt: Format, aggregate: str | None) -> list[Path]:
     if fmt.folder:
         return [out / "observations.csv", out / "media.csv", out / "datapackage.json"]
     return [out, *([events_path(out)] if aggregate and fmt.events else [])]
+
+
+def remove_stale_temps(files: list[Path]) -> None:
+    """Remove the temp files (``rundir.atomic_write``'s ``.NAME.XXXXXXXX``) that a kill in the middle of
+    writing one of ``files`` left beside it; called under the output lock, so none is being written."""
+    for path in files:
+        pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")
+        try:
+            names = [e.name for e in os.scandir(path.parent) if pattern.fullmatch(e.name) and e.is_file()]
+        except OSError:
+            continue
+        for name in names:
+            (path.parent / name).unlink(missing_ok=True)
 
 
 def check_final(job: Job, journal_kept: bool, resume: bool, overwrite: bool, count: Callable[[], int]) -> bool:

@@ -245,11 +245,15 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
         if fmt.whole and outputs.check_final(job, row_path.exists(), resume, overwrite, total):
             _check_meta(out, old, meta)
             log.info("%s is finished (its journal is gone); nothing to resume", out)
-            return {**result, "kept": total(), "files": [str(out)]}
+            count = total()
+            if not (old or {}).get("complete"):  # killed between the final file and its sidecar
+                fingerprint.write(out, {**(old or meta), "complete": True, "rows": count})
+            return {**result, "kept": count, "files": [str(out)]}
         if kept:
             log.info("resuming %s: its %d rows are the first %d inputs, skipped", row_path, kept, kept)
-        if not kept or old is None:
-            fingerprint.write(out, {**meta, "rows_before_meta": kept} if kept else meta)
+        if kept and (old is None or "rows_before_meta" in old):  # rows no sidecar vouches for
+            meta["rows_before_meta"] = kept if old is None else old["rows_before_meta"]
+        fingerprint.write(out, meta)  # before the first row; "complete" only once the run has finished
         result["kept"] = kept
         result["images"], result["errors"] = _write_rows(predictor, records, rows_file, kept, batch_size, top_k,
                                                          events, progress, total)
@@ -261,6 +265,8 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
         else:
             files = [out, *(fmt.events(job, rows) if aggregate else [])]
         result["files"] = [str(f) for f in files]
+        fingerprint.write(out, {**meta, "complete": True, "rows": kept + result["images"]})
+        outputs.remove_stale_temps([*map(Path, meta["files"]), fingerprint.meta_path(out)])
     if sort_into is not None:
         result["sorted"] = outputs.sort_into(rows, sort_into, sort_mode)
     return result

@@ -291,7 +291,7 @@ def merge(parts: list[str | Path], out: str | Path, overwrite: bool = False) -> 
         rows = MERGERS[fmt.name](parts, out, metas)
         files = outputs.output_files(out, fmt, None)
         aggregate = metas[0]["options"].get("aggregate")
-        if aggregate and fmt.events:  # event rows again from the merged rows: an event split by path shards is whole
+        if aggregate and fmt.events:  # event rows again, from the merged rows (in their order)
             model = metas[0]["model"]
             job = outputs.Job(out, fmt, list(model["labels"]), "", dict(metas[0]["options"].get("thresholds") or {}),
                               [], aggregate)

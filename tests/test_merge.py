@@ -148,3 +148,17 @@ def test_merge_refuses_mixed_formats_and_options(trained, tmp_path, capsys):
     capsys.readouterr()
     assert merge(*parts, "--out", tmp_path / "all.csv") == 2
     assert f"{parts[2]} (options " in capsys.readouterr().err
+
+
+def test_an_empty_shard_is_an_output_too_and_merges(trained, tmp_path):
+    run, new = trained
+    n = 8  # five camera folders in eight shards by folder: at least three shards are empty
+    parts = [tmp_path / f"part_{k}.jsonl" for k in range(1, n + 1)]
+    for k, part in enumerate(parts, start=1):
+        assert predict(run, new, "--out", part, "--shard", f"{k}/{n}", "--shard-by", "folder") == 0
+    sizes = [len(part.read_bytes().splitlines()) for part in parts]
+    assert sizes.count(0) >= 3 and sum(sizes) == 31
+    assert all(json.loads(meta_path(p).read_text())["complete"] for p in parts)
+    assert predict(run, new, "--out", tmp_path / "whole.jsonl") == 0
+    assert merge(*parts, "--out", tmp_path / "all.jsonl") == 0
+    assert (tmp_path / "all.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()

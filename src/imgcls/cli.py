@@ -73,8 +73,10 @@ def cmd_eval(args) -> None:
 
 def cmd_predict(args) -> None:
     from .predict import check_options, load, predict_to_file
+    from .shards import parse_shard
 
     check_options(args.batch_size, args.top_k)  # before the model loads or any file is touched
+    parse_shard(args.shard, args.shard_by)
     predictor = load(args.run, backend=args.backend).with_threshold(args.threshold)
     log.info("engine: %s", predictor.backend)
     result = predict_to_file(predictor, args.inputs, args.out, format=args.format, batch_size=args.batch_size,

@@ -240,7 +240,7 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
     result = {"images": 0, "errors": 0, "kept": 0, "out": str(out), "format": fmt.name, "files": [], "sorted": None,
               "meta": str(fingerprint.meta_path(out)), "shard": str(shard) if shard else None}
     with output_lock(out):
-        old = fingerprint.read(out)
+        old = None if overwrite else fingerprint.read(out)  # --overwrite replaces even a damaged sidecar
         kept = rows_file.keep(records, resume, overwrite, lambda: _check_meta(out, old, meta))
         if fmt.whole and outputs.check_final(job, row_path.exists(), resume, overwrite, total):
             _check_meta(out, old, meta)

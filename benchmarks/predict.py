@@ -60,8 +60,9 @@ Parts (``--parts``, default all):
     Peak RSS (``ru_maxrss`` through the launcher, as ``rss``) of, per size in
     ``--memory-sizes`` (default 1,000 10,000 200,000): enumeration alone
     (``iter_inputs``, and the eager ``collect_inputs`` list beside it), a whole
-    ``imgcls predict`` to CSV, and ``imgcls predict --shard 1/50`` (the whole
-    tree enumerated and hashed, a fiftieth predicted).  Needs no run directory:
+    ``imgcls predict`` to CSV, ``imgcls predict --shard 1/50`` (the whole
+    tree enumerated and hashed, a fiftieth predicted), and ``--resume`` of that
+    CSV with its last tenth of rows cut (nine tenths read back and checked).  Needs no run directory:
     ``--parts memory`` alone builds nothing else.
 
 The machine may be shared: every figure comes with the load average at the
@@ -648,16 +649,22 @@ def part_memory(args, root: Path, work: Path) -> dict:
         row["predict"], row["predict_wall"] = res["rss_mb"], res["wall"]
         res = run_child(predict + [str(work / f"memory-{n}-shard.csv"), "--shard", "1/50"])
         row["shard"], row["shard_wall"] = res["rss_mb"], res["wall"]
+        # an interrupted run: the last tenth of the rows gone, then --resume (the rows read back as a stream)
+        out = work / f"memory-{n}.csv"
+        lines = out.read_bytes().splitlines(keepends=True)
+        out.write_bytes(b"".join(lines[:len(lines) - n // 10]))
+        res = run_child([a for a in predict if a != "--overwrite"] + [str(out), "--resume"])
+        row["resume"], row["resume_wall"] = res["rss_mb"], res["wall"]
         results[n] = row
         say(f"  {n:7d} files: enumerate lazily {row['enumerate_lazy']:6.1f} MB (as a list"
             f" {row['enumerate_list']:6.1f} MB); predict all {row['predict']:6.1f} MB in {row['predict_wall']:5.0f} s"
-            f" ({n / row['predict_wall']:.0f} img/s); --shard 1/50 {row['shard']:6.1f} MB in {row['shard_wall']:4.0f} s"
-            f"  ({load()})")
+            f" ({n / row['predict_wall']:.0f} img/s); --shard 1/50 {row['shard']:6.1f} MB in {row['shard_wall']:4.0f} s;"
+            f" --resume of the last tenth {row['resume']:6.1f} MB  ({load()})")
     if len(sizes) >= 2:
         a, b = sizes[-2], sizes[-1]
-        for key in ("enumerate_lazy", "enumerate_list", "predict", "shard"):
+        for key in ("enumerate_lazy", "enumerate_list", "predict", "shard", "resume"):
             say(f"  {key}: {b} files - {a} files = {results[b][key] - results[a][key]:+.1f} MB"
-                + ("   [bar <= +50 MB]" if key in ("predict", "shard") else ""))
+                + ("   [bar <= +50 MB]" if key in ("predict", "shard", "resume") else ""))
     return results
 
 

@@ -15,6 +15,9 @@ are inputs 1..k (checked path by path); a last row cut by a crash is
 truncated, an unreadable row elsewhere is an error.  The output is locked
 (``OUT.lock``) for the whole run.
 
+Beside every output, ``OUT.meta.json`` (:mod:`imgcls.fingerprint`) says which
+model file and options wrote it; the final files carry its fingerprints too.
+
 ``--aggregate`` (events) and the whole-file formats keep every class's
 probability in the rows, so event rows and final files are made from the row
 file alone, whatever part of it an earlier, interrupted run wrote.

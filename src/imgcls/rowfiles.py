@@ -4,7 +4,8 @@ A row file is ``csv`` (a header, then one row per image) or JSON Lines (one
 JSON object per image, numbers as numbers, missing values null).  Rows are
 written in input order and flushed batch by batch, so a kill at any moment
 loses at most the batch in flight.  ``--resume`` keys on position: the k
-complete rows in the file are inputs 1..k (checked path by path), and the
+complete rows in the file are inputs 1..k (checked path by path, the file
+read back as a stream beside the lazy inputs, so memory stays flat), and the
 run goes on from input k + 1.  A last row cut by a kill is truncated away;
 an unreadable row anywhere else is an error, and a file this command did not
 write is never touched.  :func:`output_lock` keeps two runs from writing one

@@ -243,9 +243,9 @@ def _merge_camtrapdp(parts: list[Path], out: Path, metas: list[dict]) -> int:
     for k, obs in enumerate(events, start=1):
         obs_rows.append({**obs, "observationID": f"obs-event-{k:06d}"})
     out.mkdir(parents=True, exist_ok=True)
-    rundir.atomic_write(out / "observations.csv", outputs._csv_text(outputs.OBSERVATION_COLUMNS, obs_rows))
+    rundir.atomic_write(out / "observations.csv", outputs.csv_text(outputs.OBSERVATION_COLUMNS, obs_rows))
     media_text = (parts[0] / "media.csv").read_bytes().decode("utf-8", "surrogateescape") if given_media else \
-        outputs._csv_text(outputs.MEDIA_COLUMNS, media_rows)
+        outputs.csv_text(outputs.MEDIA_COLUMNS, media_rows)
     rundir.atomic_write(out / "media.csv", media_text)
     package = json.loads((parts[0] / "datapackage.json").read_text(encoding="utf-8"))
     package["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -261,10 +261,24 @@ MERGERS: dict[str, Callable[[list[Path], Path, list[dict]], int]] = {
 }
 
 
+def _without_companions(parts: list[Path]) -> list[Path]:
+    """The parts less the files that belong to another part (``out/part_*.csv`` also matches each part's
+    ``part_K.events.csv``): event rows, sidecars, journals and locks are not parts."""
+    def companions(part: Path) -> set[str]:
+        return {os.path.abspath(f) for f in (outputs.events_path(part), fingerprint.meta_path(part),
+                                             outputs.journal_path(part), part.with_name(part.name + ".lock"))}
+
+    taken = set().union(*(companions(p) for p in parts)) if parts else set()
+    dropped = [p for p in parts if os.path.abspath(p) in taken]
+    if dropped:
+        log.info("not parts but files of a part (event rows, sidecars): %s", ", ".join(map(str, dropped)))
+    return [p for p in parts if os.path.abspath(p) not in taken]
+
+
 def merge(parts: list[str | Path], out: str | Path, overwrite: bool = False) -> dict:
     """Merge the outputs ``parts`` (the shards of one ``imgcls predict`` job) into ``out``; returns the row
     count, the format and the files written.  Everything is checked before ``out`` is touched."""
-    parts, out = [Path(p) for p in parts], Path(out)
+    parts, out = _without_companions([Path(p) for p in parts]), Path(out)
     if not parts:
         raise UserError("name the outputs to merge, e.g. imgcls merge out/part_*.csv --out all.csv")
     if len(set(map(os.path.abspath, parts))) < len(parts):

@@ -143,7 +143,7 @@ def event_rows(job: Job, rows: list[dict]) -> list[dict]:
 def _write_events_csv(job: Job, rows: list[dict]) -> list[Path]:
     events = [{k: ("" if v is None else v) for k, v in e.items()} for e in event_rows(job, rows)]
     path = events_path(job.out)
-    rundir.atomic_write(path, _csv_text(_event_columns(job), events))
+    rundir.atomic_write(path, csv_text(_event_columns(job), events))
     return [path]
 
 
@@ -319,7 +319,7 @@ def _observation(job, empty, obs_id, deployment, media_id, event, start, end, le
     return row
 
 
-def _csv_text(columns: list[str], rows: list[dict]) -> str:
+def csv_text(columns: list[str], rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\r\n")
     writer.writeheader()
@@ -335,8 +335,8 @@ def _write_camtrapdp(job: Job, rows: list[dict]) -> list[Path]:
     media, observations = camtrap_tables(job, rows, times)
     folder = job.out
     folder.mkdir(parents=True, exist_ok=True)
-    rundir.atomic_write(folder / "observations.csv", _csv_text(OBSERVATION_COLUMNS, observations))
-    rundir.atomic_write(folder / "media.csv", job.media.text if job.media else _csv_text(MEDIA_COLUMNS, media))
+    rundir.atomic_write(folder / "observations.csv", csv_text(OBSERVATION_COLUMNS, observations))
+    rundir.atomic_write(folder / "media.csv", job.media.text if job.media else csv_text(MEDIA_COLUMNS, media))
     table = "https://raw.githubusercontent.com/tdwg/camtrap-dp/1.0/{}-table-schema.json"
     package = {
         "profile": CAMTRAP_PROFILE, "name": folder.name.lower() or "imgcls-predictions", "created": job.finished,

@@ -3,6 +3,7 @@
     python benchmarks/predict.py                          # everything, the real sizes (25-40 min on 2 shared cores)
     python benchmarks/predict.py --n 100 --small-n 2000   # a quick check
     python benchmarks/predict.py --parts e2e engine       # some parts only
+    python benchmarks/predict.py --parts memory           # peak RSS at 1,000 / 10,000 / 200,000 tiny files
 
 Model: the ImageNet-pretrained EfficientNet-Lite0 run directory that
 ``benchmarks/make_run.py`` builds (once) in ``<root>/run-lite0``.  Images are
@@ -51,6 +52,18 @@ Parts (``--parts``, default all):
     ``imgcls predict RUN big/ --batch-size B`` for B in ``--batches`` (default
     8 16 32), alternating over ``--e2e-rounds`` rounds: wall time and peak
     RSS per batch size (the figures behind ``imgcls.predict.CPU_BATCH``).
+``memory``  (bar: peak RSS at 200,000 files <= peak at 10,000 + 50 MB)
+    Does memory stay flat in the number of files?  Tiny 8x8 PNGs in camera
+    folders of 1,000 (``<root>/tiny/``, made once; the smaller sets are hard
+    links to its first folders) and a hand-built ONNX model (uint8 8x8 -> the
+    mean colour as 3 logits, with imgcls metadata: no training, no torch).
+    Peak RSS (``ru_maxrss`` through the launcher, as ``rss``) of, per size in
+    ``--memory-sizes`` (default 1,000 10,000 200,000): enumeration alone
+    (``iter_inputs``, and the eager ``collect_inputs`` list beside it), a whole
+    ``imgcls predict`` to CSV, ``imgcls predict --shard 1/50`` (the whole
+    tree enumerated and hashed, a fiftieth predicted), and ``--resume`` of that
+    CSV with its last tenth of rows cut (nine tenths read back and checked).  Needs no run directory:
+    ``--parts memory`` alone builds nothing else.
 
 The machine may be shared: every figure comes with the load average at the
 time, and ratios are taken between runs made side by side.
@@ -557,6 +570,104 @@ def part_threads(args, run: Path, big: Path) -> dict:
             "samples": {f"w{c[0]}t{c[1]}": v for c, v in samples.items()}, "best": f"w{best[0]}t{best[1]}"}
 
 
+TINY_FOLDER = 1000  # files per camera folder of the memory part
+
+
+def tiny_tree(root: Path, n: int) -> Path:
+    """``root/tiny-n``: n 8x8 PNGs in folders of TINY_FOLDER, hard links into ``root/tiny`` (made once)."""
+    import io as _io
+
+    from PIL import Image
+
+    full, tree = root / "tiny", root / f"tiny-{n}"
+    if tree.exists() and sum(1 for _ in tree.rglob("*.png")) == n:
+        return tree
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder, name = f"cam{i // TINY_FOLDER:04d}", f"img{i % TINY_FOLDER:04d}.png"
+        src = full / folder / name
+        if not src.exists():
+            src.parent.mkdir(parents=True, exist_ok=True)
+            buffer = _io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buffer, "PNG")
+            src.write_bytes(buffer.getvalue())
+        dest = tree / folder / name
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.link(src, dest)
+    return tree
+
+
+def tiny_onnx(path: Path) -> Path:
+    """A hand-built ONNX model: uint8 (N,3,8,8) -> the mean colour (N,3), labels and preprocessing inside."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["x"], ["logits"], axes=[2, 3], keepdims=0)]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.UINT8,
+                                                                            ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    for key, value in (("imgcls.labels", '["red", "green", "blue"]'), ("imgcls.model", "tiny-mean-colour"),
+                       ("imgcls.preprocess", '{"input_size": 8, "resize": "squash", "crop_pct": 1.0}')):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    return path
+
+
+_ENUMERATE = """
+import sys
+from imgcls.data.sources import collect_inputs, iter_inputs
+n = len(collect_inputs([sys.argv[2]])) if sys.argv[1] == "list" else sum(1 for _ in iter_inputs([sys.argv[2]]))
+print(n)
+"""
+
+
+def part_memory(args, root: Path, work: Path) -> dict:
+    sizes = sorted(args.memory_sizes)
+    model = tiny_onnx(work / "tiny.onnx")
+    say(f"\n== 6. peak RSS against the number of files: {', '.join(map(str, sizes))} 8x8 PNGs in folders of"
+        f" {TINY_FOLDER}, a hand-built ONNX model; fresh process each ==")
+    trees = {}
+    for n in sizes:
+        t0 = time.perf_counter()
+        trees[n] = tiny_tree(root, n)
+        say(f"  {trees[n]}: {n} files ready in {time.perf_counter() - t0:.0f} s")
+    results: dict[int, dict] = {}
+    for n in sizes:
+        row = {}
+        for what in ("lazy", "list"):
+            res = run_child([sys.executable, "-c", _ENUMERATE, what, str(trees[n])])
+            assert int(res["stdout"].split()[-1]) == n, res["stdout"]
+            row[f"enumerate_{what}"] = res["rss_mb"]
+        # with the progress bar (to a file), so its counting walk is measured too
+        predict = [sys.executable, "-m", "imgcls.cli", "predict", str(model), str(trees[n]), "--overwrite", "--out"]
+        res = run_child(predict + [str(work / f"memory-{n}.csv")])
+        row["predict"], row["predict_wall"] = res["rss_mb"], res["wall"]
+        res = run_child(predict + [str(work / f"memory-{n}-shard.csv"), "--shard", "1/50"])
+        row["shard"], row["shard_wall"] = res["rss_mb"], res["wall"]
+        # an interrupted run: the last tenth of the rows gone, then --resume (the rows read back as a stream)
+        out = work / f"memory-{n}.csv"
+        lines = out.read_bytes().splitlines(keepends=True)
+        out.write_bytes(b"".join(lines[:len(lines) - n // 10]))
+        res = run_child([a for a in predict if a != "--overwrite"] + [str(out), "--resume"])
+        row["resume"], row["resume_wall"] = res["rss_mb"], res["wall"]
+        results[n] = row
+        say(f"  {n:7d} files: enumerate lazily {row['enumerate_lazy']:6.1f} MB (as a list"
+            f" {row['enumerate_list']:6.1f} MB); predict all {row['predict']:6.1f} MB in {row['predict_wall']:5.0f} s"
+            f" ({n / row['predict_wall']:.0f} img/s); --shard 1/50 {row['shard']:6.1f} MB in {row['shard_wall']:4.0f} s;"
+            f" --resume of the last tenth {row['resume']:6.1f} MB  ({load()})")
+    if len(sizes) >= 2:
+        a, b = sizes[-2], sizes[-1]
+        for key in ("enumerate_lazy", "enumerate_list", "predict", "shard", "resume"):
+            say(f"  {key}: {b} files - {a} files = {results[b][key] - results[a][key]:+.1f} MB"
+                + ("   [bar <= +50 MB]" if key in ("predict", "shard", "resume") else ""))
+    return results
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -565,7 +676,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=Path("/tmp/imgcls-bench"), help="images and run directory")
     parser.add_argument("--run", type=Path, help="run directory (default: <root>/run-lite0, made by make_run.py)")
     parser.add_argument("--parts", nargs="+", default=["e2e", "engine", "rss", "threads", "batch"],
-                        choices=["e2e", "engine", "rss", "threads", "batch"])
+                        choices=["e2e", "engine", "rss", "threads", "batch", "memory"])
+    parser.add_argument("--memory-sizes", type=int, nargs="+", default=[1000, 10000, 200000],
+                        help="memory part: numbers of tiny files")
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32], help="batch part: sizes to compare")
     parser.add_argument("--n", type=int, default=1000, help="big images for the end-to-end comparison")
     parser.add_argument("--small-n", type=int, default=10000, help="small files for the RSS part (vs a tenth)")
@@ -592,13 +705,14 @@ def main(argv: list[str] | None = None) -> None:
     say(f"imgcls predict benchmark; {len(os.sched_getaffinity(0))} CPUs; {load()}")
     say(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     args.root.mkdir(parents=True, exist_ok=True)
-    run = make_run(args.run or args.root / "run-lite0")
-    need_big = max(args.n if "e2e" in args.parts else 0,
-                   args.batch + args.calib + args.agree_n if "engine" in args.parts else 0,
-                   args.threads_n if "threads" in args.parts else 0)
-    big = image_folders(args.root, "big", (need_big, args.n))[args.n]  # the other parts may want more than --n
-    big_all = args.root / "big"
-    say(f"run {run}; images {big} ({folder_stats(big)})")
+    if set(args.parts) - {"memory"}:  # the memory part needs neither the run nor the photos
+        run = make_run(args.run or args.root / "run-lite0")
+        need_big = max(args.n if "e2e" in args.parts else 0,
+                       args.batch + args.calib + args.agree_n if "engine" in args.parts else 0,
+                       args.threads_n if "threads" in args.parts else 0)
+        big = image_folders(args.root, "big", (need_big, args.n))[args.n]  # the other parts may want more than --n
+        big_all = args.root / "big"
+        say(f"run {run}; images {big} ({folder_stats(big)})")
     results: dict = {"load_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="imgcls-bench-") as tmp:
         work = Path(tmp)
@@ -612,6 +726,8 @@ def main(argv: list[str] | None = None) -> None:
             results["threads"] = part_threads(args, run, big_all)
         if "batch" in args.parts:
             results["batch"] = part_batch(args, run, big, work)
+        if "memory" in args.parts:
+            results["memory"] = part_memory(args, args.root, work)
     results["load_end"] = os.getloadavg()
     say(f"\n{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}"
         f"   (benchmark took {time.perf_counter() - t_start:.0f} s)")

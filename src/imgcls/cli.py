@@ -76,20 +76,31 @@ def cmd_eval(args) -> None:
 
 def cmd_predict(args) -> None:
     from .predict import check_options, load, predict_to_file
+    from .shards import parse_shard
 
     check_options(args.batch_size, args.top_k)  # before the model loads or any file is touched
+    parse_shard(args.shard, args.shard_by)
     predictor = load(args.run, backend=args.backend).with_threshold(args.threshold)
     log.info("engine: %s", predictor.backend)
     result = predict_to_file(predictor, args.inputs, args.out, format=args.format, batch_size=args.batch_size,
                              top_k=args.top_k, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                              events=args.events, event_gap=args.event_gap, aggregate=args.aggregate, media=args.media,
-                             sort_into=args.sort_into, sort_mode=args.sort_mode)
+                             sort_into=args.sort_into, sort_mode=args.sort_mode, shard=args.shard,
+                             shard_by=args.shard_by)
     kept = f" (+ {result['kept']} kept from before)" if result["kept"] else ""
+    shard = f" [shard {result['shard']}]" if result["shard"] else ""
     unreadable = f" ({result['errors']} unreadable, see the error column)" if result["errors"] else ""
-    print(f"{result['images']} images{kept} -> {result['format']}: {', '.join(result['files'])}{unreadable}")
+    print(f"{result['images']} images{kept}{shard} -> {result['format']}: {', '.join(result['files'])}{unreadable}")
     if result["sorted"] is not None:
         piles = ", ".join(f"{folder} {n}" for folder, n in sorted(result["sorted"].items()))
         print(f"sorted ({args.sort_mode}) into {args.sort_into}: {piles}")
+
+
+def cmd_merge(args) -> None:
+    from .merge import merge
+
+    result = merge(args.parts, args.out, overwrite=args.overwrite)
+    print(f"{result['rows']} images from {result['parts']} parts -> {result['format']}: {', '.join(result['files'])}")
 
 
 def cmd_thresholds(args) -> None:
@@ -240,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .aggregate import AGGREGATES
     from .data.events import DEFAULT_GAP
     from .outputs import FORMATS, SORT_MODES
+    from .shards import SHARD_BY
 
     p = sub.add_parser("predict", help="classify files, folders (recursive) or a CSV of paths")
     p.add_argument("run", help="run directory, model.safetensors or model.onnx")
@@ -275,11 +287,24 @@ def build_parser() -> argparse.ArgumentParser:
         how.add_argument(f"--{mode}", dest="sort_mode", action="store_const", const=mode,
                          help=f"--sort-into makes {'symbolic links (default)' if mode == 'link' else 'copies'}")
     p.set_defaults(sort_mode=next(iter(SORT_MODES)))
+    p.add_argument("--shard", metavar="K/N",
+                   help="predict only share K (1..N) of the inputs, chosen by a stable hash; each shard is its own"
+                        " --out, joined by `imgcls merge` (SLURM: --shard ${SLURM_ARRAY_TASK_ID}/N)")
+    p.add_argument("--shard-by", choices=list(SHARD_BY), default="path",
+                   help="--shard hashes each file's path (default), or its folder, so a camera's folder and its"
+                        " events stay in one shard")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="--out exists (an interrupted run): keep its rows, predict only the images it lacks")
     again.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("merge", help="join the outputs of `imgcls predict --shard K/N` (or other outputs of one model)"
+                                    " into one")
+    p.add_argument("parts", nargs="+", help="the outputs to merge (each with its OUT.meta.json), e.g. out/part_*.csv")
+    p.add_argument("--out", required=True, help="the merged output (same format as the parts)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("thresholds", help="choose a class's threshold on labelled data for a review budget"
                                          " (e.g. how many empty frames to set aside unseen)")

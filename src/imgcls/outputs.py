@@ -15,6 +15,9 @@ are inputs 1..k (checked path by path); a last row cut by a crash is
 truncated, an unreadable row elsewhere is an error.  The output is locked
 (``OUT.lock``) for the whole run.
 
+Beside every output, ``OUT.meta.json`` (:mod:`imgcls.fingerprint`) says which
+model file and options wrote it; the final files carry its fingerprints too.
+
 ``--aggregate`` (events) and the whole-file formats keep every class's
 probability in the rows, so event rows and final files are made from the row
 file alone, whatever part of it an earlier, interrupted run wrote.
@@ -31,6 +34,7 @@ import json
 import logging
 import mimetypes
 import os
+import re
 import shutil
 import stat
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +100,7 @@ class Job:
     media: MediaTable | None = None         # camtrapdp --media
     base: Path | None = None                # MegaDetector paths are relative to this folder
     version: str = ""
+    fingerprint: dict | None = None         # the sidecar's fingerprints (imgcls.fingerprint), in the final files
     finished: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def decision(self, label: str | None, prob: float | None) -> str | None:
@@ -138,7 +143,7 @@ def event_rows(job: Job, rows: list[dict]) -> list[dict]:
 def _write_events_csv(job: Job, rows: list[dict]) -> list[Path]:
     events = [{k: ("" if v is None else v) for k, v in e.items()} for e in event_rows(job, rows)]
     path = events_path(job.out)
-    rundir.atomic_write(path, _csv_text(_event_columns(job), events))
+    rundir.atomic_write(path, csv_text(_event_columns(job), events))
     return [path]
 
 
@@ -177,7 +182,8 @@ def megadetector(job: Job, rows: list[dict]) -> dict:
     info = {"format_version": MEGADETECTOR_VERSION, "classifier": job.model,
             "classification_completion_time": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
             "classifier_metadata": {"tool": f"imgcls {job.version}".strip(), "whole_image": True,
-                                    "empty_class": empty, "thresholds": job.thresholds or None}}
+                                    "empty_class": empty, "thresholds": job.thresholds or None,
+                                    "fingerprint": job.fingerprint}}
     return {"info": info, "detection_categories": {"1": "animal"},
             "classification_categories": {index[label]: label for label in job.labels}, "images": images}
 
@@ -198,11 +204,11 @@ def _write_megadetector(job: Job, rows: list[dict]) -> list[Path]:
     return [job.out]
 
 
-def _check_megadetector(out: Path, records: list[Record]) -> bool:
+def _check_megadetector(out: Path, count: Callable[[], int]) -> bool:
     """A finished MegaDetector file of these inputs (the journal is gone once it is written)."""
     try:
         data = json.loads(out.read_text(encoding="utf-8", errors="surrogateescape"))
-        return isinstance(data, dict) and len(data["images"]) == len(records) and "format_version" in data["info"]
+        return isinstance(data, dict) and "format_version" in data["info"] and len(data["images"]) == count()
     except (ValueError, KeyError, TypeError):
         return False
 
@@ -313,7 +319,7 @@ def _observation(job, empty, obs_id, deployment, media_id, event, start, end, le
     return row
 
 
-def _csv_text(columns: list[str], rows: list[dict]) -> str:
+def csv_text(columns: list[str], rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\r\n")
     writer.writeheader()
@@ -329,8 +335,8 @@ def _write_camtrapdp(job: Job, rows: list[dict]) -> list[Path]:
     media, observations = camtrap_tables(job, rows, times)
     folder = job.out
     folder.mkdir(parents=True, exist_ok=True)
-    rundir.atomic_write(folder / "observations.csv", _csv_text(OBSERVATION_COLUMNS, observations))
-    rundir.atomic_write(folder / "media.csv", job.media.text if job.media else _csv_text(MEDIA_COLUMNS, media))
+    rundir.atomic_write(folder / "observations.csv", csv_text(OBSERVATION_COLUMNS, observations))
+    rundir.atomic_write(folder / "media.csv", job.media.text if job.media else csv_text(MEDIA_COLUMNS, media))
     table = "https://raw.githubusercontent.com/tdwg/camtrap-dp/1.0/{}-table-schema.json"
     package = {
         "profile": CAMTRAP_PROFILE, "name": folder.name.lower() or "imgcls-predictions", "created": job.finished,
@@ -340,13 +346,13 @@ def _write_camtrapdp(job: Job, rows: list[dict]) -> list[Path]:
         "imgcls": {"version": job.version, "model": job.model, "labels": job.labels,
                    "media": str(job.media.path) if job.media else None,
                    "deployments": "given by --media" if job.media else "the folder name of each image (its camera)",
-                   "aggregate": job.aggregate},
+                   "aggregate": job.aggregate, "fingerprint": job.fingerprint},
     }
     rundir.atomic_write(folder / "datapackage.json", json.dumps(package, indent=2, ensure_ascii=False))
     return [folder / "observations.csv", folder / "media.csv", folder / "datapackage.json"]
 
 
-def _check_camtrapdp(out: Path, records: list[Record]) -> bool:
+def _check_camtrapdp(out: Path, count: Callable[[], int]) -> bool:
     try:
         return "imgcls" in json.loads((out / "datapackage.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -364,7 +370,8 @@ class Format:
     rows: type                                           # CsvRows or JsonlRows
     final: Callable[[Job, list[dict]], list[Path]] | None  # whole file(s) from the journal; None: the row file is it
     events: Callable[[Job, list[dict]], list[Path]] | None  # event rows beside (None: final writes them, or none)
-    finished: Callable[[Path, list[Record]], bool] | None = None  # a final output already there is a finished run
+    finished: Callable[[Path, Callable[[], int]], bool] | None = None  # a final output there is a finished run
+                                                         # (given a function counting the inputs)
     folder: bool = False                                 # the output is a folder
 
     @property
@@ -408,14 +415,35 @@ def check_output_path(out: Path, fmt: Format) -> None:
         raise UserError(f"{out} exists and is not a regular file; --out must name a {fmt.name} file to write")
 
 
-def check_final(job: Job, journal_kept: bool, resume: bool, overwrite: bool) -> bool:
+def output_files(out: Path, fmt: Format, aggregate: str | None) -> list[Path]:
+    """The files a finished run leaves (the sidecar lists them)."""
+    if fmt.folder:
+        return [out / "observations.csv", out / "media.csv", out / "datapackage.json"]
+    return [out, *([events_path(out)] if aggregate and fmt.events else [])]
+
+
+def remove_stale_temps(files: list[Path]) -> None:
+    """Remove the temp files (``rundir.atomic_write``'s ``.NAME.XXXXXXXX``) that a kill in the middle of
+    writing one of ``files`` left beside it; called under the output lock, so none is being written."""
+    for path in files:
+        pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")
+        try:
+            names = [e.name for e in os.scandir(path.parent) if pattern.fullmatch(e.name) and e.is_file()]
+        except OSError:
+            continue
+        for name in names:
+            (path.parent / name).unlink(missing_ok=True)
+
+
+def check_final(job: Job, journal_kept: bool, resume: bool, overwrite: bool, count: Callable[[], int]) -> bool:
     """For a whole-file format: True when the output is already finished (nothing to do); UserErrors for an
-    output that must not be replaced.  ``journal_kept``: the journal holds rows (an interrupted run)."""
+    output that must not be replaced.  ``journal_kept``: the journal holds rows (an interrupted run);
+    ``count``: counts the inputs."""
     out, fmt = job.out, job.format
     exists = out.exists() and (not fmt.folder or any(out.iterdir()))
     if not exists or overwrite or journal_kept:
         return False
-    if not fmt.finished(out, job.records):
+    if not fmt.finished(out, count):
         raise UserError(f"{out} already exists and is not imgcls {fmt.name} output of these inputs; choose another"
                         " --out, or add --overwrite to replace it")
     if not resume:

@@ -23,22 +23,25 @@ from a ``model.onnx`` file works with the runtime install alone.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+import threading
+from dataclasses import asdict, dataclass, field, replace
+from itertools import chain
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import __version__, outputs, rundir, tasks
+from . import __version__, fingerprint, outputs, rundir, tasks
 from .aggregate import check_aggregate
 from .data.events import DEFAULT_GAP, group_events
 from .data.preprocess import Preprocess
 from .data.records import Record
-from .data.sources import collect_inputs
+from .data.sources import collect_inputs, keyed_inputs
 from .engines import OnnxEngine, TorchEngine, stream_logits
 from .errors import UserError
 from .rowfiles import output_lock
+from .shards import Shard, parse_shard, select
 from .system import cuda_available, resolve_device
 from .thresholds import check_threshold, decide, load_thresholds
 
@@ -63,6 +66,15 @@ class Predictor:
     source: str = ""                # the file or run it was loaded from
     task: str = tasks.DEFAULT       # imgcls.tasks: how logits become probabilities and rows
     label_sep: str = tasks.DEFAULT_SEP  # multilabel: joins the labels of a row
+    model_file: str = ""            # the model file that runs: its sha256 fingerprints every output
+    _sha256: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def model_meta(self) -> dict:
+        """What the rows depend on: the model file's sha256 (hashed once), name, task, labels, preprocessing."""
+        if self._sha256 is None and self.model_file:
+            self._sha256 = fingerprint.file_sha256(self.model_file)
+        return {"file": self.model_file or None, "sha256": self._sha256, "name": self.model_name,
+                "task": self.task, "labels": list(self.labels), "preprocess": asdict(self.preprocess)}
 
     def classifier_name(self) -> str:
         """How output files name the model (MegaDetector's ``classifier``, Camtrap DP's ``classifiedBy``)."""
@@ -91,7 +103,7 @@ class Predictor:
         """Yield one row per input, in input order (columns: :func:`row_columns`; ``events``: the record's
         group as the ``event`` column)."""
         check_options(batch_size, top_k)
-        records = [r if isinstance(r, Record) else Record(Path(r)) for r in inputs]
+        records = (r if isinstance(r, Record) else Record(Path(r)) for r in inputs)  # lazy: memory stays flat
         top_k = min(top_k, len(self.labels))
         for record, probs, error in self.iter_probs(records, batch_size, workers):
             if tasks.TASKS[self.task].label_sets:  # multilabel: each label's probability and the set that passes
@@ -155,7 +167,7 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
                     batch_size: int | None = None, top_k: int = 1, progress: bool = True, resume: bool = False,
                     overwrite: bool = False, events: bool = False, event_gap: float = DEFAULT_GAP,
                     aggregate: str | None = None, media: str | Path | None = None, sort_into: str | Path | None = None,
-                    sort_mode: str = "link") -> dict:
+                    sort_mode: str = "link", shard: str | Shard | None = None, shard_by: str = "path") -> dict:
     """Write predictions to ``out`` row by row, in input order; returns counts and the files written.
 
     ``format`` (csv, jsonl, megadetector, camtrapdp; default from the extension
@@ -164,7 +176,14 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
     never replaced silently: ``resume`` keeps its rows and predicts the inputs
     after them, and ``overwrite`` starts it again; with neither it is an error
     (unless it is our header alone).  Options and inputs are checked before
-    ``out`` is touched, and ``out`` is locked for the whole run.
+    ``out`` is touched, and ``out`` is locked for the whole run.  The sidecar
+    ``OUT.meta.json`` (:mod:`imgcls.fingerprint`) records the model and options
+    before the first row; ``resume`` with another model or options is refused.
+
+    Inputs are enumerated lazily (:func:`imgcls.data.sources.keyed_inputs`), so
+    memory does not grow with their number; ``events`` and ``media`` need them
+    all at once and hold one list.  ``shard`` (``"K/N"`` or a :class:`Shard`,
+    ``shard_by`` path | folder): only that deterministic share of the inputs.
 
     ``events``: an ``event`` column from :func:`imgcls.data.events.group_events`
     (per camera folder, EXIF times within ``event_gap`` seconds); ``aggregate``
@@ -176,6 +195,8 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
     check_options(batch_size, top_k)
     if aggregate is not None:
         check_aggregate(aggregate)
+    shard = shard if isinstance(shard, Shard) else parse_shard(shard, shard_by)
+    inputs = list(inputs)
     out = Path(out)
     fmt = outputs.resolve_format(out, format)
     if tasks.TASKS[predictor.task].label_sets and (fmt.whole or events or aggregate is not None
@@ -192,12 +213,20 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
     events = events or aggregate is not None
     if fmt.name == "camtrapdp" and events and aggregate is None:
         aggregate = "mean"  # Camtrap DP has event-level observations: events on means event rows
-    records = collect_inputs(inputs)
-    table = outputs.read_media(media, records) if media is not None else None
-    if events:
-        records, report = group_events(records, event_gap)
-        log.info("capture events: %d in %d images (%d frames timed by EXIF, %d by file time)", report.events,
-                 len(records), report.from_exif, report.from_mtime)
+    if events and shard is not None and shard.by != "folder":
+        log.warning("--shard %s by path may put the frames of one capture event in two shards; --shard-by folder"
+                    " keeps each camera folder (and its events) in one shard", shard)
+    records, total = _inputs(inputs, shard)
+    table = None
+    if events or media is not None:  # both need every input at once: one list
+        records = list(records)
+        total = (lambda n: lambda: n)(len(records))
+        table = outputs.read_media(media, records) if media is not None else None
+        if events:
+            records, report = group_events(records, event_gap)
+            log.info("capture events: %d in %d images (%d frames timed by EXIF, %d by file time)", report.events,
+                     len(records), report.from_exif, report.from_mtime)
+        records = iter(records)
     labels = predictor.labels
     # final files and event rows are made from the rows alone: they keep every class's probability
     top_k = len(labels) if fmt.whole or aggregate else min(top_k, len(labels))
@@ -207,36 +236,78 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
     out.parent.mkdir(parents=True, exist_ok=True)
     row_path = outputs.journal_path(out) if fmt.whole else out
     rows_file = fmt.rows(row_path, columns, _is_our_header)
+    meta = fingerprint.build(
+        predictor.model_meta(),
+        {"format": fmt.name, "top_k": top_k, "thresholds": dict(predictor.thresholds) or None, "events": events,
+         "event_gap": event_gap if events else None, "aggregate": aggregate,
+         "media": str(media) if media is not None else None},
+        {"inputs": [str(i) for i in inputs]}, shard.to_dict() if shard else None, __version__,
+        [str(f) for f in outputs.output_files(out, fmt, aggregate)])
     single = Path(inputs[0]) if len(inputs) == 1 and Path(inputs[0]).is_dir() else None
-    job = outputs.Job(out, fmt, list(labels), predictor.classifier_name(), dict(predictor.thresholds), records,
-                      aggregate, table, single, __version__)
+    job = outputs.Job(out, fmt, list(labels), predictor.classifier_name(), dict(predictor.thresholds), [],
+                      aggregate, table, single, __version__, fingerprint=meta["fingerprint"])
     batch_size = predictor.batch_size if batch_size is None else batch_size
-    result = {"images": 0, "errors": 0, "kept": 0, "out": str(out), "format": fmt.name, "files": [], "sorted": None}
+    result = {"images": 0, "errors": 0, "kept": 0, "out": str(out), "format": fmt.name, "files": [], "sorted": None,
+              "meta": str(fingerprint.meta_path(out)), "shard": str(shard) if shard else None}
     with output_lock(out):
-        kept = rows_file.keep(records, resume, overwrite)
-        if fmt.whole and outputs.check_final(job, row_path.exists(), resume, overwrite):
+        old = None if overwrite else fingerprint.read(out)  # --overwrite replaces even a damaged sidecar
+        kept = rows_file.keep(records, resume, overwrite, lambda: _check_meta(out, old, meta))
+        if fmt.whole and outputs.check_final(job, row_path.exists(), resume, overwrite, total):
+            _check_meta(out, old, meta)
             log.info("%s is finished (its journal is gone); nothing to resume", out)
-            return {**result, "kept": len(records), "files": [str(out)]}
+            count = total()
+            if not (old or {}).get("complete"):  # killed between the final file and its sidecar
+                fingerprint.write(out, {**(old or meta), "complete": True, "rows": count})
+            return {**result, "kept": count, "files": [str(out)]}
+        if kept:
+            log.info("resuming %s: its %d rows are the first %d inputs, skipped", row_path, kept, kept)
+        if kept and (old is None or "rows_before_meta" in old):  # rows no sidecar vouches for
+            meta["rows_before_meta"] = kept if old is None else old["rows_before_meta"]
+        fingerprint.write(out, meta)  # before the first row; "complete" only once the run has finished
         result["kept"] = kept
-        result["images"], result["errors"] = _write_rows(predictor, records[kept:], rows_file, kept, batch_size,
-                                                         top_k, events, progress)
+        result["images"], result["errors"] = _write_rows(predictor, records, rows_file, kept, batch_size, top_k,
+                                                         events, progress, total)
         rows = rows_file.read() if fmt.whole or aggregate or sort_into is not None else None
         if fmt.whole:
+            job.records = [Record(Path(row["path"]), group=row.get("event")) for row in rows]
             files = fmt.final(job, rows)
             row_path.unlink()  # after the final file is in place: a kill before this resumes from the journal
         else:
             files = [out, *(fmt.events(job, rows) if aggregate else [])]
         result["files"] = [str(f) for f in files]
+        fingerprint.write(out, {**meta, "complete": True, "rows": kept + result["images"]})
+        outputs.remove_stale_temps([*map(Path, meta["files"]), fingerprint.meta_path(out)])
     if sort_into is not None:
         result["sorted"] = outputs.sort_into(rows, sort_into, sort_mode)
     return result
 
 
-def _write_rows(predictor: Predictor, records: list[Record], rows_file, kept: int, batch_size: int, top_k: int,
-                events: bool, progress: bool) -> tuple[int, int]:
+def _inputs(inputs: list, shard: Shard | None):
+    """(a lazy iterator of the records to predict, a function counting them by a second walk); a
+    UserError when the inputs hold no image at all (an empty shard is a legitimate, empty output)."""
+    keyed = keyed_inputs(inputs)
+    head = next(keyed, None)
+    if head is None:
+        raise UserError(f"no images found in {', '.join(map(str, inputs))}")
+    records = select(chain([head], keyed), shard)
+    return records, lambda: sum(1 for _ in select(keyed_inputs(inputs), shard))
+
+
+def _check_meta(out: Path, old: dict | None, new: dict) -> None:
+    if old is None:
+        log.warning("%s has rows but no %s (an older imgcls wrote it): resuming without checking that the same"
+                    " model wrote them", out, fingerprint.meta_path(out).name)
+        return
+    fingerprint.check_resume(out, old, new)
+
+
+def _write_rows(predictor: Predictor, records: Iterator[Record], rows_file, kept: int, batch_size: int, top_k: int,
+                events: bool, progress: bool, total: Callable[[], int] | None = None) -> tuple[int, int]:
     done = errors = 0
     with rows_file.open(kept) as writer:
-        bar = tqdm(total=len(records), unit="img", desc="predict", disable=not progress)
+        bar = tqdm(initial=kept, unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
+        if progress and total is not None:
+            _count_in_background(bar, total)
         try:
             for row in predictor.iter_predict(records, batch_size, top_k, events=events):
                 writer.write(row)
@@ -252,6 +323,18 @@ def _write_rows(predictor: Predictor, records: list[Record], rows_file, kept: in
         finally:
             bar.close()
     return done, errors
+
+
+def _count_in_background(bar, total: Callable[[], int]) -> None:
+    """The bar shows the rate at once, and an ETA once a second walk over the inputs (names only, in a
+    thread beside the prediction) has counted them."""
+    def count():
+        try:
+            bar.total = total()
+        except Exception:  # noqa: BLE001 - the count only feeds the bar; the prediction reports real errors
+            pass
+
+    threading.Thread(target=count, daemon=True, name="imgcls-count").start()
 
 
 def _is_our_header(fields: list[str]) -> bool:
@@ -299,9 +382,9 @@ def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predi
         if path.suffix == ".onnx":
             if backend == "torch":
                 raise UserError(f"{path} is an ONNX file; it runs on --backend onnx only")
-            return replace(_onnx_predictor(path), source=str(path))
+            return replace(_onnx_predictor(path), source=str(path), model_file=str(path))
         if path.suffix == ".safetensors":
-            return replace(_torch_predictor(path, device), source=str(path))
+            return replace(_torch_predictor(path, device), source=str(path), model_file=str(path))
         raise UserError(f"{path}: expected a run directory, a .safetensors or an .onnx file")
     onnx_file = path / rundir.ONNX
     if backend == "onnx" or (backend == "auto" and onnx_file.exists() and device in ("auto", "cpu")
@@ -309,8 +392,10 @@ def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predi
         if not onnx_file.exists():
             raise UserError(f"{path} has no {rundir.ONNX}; create it with `imgcls export {path}`")
         predictor = _onnx_predictor(onnx_file)
+        predictor.model_file = str(onnx_file)
     else:
         predictor = _torch_predictor(path / rundir.WEIGHTS, device)
+        predictor.model_file = str(path / rundir.WEIGHTS)
     predictor.thresholds = load_thresholds(path) or predictor.thresholds  # `imgcls thresholds`, training's
     predictor.source = str(path)
     return predictor

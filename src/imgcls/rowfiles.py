@@ -4,7 +4,8 @@ A row file is ``csv`` (a header, then one row per image) or JSON Lines (one
 JSON object per image, numbers as numbers, missing values null).  Rows are
 written in input order and flushed batch by batch, so a kill at any moment
 loses at most the batch in flight.  ``--resume`` keys on position: the k
-complete rows in the file are inputs 1..k (checked path by path), and the
+complete rows in the file are inputs 1..k (checked path by path, the file
+read back as a stream beside the lazy inputs, so memory stays flat), and the
 run goes on from input k + 1.  A last row cut by a kill is truncated away;
 an unreadable row anywhere else is an error, and a file this command did not
 write is never touched.  :func:`output_lock` keeps two runs from writing one
@@ -23,7 +24,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from .data.records import Record
 from .errors import UserError
@@ -60,8 +61,11 @@ class CsvRows:
     def __init__(self, path: Path, columns: list[str], is_ours: Callable[[list[str]], bool]):
         self.path, self.columns, self.is_ours = path, columns, is_ours
 
-    def keep(self, records: list[Record], resume: bool, overwrite: bool) -> int:
-        """How many inputs the file already holds (0: write it afresh); UserErrors for files not to be touched."""
+    def keep(self, records: Iterator[Record], resume: bool, overwrite: bool,
+             check: Callable[[], None] | None = None) -> int:
+        """How many inputs the file already holds (0: write it afresh), taken from ``records`` (an
+        iterator: those inputs are consumed, checked against the rows); UserErrors for files not to be
+        touched.  ``check``: called before the rows are read, once the file is known to be ours."""
         out = self.path
         if overwrite or self._replaceable():
             return 0
@@ -80,9 +84,9 @@ class CsvRows:
             raise UserError(f"{out} has columns {', '.join(header)}, not {', '.join(self.columns)} (another --top-k,"
                             " --events/--aggregate, or thresholds added or removed?);"
                             " resume with the options that wrote it, or use --overwrite")
-        done = self._complete_rows()
-        check_same_inputs(out, done, records)
-        return len(done)
+        if check is not None:
+            check()
+        return check_same_inputs(out, self._complete_rows(), records)
 
     @contextmanager
     def open(self, kept: int):
@@ -118,31 +122,43 @@ class CsvRows:
             except csv.Error:
                 return []
 
-    def _complete_rows(self) -> list[str]:
-        """The paths of the complete rows, in order.  A last row cut off by a crash (the bytes do not read
-        back as the row the csv module writes) is truncated away; an unreadable row anywhere else is an error."""
+    def _complete_rows(self) -> Iterator[str]:
+        """The paths of the complete rows, in order, read as a stream.  A last row cut off by a crash (the
+        bytes do not read back as the row the csv module writes) is truncated away once the rows are all
+        read; an unreadable row anywhere else is an error."""
         out, columns = self.path, self.columns
-        text = out.read_bytes().decode("utf-8", "surrogateescape")
-        paths = []
-        reader, consumed = _counting_reader(text)
-        next(reader)  # the header, already checked
-        good_end = consumed()
-        line = 2
-        try:
-            for fields in reader:
-                chunk, good = text[good_end:consumed()], len(fields) == len(columns)
-                if not good or _csv_line(fields).rstrip("\r\n") != chunk.rstrip("\r\n") or not chunk.endswith("\n"):
-                    if consumed() < len(text):  # only the last row may be cut off
-                        raise UserError(f"{out}:{line}: not a row imgcls predict wrote; fix or delete that line,"
-                                        " or use --overwrite")
-                    break
-                paths.append(fields[0])
-                good_end = consumed()
-                line += chunk.count("\n")
-        except csv.Error as err:
-            raise UserError(f"{out}:{line}: not a CSV row ({err}); fix or delete that line, or use --overwrite") from None
-        _truncate(out, text, good_end)
-        return paths
+        size = out.stat().st_size
+        pieces: list[str] = []  # the text of the record being read
+        consumed = [0]          # bytes read so far
+
+        def lines(handle):  # the reader pulls one line at a time and never reads past the end of a record
+            for piece in handle:
+                consumed[0] += len(piece.encode("utf-8", "surrogateescape"))
+                pieces.append(piece)
+                yield piece
+
+        with out.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            reader = csv.reader(lines(handle))
+            next(reader)  # the header, already checked
+            pieces.clear()
+            good_end, line = consumed[0], 2
+            try:
+                for fields in reader:
+                    chunk = "".join(pieces)
+                    pieces.clear()
+                    good = len(fields) == len(columns)
+                    if not good or _csv_line(fields).rstrip("\r\n") != chunk.rstrip("\r\n") or not chunk.endswith("\n"):
+                        if consumed[0] < size:  # only the last row may be cut off
+                            raise UserError(f"{out}:{line}: not a row imgcls predict wrote; fix or delete that"
+                                            " line, or use --overwrite")
+                        break
+                    yield fields[0]
+                    good_end = consumed[0]
+                    line += chunk.count("\n")
+            except csv.Error as err:
+                raise UserError(f"{out}:{line}: not a CSV row ({err}); fix or delete that line, or use"
+                                " --overwrite") from None
+        _truncate(out, size, good_end)
 
 
 class JsonlRows:
@@ -154,14 +170,18 @@ class JsonlRows:
     def __init__(self, path: Path, columns: list[str], is_ours: Callable[[list[str]], bool]):
         self.path, self.columns, self.is_ours = path, columns, is_ours
 
-    def keep(self, records: list[Record], resume: bool, overwrite: bool) -> int:
+    def keep(self, records: Iterator[Record], resume: bool, overwrite: bool,
+             check: Callable[[], None] | None = None) -> int:
         out = self.path
         if overwrite or not out.exists() or out.stat().st_size == 0:
             return 0
-        text = out.read_bytes().decode("utf-8", "surrogateescape")
-        first = _json_row(text.split("\n", 1)[0])
+        with out.open("rb") as handle:
+            head = handle.readline()
+            whole = not handle.read(1)
+        text = head.decode("utf-8", "surrogateescape")
+        first = _json_row(text.rstrip("\n")) if text.endswith("\n") else None
         # our rows start with the path; a first row cut by a kill is ours too (and is truncated on resume)
-        cut_first = first is None and "\n" not in text and text.startswith(ROW_START)
+        cut_first = first is None and whole and not text.endswith("\n") and text.startswith(ROW_START)
         ours = cut_first or first is not None and self.is_ours(list(first))
         if not resume:
             if ours:
@@ -176,25 +196,24 @@ class JsonlRows:
             raise UserError(f"{out} has fields {', '.join(first)}, not {', '.join(self.columns)} (another --top-k,"
                             " --format, --events/--aggregate, or thresholds added or removed?);"
                             " resume with the options that wrote it, or use --overwrite")
-        done = self._complete_rows(text)
-        check_same_inputs(out, done, records)
-        return len(done)
+        if check is not None:
+            check()
+        return check_same_inputs(out, self._complete_rows(), records)
 
-    def _complete_rows(self, text: str) -> list[str]:
-        paths, good_end, start = [], 0, 0
-        for number, line in enumerate(text.split("\n"), start=1):
-            end = start + len(line)
-            complete = end < len(text)  # a newline follows
-            row = _json_row(line) if complete else None
-            if row is None or list(row) != self.columns:
-                if complete and end + 1 < len(text):  # only the last row may be cut off
-                    raise UserError(f"{self.path}:{number}: not a row imgcls predict wrote; fix or delete that"
-                                    " line, or use --overwrite")
-                break
-            paths.append(row["path"])
-            good_end = start = end + 1
-        _truncate(self.path, text, good_end)
-        return paths
+    def _complete_rows(self) -> Iterator[str]:
+        size, good_end = self.path.stat().st_size, 0
+        with self.path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                complete = raw.endswith(b"\n")  # JSON escapes newlines: a complete row ends with one
+                row = _json_row(raw[:-1].decode("utf-8", "surrogateescape")) if complete else None
+                if row is None or list(row) != self.columns:
+                    if complete and good_end + len(raw) < size:  # only the last row may be cut off
+                        raise UserError(f"{self.path}:{number}: not a row imgcls predict wrote; fix or delete"
+                                        " that line, or use --overwrite")
+                    break
+                yield row["path"]
+                good_end += len(raw)
+        _truncate(self.path, size, good_end)
 
     @contextmanager
     def open(self, kept: int):
@@ -223,23 +242,10 @@ def _json_row(line: str) -> dict | None:
     return row if isinstance(row, dict) and "path" in row else None
 
 
-def _truncate(out: Path, text: str, good_end: int) -> None:
-    if good_end < len(text):  # killed mid-row: keep whole rows only
+def _truncate(out: Path, size: int, good_end: int) -> None:
+    if good_end < size:  # killed mid-row: keep whole rows only
         with out.open("r+b") as handle:
-            handle.truncate(len(text[:good_end].encode("utf-8", "surrogateescape")))
-
-
-def _counting_reader(text: str):
-    """A csv reader over ``text`` and a function telling how many characters it has consumed
-    (the reader pulls one line at a time and never reads past the end of a record)."""
-    count = [0]
-
-    def lines():
-        for piece in io.StringIO(text, newline=""):
-            count[0] += len(piece)
-            yield piece
-
-    return csv.reader(lines()), lambda: count[0]
+            handle.truncate(good_end)
 
 
 def _csv_line(fields: list[str]) -> str:
@@ -248,16 +254,22 @@ def _csv_line(fields: list[str]) -> str:
     return buffer.getvalue()
 
 
-def check_same_inputs(out: Path, done: list[str], records: list[Record]) -> None:
-    """Row i of ``out`` must be input i: otherwise the file was written for other inputs."""
+def check_same_inputs(out: Path, done: Iterable[str], records: Iterator[Record]) -> int:
+    """Row i of ``out`` must be input i: otherwise the file was written for other inputs.  Takes one input
+    from ``records`` per row, streaming both; returns how many rows there are."""
     fix = "resume with the inputs (and order) that wrote it, or use --overwrite"
-    if len(done) > len(records):
-        raise UserError(f"{out} holds {len(done)} rows but there are only {len(records)} inputs; it was written"
-                        f" for other inputs: {fix}")
-    for i, (written, record) in enumerate(zip(done, records), start=1):
+    count = 0
+    for written in done:
+        record = next(records, None)
+        if record is None:
+            more = count + 1 + sum(1 for _ in done)
+            raise UserError(f"{out} holds {more} rows but there are only {count} inputs; it was written"
+                            f" for other inputs: {fix}")
+        count += 1
         if not _same_input(written, record.path):
-            raise UserError(f"{out}: row {i} is {written!r} but input {i} is {str(record.path)!r}; the file was"
-                            f" written for other inputs: {fix}")
+            raise UserError(f"{out}: row {count} is {written!r} but input {count} is {str(record.path)!r}; the"
+                            f" file was written for other inputs: {fix}")
+    return count
 
 
 def _same_input(written: str, path: Path) -> bool:

@@ -25,6 +25,7 @@ import csv
 import io
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -339,24 +340,108 @@ def load_dataset(data: str | Path, path_column: str = "path", label_column: str 
 
 
 def collect_inputs(inputs: list[str | Path], path_column: str = "path") -> list[Record]:
-    """Files, folders (recursive) or CSVs of paths -> unlabelled records, in the given order."""
-    records: list[Record] = []
-    for item in inputs:
-        item = Path(item)
-        if not item.exists():
-            raise UserError(f"{item}: no such file or folder")
-        if item.is_dir():
-            records.extend(Record(p) for p in _images_under(item))
-        elif item.suffix.lower() == ".csv":
-            columns, rows = read_csv(item)
-            if path_column not in columns:
-                raise UserError(f"{item}: no {path_column!r} column; it has {', '.join(columns) or 'no header'}")
-            for _, row in rows:
-                raw = (row[path_column] or "").strip()
-                if raw:
-                    records.append(Record(Path(raw) if Path(raw).is_absolute() else item.parent / raw))
-        else:
-            records.append(Record(item))
+    """Files, folders (recursive) or CSVs of paths -> unlabelled records, in the given order (a list:
+    :func:`iter_inputs` is the lazy form)."""
+    records = list(iter_inputs(inputs, path_column))
     if not records:
         raise UserError(f"no images found in {', '.join(map(str, inputs))}")
     return records
+
+
+def iter_inputs(inputs: list[str | Path], path_column: str = "path") -> Iterator[Record]:
+    """:func:`collect_inputs` one record at a time: folders walked lazily, CSVs read as a stream."""
+    return (record for record, _ in keyed_inputs(inputs, path_column))
+
+
+def keyed_inputs(inputs: list[str | Path], path_column: str = "path") -> Iterator[tuple[Record, str]]:
+    """``(record, key)`` per input image, lazily, in the order of :func:`collect_inputs`; ``key`` is the
+    path relative to the input it came from (a folder: below it; a CSV: as written there; a file: its
+    name), so it stays the same from another working directory or after the data moved.
+
+    Every input is checked first (it exists; a CSV has ``path_column``): the mistakes a user can fix
+    surface before the first record.  Memory does not grow with the number of files: a folder is
+    walked one directory at a time (``os.scandir``, each directory's names sorted, which is the order
+    of ``sorted(folder.rglob("*"))``), a CSV read row by row."""
+    items = [Path(item) for item in inputs]
+    for item in items:
+        if not item.exists():
+            raise UserError(f"{item}: no such file or folder")
+        if not item.is_dir() and item.suffix.lower() == ".csv":
+            _csv_path_header(item, path_column)
+    return _keyed(items, path_column)
+
+
+def _keyed(items: list[Path], path_column: str) -> Iterator[tuple[Record, str]]:
+    for item in items:
+        if item.is_dir():
+            for path, key in _walk(str(item), ""):
+                yield Record(Path(path)), key
+        elif item.suffix.lower() == ".csv":
+            for raw in _csv_paths(item, path_column):
+                yield Record(Path(raw) if Path(raw).is_absolute() else item.parent / raw), raw
+        else:
+            yield Record(item), item.name
+
+
+def _walk(folder: str, prefix: str) -> Iterator[tuple[str, str]]:
+    """(path, path below the walked root) of the images under ``folder``, hidden files and folders left
+    out, symbolic links to folders not followed; one directory's names in memory at a time."""
+    try:
+        with os.scandir(folder) as entries:
+            names, folders = [], set()
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    folders.add(entry.name)
+                    names.append(entry.name)
+                elif is_image_file(Path(entry.name)) and entry.is_file():
+                    names.append(entry.name)
+    except OSError as err:  # an unreadable folder: its images cannot be predicted, the others can
+        log.warning("%s: cannot list this folder (%s); its images are left out", folder, err.strerror or err)
+        return
+    names.sort()  # a folder's contents sort where its name does: sorted(rglob) order
+    for name in names:
+        path, key = os.path.join(folder, name), f"{prefix}{name}"
+        if name in folders:
+            yield from _walk(path, key + "/")
+        else:
+            yield path, key
+
+
+def _csv_path_header(path: Path, path_column: str) -> str:
+    """The delimiter of a CSV of paths, after checking that it has ``path_column``."""
+    try:
+        with open_regular(path) as handle:
+            head = handle.read(65536)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the CSV ({err.strerror or err}); pass a regular, readable file") from None
+    text = head.decode("utf-8-sig", "replace")
+    delimiter = _delimiter(path, text)
+    header = text.split("\n", 1)[0]
+    columns = [c.strip() for c in next(csv.reader([header.rstrip("\r")], delimiter=delimiter), [])]
+    if path_column not in columns:
+        raise UserError(f"{path}: no {path_column!r} column; it has {', '.join(columns) or 'no header'}")
+    return delimiter
+
+
+def _csv_paths(path: Path, path_column: str) -> Iterator[str]:
+    """The non-empty ``path_column`` values of a CSV, read as a stream (errors as :func:`read_csv`'s)."""
+    delimiter = _csv_path_header(path, path_column)
+    try:
+        handle = open_regular(path)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the CSV ({err.strerror or err}); pass a regular, readable file") from None
+    with io.TextIOWrapper(handle, encoding="utf-8-sig", newline="") as text:
+        reader = csv.DictReader(text, delimiter=delimiter)
+        try:
+            columns = [c.strip() if c else c for c in _csv_step(path, reader, lambda: reader.fieldnames) or []]
+            if path_column not in columns:
+                raise UserError(f"{path}: no {path_column!r} column; it has {', '.join(columns) or 'no header'}")
+            for _, row in _csv_rows(path, reader):
+                raw = (row.get(path_column) or "").strip()
+                if raw:
+                    yield raw
+        except UnicodeDecodeError:
+            _csv_text(path)  # the whole file once, to name the line that is not UTF-8
+            raise

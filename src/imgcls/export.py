@@ -45,7 +45,8 @@ import torch
 from . import rundir
 from .data.decode import ImageError, load_uint8
 from .data.records import Record
-from .engines import INPUT_NAME, OUTPUT_NAME, OnnxEngine, encode_metadata, read_onnx_props, stream_logits
+from .engines import (INPUT_NAME, OUTPUT_NAME, OnnxEngine, encode_metadata, read_onnx_props, stream_logits,
+                      temperature_metadata)
 from .errors import UserError, first_line
 from .metrics import metrics_of_stream
 from .models.classifier import Classifier
@@ -197,6 +198,7 @@ def export_onnx(
     exporter: str = "auto",
     atol: float = PARITY_ATOL,
     prebuilt=None,
+    metadata: dict[str, str] | None = None,  # more metadata_props (the temperature: engines.temperature_metadata)
 ) -> Path:
     """Export ``classifier`` (an imgcls Classifier) to one ONNX file and check it.
 
@@ -238,7 +240,7 @@ def export_onnx(
         raise UserError(f"the model has {num_classes} outputs but {len(labels)} labels were given")
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    props = encode_metadata(labels, classifier.preprocess.to_dict(), model_name)
+    props = encode_metadata(labels, classifier.preprocess.to_dict(), model_name, metadata)
     example = torch.from_numpy(np.ascontiguousarray(np.concatenate([sample, sample])[:2]))
     order = list(_EXPORTERS) if exporter == "auto" else [exporter]
     makers = [(name, lambda name=name: _EXPORTERS[name](module, example, opset or _DEFAULT_OPSET[name]),
@@ -552,7 +554,7 @@ def export_run(run: str | Path, out: str | Path | None = None, int8: bool = Fals
     sample = next(_image_batches(val[:8], spec), None)
     fp32_path = Path(out) if out and not int8 else run / rundir.ONNX
     if not int8 or not fp32_path.exists():
-        export_onnx(classifier, labels, fp32_path, meta["model"], sample=sample)
+        export_onnx(classifier, labels, fp32_path, meta["model"], sample=sample, metadata=temperature_metadata(meta))
     if not int8:
         return fp32_path
     int8_path = Path(out) if out else run / rundir.INT8

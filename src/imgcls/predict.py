@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, outputs, rundir
 from .aggregate import check_aggregate
+from .calibration import check_temperature, run_temperature
 from .data.events import DEFAULT_GAP, group_events
 from .data.preprocess import Preprocess
 from .data.records import Record
@@ -62,6 +63,7 @@ class Predictor:
     batch_size: int = CPU_BATCH     # default images per engine call (CPU_BATCH / GPU_BATCH)
     thresholds: dict = field(default_factory=dict)  # label -> threshold; rows get a decision column when set
     source: str = ""                # the file or run it was loaded from
+    temperature: float = 1.0        # probabilities = softmax(logits / temperature) (imgcls.calibration)
 
     def classifier_name(self) -> str:
         """How output files name the model (MegaDetector's ``classifier``, Camtrap DP's ``classifiedBy``)."""
@@ -70,7 +72,7 @@ class Predictor:
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N,3,S,S) -> probabilities (N,K), float64."""
-        return softmax(np.asarray(self.engine(batch), dtype=np.float64))
+        return softmax(np.asarray(self.engine(batch), dtype=np.float64) / self.temperature)
 
     def iter_logits(self, records: Iterable[Record], batch_size: int | None = None,
                     workers: int | None = None) -> Iterator[tuple[Record, np.ndarray | None, str]]:
@@ -83,7 +85,8 @@ class Predictor:
                    workers: int | None = None) -> Iterator[tuple[Record, np.ndarray | None, str]]:
         """Yield ``(record, probabilities (K,) or None, error)`` per record, in order."""
         for record, logits, error in self.iter_logits(records, batch_size, workers):
-            yield record, (None if logits is None else softmax(np.asarray(logits, dtype=np.float64))), error
+            probs = None if logits is None else softmax(np.asarray(logits, dtype=np.float64) / self.temperature)
+            yield record, probs, error
 
     def iter_predict(self, inputs: Iterable[str | Path | Record], batch_size: int | None = None, top_k: int = 1,
                      workers: int | None = None, events: bool = False) -> Iterator[dict]:
@@ -261,7 +264,8 @@ def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
     classifier, meta = Classifier.from_file(weights)
     engine = TorchEngine(classifier, device=device)
     return Predictor(engine, list(meta["labels"]), classifier.preprocess, meta["model"], f"torch ({engine.device})",
-                     GPU_BATCH if engine.device.type == "cuda" else CPU_BATCH)
+                     GPU_BATCH if engine.device.type == "cuda" else CPU_BATCH,
+                     temperature=check_temperature(meta.get("temperature", 1.0), f"{weights} (its metadata)"))
 
 
 def _onnx_predictor(path: Path) -> Predictor:
@@ -270,7 +274,7 @@ def _onnx_predictor(path: Path) -> Predictor:
         raise UserError(f"{path}: this ONNX file carries no imgcls labels/preprocessing; export it with `imgcls export`")
     on_gpu = "CUDAExecutionProvider" in engine.providers
     return Predictor(engine, list(engine.labels), engine.preprocess, engine.metadata.get("model") or "", "onnxruntime",
-                     GPU_BATCH if on_gpu else CPU_BATCH)
+                     GPU_BATCH if on_gpu else CPU_BATCH, temperature=engine.metadata.get("temperature", 1.0))
 
 
 def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predictor:
@@ -299,5 +303,6 @@ def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predi
     else:
         predictor = _torch_predictor(path / rundir.WEIGHTS, device)
     predictor.thresholds = load_thresholds(path)  # set by `imgcls thresholds`
+    predictor.temperature = run_temperature(path, predictor.temperature)  # the run's calibration.json wins
     predictor.source = str(path)
     return predictor

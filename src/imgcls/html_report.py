@@ -250,14 +250,15 @@ def _config_section(run: Path) -> str:
 def _metrics_section(metrics: dict[str, dict], calibration: dict[str, dict]) -> str:
     if not metrics:
         return "<p>No metrics in this run (val.json, test.json, eval.json).</p>"
+    top5 = any("top5_accuracy" in m for m in metrics.values())  # five classes or more
     rows = []
     for split, m in metrics.items():
         cal = calibration.get(split, {})
         rows.append([f"<b>{esc(split)}</b>", m.get("n", ""), _pct(m.get("accuracy")), _pct(m.get("balanced_accuracy")),
-                     _pct(m.get("top5_accuracy")), _num(m.get("loss")), _num(cal.get("ece_before")),
-                     _num(cal.get("ece_after"))])
-    parts = [_table(["split", "images", "accuracy", "balanced accuracy", "top-5", "loss (NLL)", "ECE",
-                     "ECE calibrated"], rows, "num")]
+                     *([_pct(m.get("top5_accuracy"))] if top5 else []), _num(m.get("loss")),
+                     _num(cal.get("ece_before")), _num(cal.get("ece_after"))])
+    parts = [_table(["split", "images", "accuracy", "balanced accuracy", *(["top-5"] if top5 else []), "loss (NLL)",
+                     "ECE", "ECE calibrated"], rows, "num")]
     parts.append('<div class="grid">')
     for split, m in metrics.items():
         per_class = [[esc(r["label"]), _num(r["precision"], 3), _num(r["recall"], 3), _num(r["f1"], 3), r["support"]]
@@ -286,16 +287,22 @@ def _caption(s: Scored, i: int, labels: list[str]) -> str:
             f"true {esc(labels[t])} {_pct(s.probs[i, t])}")
 
 
-def _galleries(s: Scored, labels: list[str], thumbs: Thumbs) -> tuple[str, str]:
-    """(the confusion matrix with its cell galleries, the mistakes / unsure galleries) of ``s``."""
-    k = len(labels)
+@dataclass
+class _Plan:
+    """What one split's page parts show: its galleries and the images of each matrix cell, best first."""
+
+    s: Scored
+    mistakes: np.ndarray
+    unsure: np.ndarray
+    confusion: np.ndarray
+    shown: list[int]
+    cells: dict[tuple[int, int], np.ndarray]
+
+
+def _plan(s: Scored, k: int) -> _Plan:
     conf = s.probs.max(1)
     wrong = np.flatnonzero(s.pred != s.truth)
     right = np.flatnonzero(s.pred == s.truth)
-    mistakes = wrong[np.argsort(-conf[wrong], kind="stable")][:GALLERY]
-    unsure = right[np.argsort(conf[right], kind="stable")][:GALLERY]
-    for i in [*mistakes, *unsure]:
-        thumbs.admit(s.paths[i])
     confusion = np.zeros((k, k), dtype=int)
     np.add.at(confusion, (s.truth, s.pred), 1)
     shown = _matrix_classes(confusion)
@@ -305,14 +312,32 @@ def _galleries(s: Scored, labels: list[str], thumbs: Thumbs) -> tuple[str, str]:
             members = np.flatnonzero((s.truth == t) & (s.pred == p))
             if len(members):  # mistakes: most confident first; right answers: least confident first
                 cells[(t, p)] = members[np.argsort(-conf[members] if t != p else conf[members], kind="stable")]
-    # the thumbnail budget goes round the cells, mistakes first, so every cell shows some of its images
-    order = sorted(cells, key=lambda tp: tp[0] == tp[1])
+    return _Plan(s, wrong[np.argsort(-conf[wrong], kind="stable")][:GALLERY],
+                 right[np.argsort(conf[right], kind="stable")][:GALLERY], confusion, shown, cells)
+
+
+def _admit(plans: list[_Plan], thumbs: Thumbs) -> None:
+    """Spend the thumbnail budget: every split's two galleries first, then round the matrix cells of all
+    splits, mistakes first, so that every cell shows some of its images."""
+    for plan in plans:
+        for i in [*plan.mistakes, *plan.unsure]:
+            thumbs.admit(plan.s.paths[i])
+    queue = [(plan, c) for plan in plans for c in sorted(plan.cells, key=lambda tp: tp[0] == tp[1])]
     depth = 0
-    while len(thumbs.css) < thumbs.cap and any(depth < len(cells[c]) for c in order):
-        for c in order:
-            if depth < len(cells[c]):
-                thumbs.admit(s.paths[cells[c][depth]])
+    while len(thumbs.css) < thumbs.cap and any(depth < len(plan.cells[c]) for plan, c in queue):
+        for plan, c in queue:
+            if depth < len(plan.cells[c]):
+                thumbs.admit(plan.s.paths[plan.cells[c][depth]])
         depth += 1
+
+
+def _galleries(plan: _Plan, labels: list[str], thumbs: Thumbs) -> tuple[str, str]:
+    """(the confusion matrix with its cell galleries, the mistakes / unsure galleries) of one split."""
+    s, confusion, shown, cells, mistakes, unsure = (plan.s, plan.confusion, plan.shown, plan.cells, plan.mistakes,
+                                                    plan.unsure)
+    k = len(labels)
+    wrong = int((s.pred != s.truth).sum())
+    right = len(s.truth) - wrong
 
     def tiles(indices) -> str:
         return "".join(thumbs.tile(s.paths[i], _caption(s, i, labels), "bad" if s.pred[i] != s.truth[i] else "")
@@ -347,9 +372,9 @@ def _galleries(s: Scored, labels: list[str], thumbs: Thumbs) -> tuple[str, str]:
               f'<div class="scroll"><table class="confusion" data-split="{esc(s.name)}"><thead><tr>'
               f'<th class="corner">true \\ predicted</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
               + "".join(panels))
-    gallery = (f"<h3>Most confident mistakes ({len(wrong)} mistakes in all)</h3>"
+    gallery = (f"<h3>Most confident mistakes ({wrong} mistakes in all)</h3>"
                + (f'<div class="tiles">{tiles(mistakes)}</div>' if len(mistakes) else "<p>No mistakes.</p>")
-               + f"<h3>Least confident right answers ({len(right)} right in all)</h3>"
+               + f"<h3>Least confident right answers ({right} right in all)</h3>"
                + (f'<div class="tiles">{tiles(unsure)}</div>' if len(unsure) else "<p>No right answers.</p>"))
     return matrix, gallery
 
@@ -427,7 +452,9 @@ def build_report(run: str | Path, scored: list[Scored] | None = None, metrics: d
         if s.logits is not None:
             calibration[s.name] = figures(s.logits, s.truth, temperature)
     thumbs = Thumbs(cap)
-    pieces = [_galleries(s, labels, thumbs) for s in scored]
+    plans = [_plan(s, len(labels)) for s in scored]
+    _admit(plans, thumbs)
+    pieces = [_galleries(plan, labels, thumbs) for plan in plans]
     title = f"imgcls report: {run.resolve().name}" + (f" on {Path(on_data).name}" if on_data else "")
     facts = [("model", summary.get("model")), ("strategy", summary.get("strategy")),
              ("classes", len(labels) or None), ("train images", summary.get("n_train")),
@@ -504,7 +531,7 @@ table.confusion td.cell[data-g]:hover,table.confusion td.sel{outline:3px solid #
 table.confusion td.hi{color:#fff}table.confusion td.zero{color:#c3cad4;font-weight:400}
 table.confusion th.row{text-align:right;white-space:nowrap;border:0}table.confusion th.corner{font-size:11px;
 color:#667;border:0;background:none;vertical-align:bottom}
-table.confusion th.col{border:0;background:none;height:90px;vertical-align:bottom;padding:0 2px}
+table.confusion th.col{border:0;background:none;vertical-align:bottom;padding:0 2px 4px}
 table.confusion th.col span{writing-mode:vertical-rl;transform:rotate(180deg);white-space:nowrap}
 .hint{color:#556;font-size:13px}.cellgal{border-top:2px solid #f2a900;margin-top:10px}
 .tiles{display:flex;flex-wrap:wrap;gap:8px}

@@ -61,30 +61,29 @@ def plot_confusion(confusion: np.ndarray, labels: list[str], out_png: str | Path
 
 def plot_reliability(panels: list[tuple[str, dict]], out) -> None:
     """Reliability diagrams side by side, one per ``(title, bins)``: accuracy per confidence bin against the
-    diagonal a calibrated model follows (``bins``: :meth:`imgcls.calibration.Reliability.to_dict`).
-    ``out``: a path or a binary file."""
+    diagonal a calibrated model follows, and below it the share of images per bin (``bins``:
+    :meth:`imgcls.calibration.Reliability.to_dict`).  ``out``: a path or a binary file."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
-    for ax, (title, bins) in zip(axes[0], panels):
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False, sharex=True,
+                             gridspec_kw={"height_ratios": [3, 1]})
+    for column, (title, bins) in enumerate(panels):
+        ax, hist = axes[0, column], axes[1, column]
         k = int(bins["bins"])
         centers = (np.arange(k) + 0.5) / k
         accuracy = np.array([np.nan if a is None else a for a in bins["accuracy"]], dtype=float)
         confidence = np.array([np.nan if c is None else c for c in bins["confidence"]], dtype=float)
         count = np.asarray(bins["count"], dtype=float)
         filled = count > 0
-        ax.plot([0, 1], [0, 1], "--", color="0.5", lw=1, label="calibrated")
-        ax.bar(centers[filled], accuracy[filled], width=1 / k, color="#4878cf", edgecolor="white",
-               label="accuracy")
-        gap_low = np.minimum(accuracy, confidence)[filled]
-        ax.bar(centers[filled], np.abs(confidence - accuracy)[filled], bottom=gap_low, width=1 / k,
-               color="#e24a33", alpha=0.35, edgecolor="#e24a33", label="gap to confidence")
-        share = ax.twinx()
-        share.plot(centers[filled], count[filled] / max(count.sum(), 1), "o", color="0.3", ms=3)
-        share.set(ylim=(0, 1.05), ylabel="share of images (dots)")
-        ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence (top-1 probability)", ylabel="accuracy",
-               title=f"{title}\nECE {bins['ece']:.4f}")
+        ax.plot([0, 1], [0, 1], "--", color="0.45", lw=1, label="perfectly calibrated")
+        ax.bar(centers[filled], accuracy[filled], width=1 / k, color="#4878cf", edgecolor="white", label="accuracy")
+        ax.plot(confidence[filled], accuracy[filled], "o", color="#e24a33", ms=4,
+                label="(mean confidence, accuracy)")
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="accuracy", title=f"{title}  (ECE {bins['ece']:.4f})")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="upper left", fontsize=7.5, frameon=False)
+        hist.bar(centers, count / max(count.sum(), 1), width=1 / k, color="0.55", edgecolor="white")
+        hist.set(xlim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="share")
+        hist.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=90, format="png")
     plt.close(fig)

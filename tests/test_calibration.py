@@ -193,3 +193,17 @@ def test_no_calibrate_keeps_raw_probabilities(noisy_tree, tmp_path):
     assert json.loads((run / rundir.SUMMARY).read_text())["temperature"] == 1.0
     assert rundir.read_yaml(run / rundir.CONFIG)["calibrate"] is False
     assert load(run).temperature == 1.0
+
+
+def test_features_strategy_calibrates_the_final_models_val_logits(run, noisy_tree, tmp_path):
+    """The features strategy scores val on its cached features; finalize scores it again through the exported
+    model: the same loss shows that the logits calibrated are the final model's."""
+    out = Path(imgcls.train(noisy_tree, tmp_path / "features", weights=str(run), epochs=1, progress=False,
+                            **{**FAST, "export_onnx": True}).run_dir)
+    assert json.loads((out / rundir.SUMMARY).read_text())["strategy"] == "features"
+    with (out / rundir.METRICS).open(newline="") as handle:
+        fit_loss = float(list(csv.DictReader(handle))[-1]["val_loss"])
+    final = json.loads((out / "val.json").read_text())
+    cal = json.loads((out / rundir.CALIBRATION).read_text())
+    assert final["loss"] == pytest.approx(fit_loss, rel=1e-4, abs=1e-6)
+    assert cal["nll_before"] == pytest.approx(final["loss"], rel=1e-9) and cal["n"] == final["n"]

@@ -235,3 +235,34 @@ def test_the_page_in_a_real_browser(run):
             browser.close()
     assert SCREENSHOT.stat().st_size > 20_000
     assert problems == []
+
+
+def test_many_classes_keep_the_page_small(tmp_path):
+    """60 classes, 600 images, a predictions file only: the matrix shows the 30 most confused classes and
+    the page stays under the cap."""
+    import numpy as np
+
+    from imgcls.data.records import Record
+
+    k, per = 60, 10
+    labels = [f"species {i:02d}" for i in range(k)]
+    written = make_class_tree(tmp_path / "img", {name: per for name in labels}, size=(48, 40), seed=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.write_json(run / rundir.LABELS, labels)
+    rng = np.random.default_rng(0)
+    records = [Record(path, name) for name, paths in written.items() for path in paths]
+    truth = np.array([labels.index(r.label) for r in records])
+    logits = rng.normal(0, 1, (len(records), k))
+    logits[np.arange(len(records)), truth] += 2.5  # mostly right, mistakes all over
+    html_report.write_predictions(run / rundir.predictions_file("val"), records, logits, labels, 1.0)
+    page = html_report.write_report(run)
+    text = page.read_text(encoding="utf-8")
+    assert page.stat().st_size < SIZE_CAP
+    assert _thumbs(text) == html_report.MAX_THUMBS
+    cells = _parse(page).cells["val"]
+    assert len({t for t, _ in cells}) == html_report.MAX_MATRIX == len({p for _, p in cells})
+    assert f"The {html_report.MAX_MATRIX} classes with the most confusions of {k}." in text
+    pred = logits.argmax(1)
+    for (t, p), n in cells.items():
+        assert n == int(((truth == t) & (pred == p)).sum())

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from . import rundir
-from .calibration import figures, read_calibration, scaled_probs
-from .errors import first_line
+from .calibration import figures, read_calibration, scaled_probs, single_label
+from .errors import UserError, first_line
 
 log = logging.getLogger("imgcls")
 
@@ -488,15 +488,28 @@ def build_report(run: str | Path, scored: list[Scored] | None = None, metrics: d
 
 def write_report(run: str | Path, out: str | Path | None = None, **options) -> Path:
     """:func:`build_report` written (atomically) to ``out`` (default ``RUN/report.html``)."""
+    task = run_task(run)
+    if not single_label(task):
+        raise UserError(f"{run}: the HTML report handles single-label runs; this run's task is {task}")
     path = Path(out) if out is not None else Path(run) / rundir.REPORT
     rundir.atomic_write(path, build_report(run, **options))
     return path
+
+
+def run_task(run: str | Path):
+    """The task in a run's config.yaml (None when it names none: single-label)."""
+    config = Path(run) / rundir.CONFIG
+    return rundir.read_yaml(config).get("task") if config.is_file() else None
 
 
 def write_run_report(run: str | Path, out: str | Path | None = None, **options) -> Path | None:
     """:func:`write_report` where a failure must not cost the work around it (the end of training or
     evaluation): a warning, and None."""
     try:
+        task = run_task(run)
+        if not single_label(task):
+            log.info("report: skipped (the HTML report handles single-label runs; task %s)", task)
+            return None
         path = write_report(run, out, **options)
     except Exception as err:  # noqa: BLE001 - the report is a view of finished work, never a reason to fail it
         log.warning("report not written (%s: %s)", type(err).__name__, first_line(err))

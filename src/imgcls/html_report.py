@@ -80,7 +80,7 @@ def read_predictions(path: Path, classes: list[str], name: str) -> Scored | None
     with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.reader(handle)
         header = next(reader, [])
-        if header[:len(PRED_COLUMNS)] != list(PRED_COLUMNS) or header[len(PRED_COLUMNS):] != [PROB + c for c in classes]:
+        if header != [*PRED_COLUMNS, *(PROB + c for c in classes)]:
             log.warning("%s: not a predictions file of this run's classes; left out of the report", path)
             return None
         rows = [r for r in reader if len(r) == len(header) and r[1] in index]
@@ -221,7 +221,8 @@ def _data_section(run: Path, scored: list[Scored], labels: list[str], on_data: s
         rows = [[esc(d.get("kind", "")), "<br>".join(f"<code>{esc(p)}</code>" for p in d.get("paths", [])),
                  esc(", ".join(d.get("splits", []))), esc(", ".join(d.get("labels", [])))]
                 for d in duplicates[:MAX_LISTED]]
-        more = f"<p>... and {len(duplicates) - MAX_LISTED} more (scan.json).</p>" if len(duplicates) > MAX_LISTED else ""
+        extra = len(duplicates) - MAX_LISTED
+        more = f"<p>... and {extra} more (scan.json).</p>" if extra > 0 else ""
         parts.append(f"<h3>Duplicates ({len(duplicates)} groups)</h3>"
                      + _table(["kind", "files", "splits", "labels"], rows) + more)
     elif scan:
@@ -370,7 +371,8 @@ def _galleries(plan: _Plan, labels: list[str], thumbs: Thumbs) -> tuple[str, str
     note = (f"<p>The {len(shown)} classes with the most confusions of {k}.</p>" if len(shown) < k else "")
     matrix = (f'<p class="hint">Rows: true class; columns: predicted. Click a cell to see its images.</p>{note}'
               f'<div class="scroll"><table class="confusion" data-split="{esc(s.name)}"><thead><tr>'
-              f'<th class="corner">true \\ predicted</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+              f'<th class="corner">true \\ predicted</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody>'
+              "</table></div>"
               + "".join(panels))
     gallery = (f"<h3>Most confident mistakes ({wrong} mistakes in all)</h3>"
                + (f'<div class="tiles">{tiles(mistakes)}</div>' if len(mistakes) else "<p>No mistakes.</p>")
@@ -571,6 +573,8 @@ document.querySelectorAll('table.confusion td.cell[data-g]').forEach(function (t
     }
   }
   td.addEventListener('click', toggle);
-  td.addEventListener('keydown', function (e) { if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); toggle(); } });
+  td.addEventListener('keydown', function (e) {
+    if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); toggle(); }
+  });
 });
 """

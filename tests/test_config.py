@@ -27,7 +27,8 @@ def test_every_cli_option_has_its_flag_help_and_choices():
             assert f.name not in actions
             continue
         action = actions[f.name]
-        assert action.option_strings == [flag(f.name)]
+        on_by_default = f.default is True  # a boolean on by default has its --no- form too
+        assert action.option_strings == [flag(f.name), *(["--no-" + flag(f.name)[2:]] if on_by_default else [])]
         assert action.help == opt.help and opt.help, f.name
         if opt.choices is not None:
             assert tuple(action.choices) == opt.choices(), f.name

@@ -22,10 +22,14 @@ log = logging.getLogger("imgcls")
 
 def evaluate(run: str | Path, data: str | Path, split: str | None = None, backend: str = "auto",
              batch_size: int | None = None, write: bool = True, progress: bool = False, events: bool = False,
-             aggregate: str = "mean", event_gap: float = DEFAULT_GAP, event_column: str | None = None):
+             aggregate: str = "mean", event_gap: float = DEFAULT_GAP, event_column: str | None = None,
+             keep: list | None = None):
     """Metrics of a trained model on labelled data (its ``test`` split, else
     ``val``, else everything).  Writes ``eval.json`` and the confusion matrix
     (CSV, PNG) into the run directory when ``run`` is one (:func:`save_evaluation`).
+
+    ``keep``: a list that receives the per-image predictions (:class:`imgcls.html_report.Scored`, for the
+    HTML report; its ``unreadable`` holds the files that could not be read).
 
     ``events``: score capture events too (``Metrics.events``): the data's events (a CSV
     ``event_column`` or ``group`` column, COCO sequences), else frames within ``event_gap`` seconds
@@ -44,27 +48,63 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
     if events and task.label_sets:
         raise UserError("--events scores an event by one class; a multi-label model's events are not scored yet"
                         " (leave out --events)")
-    scored = []  # (record, log-probabilities as softmax logits) of the frames read, for the events
+    scored = []  # (record, logits) of the frames read, for the events and the report
 
-    def keep(stream):
+    def kept(stream):
         for record, logits, error in stream:
-            if events and logits is not None:
-                probs = task.probabilities(np.asarray(logits)[None])[0]  # a binary sigmoid's one logit too
-                scored.append((record, np.log(np.maximum(probs, np.finfo(np.float64).tiny))))
+            if (events or keep is not None) and logits is not None:
+                scored.append((record, logits))
             yield record, logits, error
 
-    stream = keep(predictor.iter_logits(records, batch_size=batch_size))
+    stream = kept(predictor.iter_logits(records, batch_size=batch_size))
     metrics, failed = task.stream_metrics(
         tqdm(stream, total=len(records), disable=not progress, desc="evaluate"), labels, predictor.thresholds)
     if metrics is None:
         raise UserError(f"{data}: none of the {len(records)} images could be read")
     for record, reason in failed:
         log.warning("not evaluated (unreadable): %s: %s", record.path, reason)
-    if events:
-        metrics.events = event_metrics(scored, labels, aggregate, source)
+    if events:  # log-probabilities are softmax logits of the same distribution (a binary sigmoid's one logit too)
+        frames = [(r, np.log(np.maximum(task.probabilities(np.asarray(z)[None])[0], np.finfo(np.float64).tiny)))
+                  for r, z in scored]
+        metrics.events = event_metrics(frames, labels, aggregate, source)
+    if keep is not None and task.name == "multiclass":  # the HTML report: single-label runs
+        keep.append(_scored(scored, failed, labels, predictor.temperature))
     if write:
-        save_evaluation(metrics, run)
+        save_evaluation(metrics, run, keep[-1] if keep else None, data)
     return metrics
+
+
+def _scored(scored, failed, labels: list[str], temperature: float):
+    """Per-image predictions for the HTML report: raw logits, calibrated probabilities."""
+    import numpy as np
+
+    from .calibration import scaled_probs
+    from .html_report import Scored
+
+    index = {label: i for i, label in enumerate(labels)}
+    logits = np.stack([logits for _, logits in scored]).astype(np.float64)
+    return Scored("eval", [str(r.path) for r, _ in scored], np.array([index[r.label] for r, _ in scored]),
+                  scaled_probs(logits, temperature), logits, [(str(r.path), why) for r, why in failed])
+
+
+def report(run: str | Path, data: str | Path | None = None, out: str | Path | None = None, split: str | None = None,
+           backend: str = "auto", batch_size: int | None = None, progress: bool = False) -> Path:
+    """The self-contained HTML report of a run (:mod:`imgcls.html_report`): from its own files
+    (``RUN/report.html``), or with ``data`` scored now through the run's predictor, as :func:`evaluate`
+    does (``RUN/eval_report.html``)."""
+    from . import rundir
+    from .html_report import write_report
+
+    run = rundir.require_run_dir(run)
+    if not run.is_dir():
+        raise UserError(f"{run}: a report is made of a run directory; give the run, not a model file")
+    if data is None:
+        return write_report(run, out)
+    kept: list = []
+    metrics = evaluate(run, data, split=split, backend=backend, batch_size=batch_size, write=False,
+                       progress=progress, keep=kept)
+    return write_report(run, out if out is not None else run / rundir.EVAL_REPORT, scored=kept,
+                        metrics={"eval": metrics.to_dict()}, on_data=str(data))
 
 
 def _with_events(records, event_gap: float):
@@ -136,16 +176,24 @@ def _labelled_records(predictor, data, split, event_column: str | None = None, e
     return records
 
 
-def save_evaluation(metrics, run: str | Path) -> Path | None:
+def save_evaluation(metrics, run: str | Path, scored=None, data: str | Path | None = None) -> Path | None:
     """``eval.json`` and the confusion matrix into a run directory; a run that cannot be written
-    (read-only, a colleague's) only gets a warning: the metrics are computed and returned anyway."""
+    (read-only, a colleague's) only gets a warning: the metrics are computed and returned anyway.
+    ``scored`` (from ``evaluate(keep=...)``): also ``eval_report.html``, never at the cost of the rest."""
     if not Path(run).is_dir():
         return None
     try:
-        return write_metrics(metrics, run, prefix="eval")["confusion_png"]
+        saved = write_metrics(metrics, run, prefix="eval")["confusion_png"]
     except OSError as err:
         log.warning("metrics not saved in %s (%s)", run, err.strerror or err)
         return None
+    if scored is not None:
+        from . import rundir
+        from .html_report import write_run_report
+
+        write_run_report(run, Path(run) / rundir.EVAL_REPORT, scored=[scored], metrics={"eval": metrics.to_dict()},
+                         on_data=str(data) if data is not None else "the evaluated data")
+    return saved
 
 
 def summary(model: str, input_size: int | None = None, depth: int | None = None, num_classes: int = 1000,

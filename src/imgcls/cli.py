@@ -64,12 +64,14 @@ def cmd_train(args) -> int | None:
 def cmd_eval(args) -> None:
     from .api import evaluate, save_evaluation
 
+    kept = None if args.no_report else []  # per-image predictions for eval_report.html
     metrics = evaluate(args.run, args.data, split=args.split, backend=args.backend, batch_size=args.batch_size,
                        write=False, progress=not (args.json or args.quiet), events=args.events,
-                       aggregate=args.aggregate, event_gap=args.event_gap, event_column=args.event_column)
+                       aggregate=args.aggregate, event_gap=args.event_gap, event_column=args.event_column,
+                       keep=kept)
     # the metrics first: a run directory that cannot be written must not cost the user the numbers
     print(json.dumps(metrics.to_dict(), indent=2) if args.json else metrics.to_text(), flush=True)
-    saved = save_evaluation(metrics, args.run)
+    saved = save_evaluation(metrics, args.run, kept[0] if kept else None, args.data)
     if saved is not None and not args.json:
         print(f"\nconfusion matrix: {saved} (and .csv)")
 
@@ -177,6 +179,15 @@ def cmd_export(args) -> None:
     print(f"exported {path}")
 
 
+# report: its own block
+def cmd_report(args) -> None:
+    from .api import report
+
+    path = report(args.run, args.data, out=args.out, split=args.split, backend=args.backend,
+                  batch_size=args.batch_size, progress=not args.quiet)
+    print(f"report: {path}")
+
+
 # serve: its own block (the web server is an optional extra)
 SERVE_MODULES = ("fastapi", "starlette", "uvicorn", "python_multipart")
 
@@ -246,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--events: how an event's frame probabilities combine (max: each class's highest,"
                         " renormalized)")
     _add_declared(p, "event_column", "event_gap")  # the same options as training's, declared there
+    p.add_argument("--no-report", action="store_true",
+                   help="write no eval_report.html (the HTML report of these predictions) into the run directory")
     p.set_defaults(func=cmd_eval)
 
     from .aggregate import AGGREGATES
@@ -354,6 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="static int8 quantization, calibrated on training images")
     p.add_argument("--out", help="file to write (default: RUN_DIR/model.onnx or model.int8.onnx)")
     p.set_defaults(func=cmd_export)
+
+    # report: its own block
+    p = sub.add_parser("report", help="one self-contained HTML page about a run: data, metrics, confusions with"
+                                     " their images, calibration")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--data", help="labelled folder tree, CSV or COCO .json to score now (as imgcls eval does);"
+                                  " default: the run's own val/test predictions")
+    p.add_argument("--out", help="HTML file to write (default: RUN/report.html; with --data RUN/eval_report.html)")
+    p.add_argument("--split", help="--data: which split (default: test, else val, else all)")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
+    p.add_argument("--batch-size", type=int, help="--data: images per engine call")
+    p.set_defaults(func=cmd_report)
 
     # serve: its own block; None defaults are serve.Limits' (the server's module is not imported to parse)
     p = sub.add_parser("serve", help="share a model: a web page and a JSON API (POST /predict) on a port")

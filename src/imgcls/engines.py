@@ -51,6 +51,7 @@ META_LABELS = "imgcls.labels"
 META_PREPROCESS = "imgcls.preprocess"
 META_MODEL = "imgcls.model"
 META_VERSION = "imgcls.version"
+META_TEMPERATURE = "imgcls.temperature"  # temperature scaling fitted on val (imgcls.calibration); absent: 1
 
 
 def imgcls_version() -> str:
@@ -114,7 +115,7 @@ def read_onnx_props(path_or_bytes: str | Path | bytes) -> dict[str, str]:
 
 
 def decode_metadata(props: dict[str, str], source: str = "the model") -> dict[str, Any]:
-    """imgcls metadata_props -> ``{labels, preprocess, model, version, props}``.
+    """imgcls metadata_props -> ``{labels, preprocess, temperature, model, version, props}``.
 
     ``labels`` is a list of str (None when absent), ``preprocess`` the
     :meth:`Preprocess.to_dict` dict (None when absent), ``props`` every
@@ -138,9 +139,15 @@ def decode_metadata(props: dict[str, str], source: str = "the model") -> dict[st
         raise UserError(f"{source}: the {META_PREPROCESS} metadata must be a JSON object; {fix}")
     from .tasks import from_onnx_props  # NumPy only
 
+    temperature = 1.0
+    if META_TEMPERATURE in props:
+        from .calibration import check_temperature  # NumPy only
+
+        temperature = check_temperature(props[META_TEMPERATURE], f"{source} ({META_TEMPERATURE} metadata)", fix)
     return {
         "labels": labels,
         "preprocess": preprocess,
+        "temperature": temperature,
         "model": props.get(META_MODEL),
         "version": props.get(META_VERSION),
         "props": dict(props),
@@ -158,6 +165,12 @@ def encode_metadata(labels, preprocess: dict, model_name: str, extra: dict[str, 
     }
     props.update(extra or {})
     return props
+
+
+def temperature_metadata(meta: dict | None) -> dict[str, str]:
+    """The ONNX metadata entry of the temperature in a model file's imgcls metadata (none when it has none)."""
+    value = (meta or {}).get("temperature")
+    return {} if value is None else {META_TEMPERATURE: repr(float(value))}
 
 
 def read_onnx_metadata(path: str | Path | bytes) -> dict[str, Any]:

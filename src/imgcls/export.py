@@ -45,7 +45,8 @@ import torch
 from . import rundir
 from .data.decode import ImageError, load_uint8
 from .data.records import Record
-from .engines import INPUT_NAME, OUTPUT_NAME, OnnxEngine, encode_metadata, read_onnx_props, stream_logits
+from .engines import (INPUT_NAME, OUTPUT_NAME, OnnxEngine, encode_metadata, read_onnx_props, stream_logits,
+                      temperature_metadata)
 from .errors import UserError, first_line
 from .metrics import metrics_of_stream
 from .models.classifier import Classifier
@@ -212,6 +213,7 @@ def export_onnx(
     atol: float = PARITY_ATOL,
     prebuilt=None,
     task: dict | None = None,
+    metadata: dict[str, str] | None = None,  # more metadata_props (the temperature: engines.temperature_metadata)
 ) -> Path:
     """Export ``classifier`` (an imgcls Classifier) to one ONNX file and check it.
 
@@ -256,7 +258,8 @@ def export_onnx(
                         f" (task {of_task(task).name})")
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    props = encode_metadata(labels, classifier.preprocess.to_dict(), model_name, onnx_props(task))
+    props = encode_metadata(labels, classifier.preprocess.to_dict(), model_name,
+                            {**onnx_props(task), **(metadata or {})})
     example = torch.from_numpy(np.ascontiguousarray(np.concatenate([sample, sample])[:2]))
     order = list(_EXPORTERS) if exporter == "auto" else [exporter]
     makers = [(name, lambda name=name: _EXPORTERS[name](module, example, opset or _DEFAULT_OPSET[name]),
@@ -570,7 +573,8 @@ def export_run(run: str | Path, out: str | Path | None = None, int8: bool = Fals
     sample = next(_image_batches(val[:8], spec), None)
     fp32_path = Path(out) if out and not int8 else run / rundir.ONNX
     if not int8 or not fp32_path.exists():
-        export_onnx(classifier, labels, fp32_path, meta["model"], sample=sample, task=meta)
+        export_onnx(classifier, labels, fp32_path, meta["model"], sample=sample, task=meta,
+                    metadata=temperature_metadata(meta))
     if not int8:
         return fp32_path
     if of_task(meta).name != "multiclass":

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, fingerprint, outputs, rundir, tasks
 from .aggregate import check_aggregate
+from .calibration import check_temperature, run_temperature
 from .data.events import DEFAULT_GAP, group_events
 from .data.preprocess import Preprocess
 from .data.records import Record
@@ -66,6 +67,7 @@ class Predictor:
     source: str = ""                # the file or run it was loaded from
     task: str = tasks.DEFAULT       # imgcls.tasks: how logits become probabilities and rows
     label_sep: str = tasks.DEFAULT_SEP  # multilabel: joins the labels of a row
+    temperature: float = 1.0        # probabilities of logits / temperature (imgcls.calibration)
     model_file: str = ""            # the model file that runs: its sha256 fingerprints every output
     _sha256: str | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -83,7 +85,8 @@ class Predictor:
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N,3,S,S) -> probabilities (N,K), float64."""
-        return tasks.TASKS[self.task].probabilities(self.engine(batch))
+        logits = np.asarray(self.engine(batch), dtype=np.float64)
+        return tasks.TASKS[self.task].probabilities(logits / self.temperature)
 
     def iter_logits(self, records: Iterable[Record], batch_size: int | None = None,
                     workers: int | None = None) -> Iterator[tuple[Record, np.ndarray | None, str]]:
@@ -96,7 +99,9 @@ class Predictor:
                    workers: int | None = None) -> Iterator[tuple[Record, np.ndarray | None, str]]:
         """Yield ``(record, probabilities (K,) or None, error)`` per record, in order."""
         for record, logits, error in self.iter_logits(records, batch_size, workers):
-            yield record, (None if logits is None else tasks.TASKS[self.task].probabilities(logits[None])[0]), error
+            probs = None if logits is None else tasks.TASKS[self.task].probabilities(
+                np.asarray(logits, dtype=np.float64)[None] / self.temperature)[0]
+            yield record, probs, error
 
     def iter_predict(self, inputs: Iterable[str | Path | Record], batch_size: int | None = None, top_k: int = 1,
                      workers: int | None = None, events: bool = False) -> Iterator[dict]:
@@ -356,7 +361,8 @@ def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
     engine = TorchEngine(classifier, device=device)
     return Predictor(engine, list(meta["labels"]), classifier.preprocess, meta["model"], f"torch ({engine.device})",
                      GPU_BATCH if engine.device.type == "cuda" else CPU_BATCH, tasks.thresholds_of(meta),
-                     task=tasks.of(meta).name, label_sep=tasks.sep_of(meta))
+                     task=tasks.of(meta).name, label_sep=tasks.sep_of(meta),
+                     temperature=check_temperature(meta.get("temperature", 1.0), f"{weights} (its metadata)"))
 
 
 def _onnx_predictor(path: Path) -> Predictor:
@@ -366,7 +372,8 @@ def _onnx_predictor(path: Path) -> Predictor:
     on_gpu = "CUDAExecutionProvider" in engine.providers
     return Predictor(engine, list(engine.labels), engine.preprocess, engine.metadata.get("model") or "", "onnxruntime",
                      GPU_BATCH if on_gpu else CPU_BATCH, tasks.thresholds_of(engine.metadata),
-                     task=tasks.of(engine.metadata).name, label_sep=tasks.sep_of(engine.metadata))
+                     task=tasks.of(engine.metadata).name, label_sep=tasks.sep_of(engine.metadata),
+                     temperature=engine.metadata.get("temperature", 1.0))
 
 
 def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predictor:
@@ -397,5 +404,6 @@ def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predi
         predictor = _torch_predictor(path / rundir.WEIGHTS, device)
         predictor.model_file = str(path / rundir.WEIGHTS)
     predictor.thresholds = load_thresholds(path) or predictor.thresholds  # `imgcls thresholds`, training's
+    predictor.temperature = run_temperature(path, predictor.temperature)  # the run's calibration.json wins
     predictor.source = str(path)
     return predictor

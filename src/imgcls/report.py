@@ -57,3 +57,33 @@ def plot_confusion(confusion: np.ndarray, labels: list[str], out_png: str | Path
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+
+
+def plot_reliability(panels: list[tuple[str, dict]], out) -> None:
+    """Reliability diagrams side by side, one per ``(title, bins)``: accuracy per confidence bin against the
+    diagonal a calibrated model follows, and below it the share of images per bin (``bins``:
+    :meth:`imgcls.calibration.Reliability.to_dict`).  ``out``: a path or a binary file."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False, sharex=True,
+                             gridspec_kw={"height_ratios": [3, 1]})
+    for column, (title, bins) in enumerate(panels):
+        ax, hist = axes[0, column], axes[1, column]
+        k = int(bins["bins"])
+        centers = (np.arange(k) + 0.5) / k
+        accuracy = np.array([np.nan if a is None else a for a in bins["accuracy"]], dtype=float)
+        confidence = np.array([np.nan if c is None else c for c in bins["confidence"]], dtype=float)
+        count = np.asarray(bins["count"], dtype=float)
+        filled = count > 0
+        ax.plot([0, 1], [0, 1], "--", color="0.45", lw=1, label="perfectly calibrated")
+        ax.bar(centers[filled], accuracy[filled], width=1 / k, color="#4878cf", edgecolor="white", label="accuracy")
+        ax.plot(confidence[filled], accuracy[filled], "o", color="#e24a33", ms=4,
+                label="(mean confidence, accuracy)")
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="accuracy", title=f"{title}  (ECE {bins['ece']:.4f})")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=7.5, frameon=False)
+        hist.bar(centers, count / max(count.sum(), 1), width=1 / k, color="0.55", edgecolor="white")
+        hist.set(xlim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="share")
+        hist.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90, format="png")
+    plt.close(fig)

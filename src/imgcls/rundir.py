@@ -22,6 +22,9 @@
                           multi-label runs: each label's threshold, tuned on val by training
       <prefix>.json, <prefix>_confusion_matrix.csv/.png   metrics (prefix val, test, eval)
       training_curves.png
+      calibration.json    the temperature fitted on val, ECE/NLL before and after, reliability bins
+      val_predictions.csv, test_predictions.csv   per image: true, predicted, calibrated probabilities
+      report.html         the self-contained HTML report (imgcls report; eval_report.html: imgcls eval)
 
 Writes are atomic (temp file + rename), so a crash or Ctrl-C never leaves a
 half-written file behind.
@@ -57,6 +60,9 @@ FEATURES = "features.json"
 THRESHOLDS = "thresholds.json"   # imgcls thresholds: per-class decision thresholds
 CURVES = "training_curves.png"
 SPLIT_COLUMNS = ("path", "label", "group", "split")
+CALIBRATION = "calibration.json"  # temperature scaling fitted on val (imgcls.calibration)
+REPORT = "report.html"            # written by training and `imgcls report`
+EVAL_REPORT = "eval_report.html"  # written by `imgcls eval` and `imgcls report --data`
 # files of a run that nothing but training may write
 OWN_FILES = (CONFIG, LABELS, PREPROCESS, WEIGHTS, CHECKPOINT, METRICS, SUMMARY, SCAN, SPLIT, FEATURES, THRESHOLDS)
 
@@ -65,6 +71,11 @@ def metrics_files(prefix: str) -> dict[str, str]:
     """The names of one evaluation's outputs (prefix ``val``, ``test`` or ``eval``)."""
     return {"json": f"{prefix}.json", "confusion_csv": f"{prefix}_confusion_matrix.csv",
             "confusion_png": f"{prefix}_confusion_matrix.png"}
+
+
+def predictions_file(prefix: str) -> str:
+    """Per-image predictions of a split's final metrics (prefix ``val``, ``test``)."""
+    return f"{prefix}_predictions.csv"
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:

@@ -152,6 +152,8 @@ class TrainConfig:
     workers: int | None = option(None, "data loading workers", range=_NON_NEGATIVE)
     cache: str = option("auto", "keep decoded images in RAM", choices=CACHE)
     export_onnx: bool = option(True, "", cli=False)
+    calibrate: bool = option(True, "fit temperature scaling on val so that probabilities match accuracy"
+                             " (calibration.json; --no-calibrate: raw softmax)")
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
     path_column: str = option("path", "CSV column with image paths")
     label_column: str = option("label", "CSV column with labels")
@@ -296,8 +298,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         kind = _scalar_type(f)
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": opt.help or None}
-        if kind is bool:
-            kwargs["action"] = "store_true"
+        if kind is bool:  # an option on by default gets its --no- form
+            kwargs["action"] = argparse.BooleanOptionalAction if f.default is True else "store_true"
         else:
             kwargs["type"] = kind
             if opt.choices is not None:

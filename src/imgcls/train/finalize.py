@@ -12,7 +12,9 @@ from .. import export, rundir, tasks
 from ..errors import UserError, first_line
 from ..engines import OnnxEngine, TorchEngine, stream_logits
 from ..metrics import write_metrics
+from ..html_report import write_run_report
 from ..report import plot_training_curves
+from .calibrate import after_metrics, keep
 from .session import Fit, Session, TrainResult
 
 log = logging.getLogger("imgcls")
@@ -79,11 +81,13 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
             summary["onnx"] = onnx_path
         engine = _engine(s, onnx_path)
         thresholds = None  # label sets: tuned on val, then used on test
+        scored: dict[str, list] = {}  # (record, logits) per split, for calibration and the report
         for split in ("val", "test"):
             records = s.splits.get(split)
             if not records:
                 continue
-            stream = stream_logits(engine, s.preprocess, records, batch_size=s.cfg.batch_size)
+            stream = keep(stream_logits(engine, s.preprocess, records, batch_size=s.cfg.batch_size),
+                          scored.setdefault(split, []))
             metrics, failed = task.stream_metrics(stream, s.classes, thresholds)
             for record, reason in failed:
                 log.warning("not evaluated (unreadable now): %s: %s", record.path, reason)
@@ -98,5 +102,8 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
             log.info("%s: %s", split, task.describe(metrics))
             if split == "test":
                 summary["n_test"] = metrics.n
+        # calibration: temperature on val into calibration.json and the model files; per-image predictions
+        summary.update(after_metrics(s, scored))
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
+    write_run_report(run_dir)  # report.html; a failure is only a warning
     return TrainResult(run_dir, summary)

@@ -72,11 +72,13 @@ class Predictor:
     _sha256: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def model_meta(self) -> dict:
-        """What the rows depend on: the model file's sha256 (hashed once), name, task, labels, preprocessing."""
+        """What the rows depend on: the model file's sha256 (hashed once), name, task, labels, preprocessing
+        and temperature."""
         if self._sha256 is None and self.model_file:
             self._sha256 = fingerprint.file_sha256(self.model_file)
         return {"file": self.model_file or None, "sha256": self._sha256, "name": self.model_name,
-                "task": self.task, "labels": list(self.labels), "preprocess": asdict(self.preprocess)}
+                "task": self.task, "labels": list(self.labels), "preprocess": asdict(self.preprocess),
+                "temperature": self.temperature}
 
     def classifier_name(self) -> str:
         """How output files name the model (MegaDetector's ``classifier``, Camtrap DP's ``classifiedBy``)."""

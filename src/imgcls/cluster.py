@@ -34,7 +34,7 @@ from . import rundir
 from .data.records import Record
 from .engines import OnnxEngine, stream_logits
 from .errors import UserError
-from .predict import Predictor
+from .predict import GPU_BATCH, Predictor
 from .system import available_cpus
 
 log = logging.getLogger("imgcls")
@@ -148,7 +148,7 @@ class RayPredictor(Predictor):
     address: str = LOCAL
     actors: int | None = None           # default: the cluster's CPUs / cpus_per_actor (GPUs / gpus_per_actor)
     gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None  # default: 1 on a CPU actor; a GPU actor its node's CPUs per GPU share
 
     def iter_logits(self, records: Iterable[Record], batch_size: int | None = None,
                     workers: int | None = None) -> Iterator[tuple[Record, np.ndarray | None, str]]:
@@ -157,22 +157,30 @@ class RayPredictor(Predictor):
             return
         batch_size = self.batch_size if batch_size is None else batch_size
         with connect(self.address) as ray:
-            actors = self._actors(ray)
+            actors, cpus = self._actors(ray), self._cpus(ray)
             chunk = max(1, min(batch_size * CHUNK_BATCHES, math.ceil(len(records) / actors)))  # every actor busy
             dataset = _dataset(ray, records, chunk)
             dataset = dataset.map_batches(
                 PredictActor, batch_size=chunk, batch_format="numpy",
                 fn_constructor_kwargs=dict(files=self.files, preprocess=self.preprocess, num_classes=len(self.labels),
-                                           batch_size=batch_size, cpus=self.cpus_per_actor,
-                                           gpu=self.gpus_per_actor > 0),
-                num_cpus=self.cpus_per_actor, num_gpus=self.gpus_per_actor or None, **_pool(ray, actors))
-            log.info("ray: %d images on %d actors (%g CPU%s)", len(records), actors, self.cpus_per_actor,
+                                           batch_size=batch_size, cpus=cpus, gpu=self.gpus_per_actor > 0),
+                num_cpus=cpus, num_gpus=self.gpus_per_actor or None, **_pool(ray, actors))
+            log.info("ray: %d images on %d actors (%g CPU%s)", len(records), actors, cpus,
                      f", {self.gpus_per_actor:g} GPU each" if self.gpus_per_actor else " each")
             yield from _in_order(records, dataset.iter_batches(batch_size=None, batch_format="numpy"))
 
+    def _cpus(self, ray) -> float:
+        """CPUs per actor: given, else 1 on a CPU actor; a GPU actor gets its share of the CPUs of the GPU node with
+        the fewest per GPU, for the decoding that keeps a GPU busy."""
+        if self.cpus_per_actor is not None or not self.gpus_per_actor:
+            return self.cpus_per_actor or 1.0
+        shares = [node["Resources"].get("CPU", 0) / node["Resources"]["GPU"] for node in ray.nodes()
+                  if node.get("Alive") and node["Resources"].get("GPU")]
+        return float(max(1, math.floor(min(shares, default=1) * self.gpus_per_actor)))
+
     def _actors(self, ray) -> int:
         have = ray.cluster_resources()
-        kind, per = ("GPU", self.gpus_per_actor) if self.gpus_per_actor > 0 else ("CPU", self.cpus_per_actor)
+        kind, per = ("GPU", self.gpus_per_actor) if self.gpus_per_actor > 0 else ("CPU", self._cpus(ray))
         total = float(have.get(kind, 0))
         fit = int(total // per + 1e-9)
         if fit < 1:
@@ -186,10 +194,12 @@ class RayPredictor(Predictor):
 
 
 def ray_predictor(predictor: Predictor, model_path: str | Path | None = None, address: str | None = None,
-                  actors: int | None = None, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0) -> RayPredictor:
+                  actors: int | None = None, gpus_per_actor: float = 0.0,
+                  cpus_per_actor: float | None = None) -> RayPredictor:
     """``predictor`` with its ``iter_logits`` on a Ray cluster: ``address`` (default: a local cluster started when
     the first image is predicted, shut down after the last), ``actors`` model copies (default: as many as the
-    cluster's CPUs, or GPUs, allow), each with ``cpus_per_actor`` CPUs and ``gpus_per_actor`` GPUs.
+    cluster's CPUs, or GPUs, allow), each with ``gpus_per_actor`` GPUs and ``cpus_per_actor`` CPUs (its decode
+    threads; default 1 on a CPU actor, a GPU actor's share of its node's CPUs).
 
     ``model_path``: what the actors load (default: where ``predictor`` was loaded from, a run directory or a model
     file).  A UserError when Ray is not installed or an option cannot work.
@@ -197,13 +207,16 @@ def ray_predictor(predictor: Predictor, model_path: str | Path | None = None, ad
     require_ray()
     if actors is not None and (isinstance(actors, bool) or actors < 1):
         raise UserError(f"--ray-actors must be at least 1, not {actors}")
-    if gpus_per_actor < 0 or not cpus_per_actor > 0:
-        raise UserError(f"--ray-gpus-per-actor must be 0 or more, not {gpus_per_actor}" if gpus_per_actor < 0
-                        else f"CPUs per actor must be more than 0, not {cpus_per_actor}")
+    if gpus_per_actor < 0:
+        raise UserError(f"--ray-gpus-per-actor must be 0 or more, not {gpus_per_actor}")
+    if cpus_per_actor is not None and not cpus_per_actor > 0:
+        raise UserError(f"CPUs per actor must be more than 0, not {cpus_per_actor}")
     base = {f.name: getattr(predictor, f.name) for f in fields(Predictor)}
     base["backend"] = f"ray ({predictor.backend})"
+    if gpus_per_actor > 0:
+        base["batch_size"] = GPU_BATCH  # the default batch of the actors' device, not of this machine's
     return RayPredictor(**base, files=model_files(predictor, model_path), address=address or LOCAL, actors=actors,
-                        gpus_per_actor=float(gpus_per_actor), cpus_per_actor=float(cpus_per_actor))
+                        gpus_per_actor=float(gpus_per_actor), cpus_per_actor=cpus_per_actor)
 
 
 # --------------------------------------------------------------------------- Ray plumbing

@@ -652,7 +652,7 @@ def part_ray(args, run: Path, big: Path, work: Path) -> dict:
         _, times = _timed_stream(predictor.iter_logits(records))
     actors = cpus
     first = times[0] - t1                       # actors started, model loaded, first chunk scored
-    k = sum(1 for t in times if t <= times[0])  # the rows of that first chunk
+    k = sum(1 for t in times if t - times[0] < 0.05)  # the rows of that first chunk (they arrive together)
     ray_rate = (n - k) / (times[-1] - times[0]) if times[-1] > times[0] else float("nan")
     per_actor = ray_rate / actors
     say(f"  in-process: local {local_rate:.1f} img/s (model loaded); Ray start-up {startup:.1f} s, first rows after"
@@ -661,7 +661,7 @@ def part_ray(args, run: Path, big: Path, work: Path) -> dict:
 
     # 3. a paper estimate for a cluster, from the measured per-actor rate
     big_paths = sorted(big.glob("*.jpg"))[:32]
-    vga_decode = _decode_rate(records[:64], base.preprocess)
+    vga_decode = _decode_rate([r.path for r in records[:64]], base.preprocess)
     big_decode = _decode_rate(big_paths, base.preprocess)
     infer_s = max(1 / per_actor - 1 / vga_decode, 0.0)  # an actor's time per image that is not decoding
     cpu_actor_big = 1 / (infer_s + 1 / big_decode)

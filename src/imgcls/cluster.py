@@ -267,20 +267,27 @@ def _ray_level() -> int:
 
 
 def _dataset(ray, records: list[Record], chunk: int):
-    """The inputs as a dataset of (index, path bytes): bytes, so file names that are not UTF-8 survive Arrow."""
-    items = [{"index": i, "path": os.fsencode(os.path.abspath(r.path))} for i, r in enumerate(records)]
-    blocks = max(1, math.ceil(len(items) / chunk))
-    name = "override_num_blocks" if "override_num_blocks" in inspect.signature(ray.data.from_items).parameters \
-        else "parallelism"  # Ray < 2.10
-    return ray.data.from_items(items, **{name: blocks})
+    """The inputs as a dataset of (index, path bytes), one block of ``chunk`` rows per actor call: a block is
+    the unit Ray hands to a free actor and the unit of rows coming back.  Bytes, so file names that are not
+    UTF-8 survive Arrow."""
+    import pyarrow as pa  # comes with ray[data]
+
+    paths = [os.fsencode(os.path.abspath(r.path)) for r in records]
+    blocks = [pa.table({"index": pa.array(range(start, min(start + chunk, len(paths))), pa.int64()),
+                        "path": pa.array(paths[start:start + chunk], pa.binary())})
+              for start in range(0, len(paths), chunk)]
+    return ray.data.from_arrow(blocks)
 
 
 def _pool(ray, actors: int) -> dict:
-    """A fixed pool of ``actors``, in the spelling of the installed Ray (``concurrency=`` came in 2.9 and
-    gave way to ``compute=ActorPoolStrategy(size=)`` again)."""
-    if "size" in inspect.signature(ray.data.ActorPoolStrategy.__init__).parameters:
-        return {"compute": ray.data.ActorPoolStrategy(size=actors)}
-    return {"concurrency": actors}  # pragma: no cover - Ray without ActorPoolStrategy(size=)
+    """A fixed pool of ``actors``, each sent one block at a time (a block goes to whichever actor is free, so
+    an actor that starts late or a slow file does not hold back blocks queued behind it), in the spelling of
+    the installed Ray (``compute=ActorPoolStrategy(size=)``; ``concurrency=`` in the releases that had it)."""
+    accepts = inspect.signature(ray.data.ActorPoolStrategy.__init__).parameters
+    if "size" not in accepts:  # pragma: no cover - no such Ray >= 2.9 known
+        return {"concurrency": actors}
+    one = {"max_tasks_in_flight_per_actor": 1} if "max_tasks_in_flight_per_actor" in accepts else {}
+    return {"compute": ray.data.ActorPoolStrategy(size=actors, **one)}
 
 
 def _in_order(records: list[Record], batches) -> Iterator[tuple[Record, np.ndarray | None, str]]:

@@ -653,11 +653,13 @@ def part_ray(args, run: Path, big: Path, work: Path) -> dict:
     actors = cpus
     first = times[0] - t1                       # actors started, model loaded, first chunk scored
     k = sum(1 for t in times if t - times[0] < 0.05)  # the rows of that first chunk (they arrive together)
-    ray_rate = (n - k) / (times[-1] - times[0]) if times[-1] > times[0] else float("nan")
+    # by the first rows every actor has done about one chunk: what is left took the time after them
+    ray_rate = max(n - actors * k, 1) / (times[-1] - times[0]) if times[-1] > times[0] else float("nan")
     per_actor = ray_rate / actors
     say(f"  in-process: local {local_rate:.1f} img/s (model loaded); Ray start-up {startup:.1f} s, first rows after"
-        f" {first:.1f} s (actors up, model loaded, first chunk of {k}), then {ray_rate:.1f} img/s on {actors} actors"
-        f" = {per_actor:.1f} img/s per 1-CPU actor; Ray / local steady rate {ray_rate / local_rate:.2f}x")
+        f" {first:.1f} s more (actors started, model loaded, a first chunk of {k} scored), then ~{ray_rate:.1f} img/s"
+        f" on {actors} actors = ~{per_actor:.1f} img/s per 1-CPU actor (steady rate, Ray / local:"
+        f" {ray_rate / local_rate:.2f}x)")
 
     # 3. a paper estimate for a cluster, from the measured per-actor rate
     big_paths = sorted(big.glob("*.jpg"))[:32]
@@ -669,22 +671,24 @@ def part_ray(args, run: Path, big: Path, work: Path) -> dict:
         f" {BIG[0]}x{BIG[1]} (a camera-trap photo); model time per image on one CPU ~{1e3 * infer_s:.0f} ms ->"
         f" {cpu_actor_big:.1f} img/s per 1-CPU actor on camera-trap photos")
     photos, cores, gpu_rate = 1_000_000, args.ray_cores_per_node, args.ray_gpu_rate
-    say(f"  paper estimate: {photos:,} camera-trap photos ({BIG[0]}x{BIG[1]} JPEGs), this model; nodes of {cores}"
-        f" cores (each as fast as one here); a GPU scores {gpu_rate:g} img/s (an assumption, not measured here:"
-        " a Lite0-class model at 224 px, batch 32) and its actor decodes on the node's cores divided among its GPUs;"
-        f" perfect scaling, files on a shared file system fast enough, + {startup + first:.0f} s start-up:")
-    say("  | nodes | GPUs/node | img/s (bound) | 1M photos |")
+    say(f"  paper estimate: {photos:,} camera-trap photos ({BIG[0]}x{BIG[1]} JPEGs), this model. Assumed: nodes of"
+        f" {cores} cores, each as fast as one core here was; no GPU: one 1-CPU actor per core at the rate above;"
+        f" with GPUs: a GPU scores {gpu_rate:g} img/s (not measured here: a Lite0-class model at 224 px, batch 32)"
+        " and its actor decodes on the node's cores shared among its GPUs; perfect scaling over nodes, the photos"
+        f" on a shared file system fast enough; plus {startup + first:.0f} s of start-up (as here):")
+    say("  | nodes | GPUs per node | images/s (bound by) | 1M photos |")
     say("  |---|---|---|---|")
     estimate = []
     for nodes in (1, 4, 16):
-        for gpus in (0, 1, 4, 8):
+        for gpus in (0, 1, 4):
             decode = cores * big_decode
             rate = cores * cpu_actor_big if gpus == 0 else min(gpus * gpu_rate, decode)
-            bound = "CPU model" if gpus == 0 else ("GPU" if gpus * gpu_rate < decode else "decode")
+            bound = "model on CPU" if gpus == 0 else ("GPU" if gpus * gpu_rate < decode else "JPEG decoding")
             total = nodes * rate
             seconds = photos / total + startup + first
             estimate.append({"nodes": nodes, "gpus": gpus, "rate": total, "seconds": seconds, "bound": bound})
-            say(f"  | {nodes} | {gpus} | {total:,.0f} ({bound}) | {seconds / 3600:.2f} h |")
+            say(f"  | {nodes} | {gpus} | {total:,.0f} ({bound}) | {int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min |")
+    say(f"  (decoding bounds a GPU node at {cores * big_decode:,.0f} photos/s: more GPUs help only with more cores)")
     return {"n": n, "walls": walls, "startups": startups, "agreement": agree, "local_rate": local_rate,
             "ray_rate": ray_rate, "per_actor": per_actor, "startup": startup, "first_rows": first,
             "decode": {"vga": vga_decode, "big": big_decode}, "estimate": estimate}

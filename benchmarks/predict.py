@@ -575,7 +575,8 @@ def vga_folder(root: Path, n: int) -> Path:
     """``root/vga-N``: n 640x480 JPEGs made like the others (own folder: the shared helpers know two sizes)."""
     folder = root / f"vga-{n}"
     folder.mkdir(parents=True, exist_ok=True)
-    missing = [(str(folder / f"vga_{i:05d}.jpg"), i, VGA) for i in range(n) if not (folder / f"vga_{i:05d}.jpg").exists()]
+    names = [folder / f"vga_{i:05d}.jpg" for i in range(n)]
+    missing = [(str(path), i, VGA) for i, path in enumerate(names) if not path.exists()]
     if missing:
         say(f"  writing {len(missing)} {VGA[0]}x{VGA[1]} JPEGs to {folder} ...")
         with ProcessPoolExecutor(2) as pool:
@@ -648,18 +649,25 @@ def part_ray(args, run: Path, big: Path, work: Path) -> dict:
     with connect("local"):
         startup = time.perf_counter() - t0
         predictor = ray_predictor(base, run)
-        t1 = time.perf_counter()
-        _, times = _timed_stream(predictor.iter_logits(records))
-    actors = cpus
-    first = times[0] - t1                       # actors started, model loaded, first chunk scored
-    k = sum(1 for t in times if t - times[0] < 0.05)  # the rows of that first chunk (they arrive together)
-    # by the first rows every actor has done about one chunk: what is left took the time after them
-    ray_rate = max(n - actors * k, 1) / (times[-1] - times[0]) if times[-1] > times[0] else float("nan")
+        actors = cpus
+        # every pass starts its own actors: a pass over one image per actor, before and after, times that start
+        # (and the model load); the shorter of the two is taken off the full pass
+        starts = []
+        for when in ("before", "full", "after"):
+            t1 = time.perf_counter()
+            _, times = _timed_stream(predictor.iter_logits(records if when == "full" else records[:actors],
+                                                           batch_size=None if when == "full" else 1))
+            if when == "full":
+                t_full = time.perf_counter() - t1
+            else:
+                starts.append(time.perf_counter() - t1)
+        first = min(starts)
+    ray_rate = n / max(t_full - first, 1e-9)
     per_actor = ray_rate / actors
-    say(f"  in-process: local {local_rate:.1f} img/s (model loaded); Ray start-up {startup:.1f} s, first rows after"
-        f" {first:.1f} s more (actors started, model loaded, a first chunk of {k} scored), then ~{ray_rate:.1f} img/s"
-        f" on {actors} actors = ~{per_actor:.1f} img/s per 1-CPU actor (steady rate, Ray / local:"
-        f" {ray_rate / local_rate:.2f}x)")
+    say(f"  in-process: local {local_rate:.1f} img/s (model loaded); Ray start-up {startup:.1f} s, then {first:.1f} s"
+        f" ({' / '.join(f'{x:.1f}' for x in starts)}) until {actors} actors have loaded the model and scored an image each; the {n} images then took"
+        f" {t_full:.1f} s: ~{ray_rate:.1f} img/s once the actors are up = ~{per_actor:.1f} img/s per 1-CPU"
+        f" actor (Ray / local: {ray_rate / local_rate:.2f}x)")
 
     # 3. a paper estimate for a cluster, from the measured per-actor rate
     big_paths = sorted(big.glob("*.jpg"))[:32]
@@ -687,7 +695,8 @@ def part_ray(args, run: Path, big: Path, work: Path) -> dict:
             total = nodes * rate
             seconds = photos / total + startup + first
             estimate.append({"nodes": nodes, "gpus": gpus, "rate": total, "seconds": seconds, "bound": bound})
-            say(f"  | {nodes} | {gpus} | {total:,.0f} ({bound}) | {int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min |")
+            hours, minutes = int(seconds // 3600), int(seconds % 3600 // 60)
+            say(f"  | {nodes} | {gpus} | {total:,.0f} ({bound}) | {hours} h {minutes:02d} min |")
     say(f"  (decoding bounds a GPU node at {cores * big_decode:,.0f} photos/s: more GPUs help only with more cores)")
     return {"n": n, "walls": walls, "startups": startups, "agreement": agree, "local_rate": local_rate,
             "ray_rate": ray_rate, "per_actor": per_actor, "startup": startup, "first_rows": first,

@@ -137,3 +137,14 @@ def test_without_ray_the_option_says_what_to_install(trained, tmp_path, monkeypa
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and 'pip install "imgcls[cluster]"' in err
     assert not out.exists()
+
+
+def test_more_actors_or_gpus_than_the_cluster_has_is_a_user_error(trained, cluster, tmp_path, capsys):
+    run, new = trained
+    for option, hint in ((["--ray-actors", "5"], "--ray-actors 2 or fewer"), (["--ray-gpus-per-actor", "1"], "0 GPUs")):
+        out = tmp_path / "rows.csv"
+        assert main(["-q", "predict", str(run), str(new), "--out", str(out), "--ray", cluster, *option]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and hint in err, err
+    assert main(["predict", str(run), str(new), "--out", str(tmp_path / "x.csv"), "--ray-actors", "2"]) == 2
+    assert "go with --ray" in capsys.readouterr().err

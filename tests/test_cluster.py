@@ -148,3 +148,6 @@ def test_more_actors_or_gpus_than_the_cluster_has_is_a_user_error(trained, clust
         assert err.count("\n") == 0 and hint in err, err
     assert main(["predict", str(run), str(new), "--out", str(tmp_path / "x.csv"), "--ray-actors", "2"]) == 2
     assert "go with --ray" in capsys.readouterr().err
+    # nothing listens there: one line at once (Ray itself would retry for minutes), no output touched
+    assert main(["-q", "predict", str(run), str(new), "--out", str(tmp_path / "y.csv"), "--ray", "127.0.0.1:1"]) == 2
+    assert "no Ray cluster answers there" in capsys.readouterr().err and not (tmp_path / "y.csv").exists()

@@ -22,6 +22,7 @@ import inspect
 import logging
 import math
 import os
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -159,6 +160,7 @@ class RayPredictor(Predictor):
         with connect(self.address) as ray:
             actors, cpus = self._actors(ray), self._cpus(ray)
             chunk = max(1, min(batch_size * CHUNK_BATCHES, math.ceil(len(records) / actors)))  # every actor busy
+            actors = min(actors, math.ceil(len(records) / chunk))  # no actor without a chunk
             dataset = _dataset(ray, records, chunk)
             dataset = dataset.map_batches(
                 PredictActor, batch_size=chunk, batch_format="numpy",
@@ -211,6 +213,8 @@ def ray_predictor(predictor: Predictor, model_path: str | Path | None = None, ad
         raise UserError(f"--ray-gpus-per-actor must be 0 or more, not {gpus_per_actor}")
     if cpus_per_actor is not None and not cpus_per_actor > 0:
         raise UserError(f"CPUs per actor must be more than 0, not {cpus_per_actor}")
+    if address not in (None, LOCAL):
+        _check_reachable(address)  # before any output is touched
     base = {f.name: getattr(predictor, f.name) for f in fields(Predictor)}
     base["backend"] = f"ray ({predictor.backend})"
     if gpus_per_actor > 0:
@@ -228,8 +232,8 @@ def connect(address: str = LOCAL):
     usable CPUs, started here and shut down on the way out, Ctrl-C included)."""
     ray = require_ray()
     if ray.is_initialized():  # the caller's own Ray (a notebook, a test): used, left running
-        _quiet_data(ray)
-        yield ray
+        with _quiet_data(ray):
+            yield ray
         return
     options = dict(logging_level=_ray_level(), log_to_driver=False)
     t0 = time.perf_counter()
@@ -239,6 +243,7 @@ def connect(address: str = LOCAL):
             ray.init(address=LOCAL, num_cpus=cpus, include_dashboard=False, **options)
             log.info("ray: started a local cluster with %d CPUs in %.1f s", cpus, time.perf_counter() - t0)
         else:
+            _check_reachable(address)
             ray.init(address=address, **options)
             log.info("ray: connected to %s (%g CPUs, %g GPUs) in %.1f s", address,
                      ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0),
@@ -247,18 +252,41 @@ def connect(address: str = LOCAL):
         raise UserError(f"--ray {address}: no Ray cluster answers there ({str(err).splitlines()[0]}); start one"
                         " with `ray start --head`, or give --ray alone for a cluster of this machine") from None
     try:
-        _quiet_data(ray)
-        yield ray
+        with _quiet_data(ray):
+            yield ray
     finally:
         ray.shutdown()
 
 
-def _quiet_data(ray) -> None:
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A UserError now when nothing listens at ``host:port`` (``ray://host:port`` too): Ray itself retries for
+    minutes, deaf to Ctrl-C.  ``auto`` and other forms go to Ray as they are."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise UserError(f"--ray {address}: no Ray cluster answers there ({err.strerror or err}); start one with"
+                        " `ray start --head`, or give --ray alone for a cluster of this machine") from None
+
+
+@contextmanager
+def _quiet_data(ray):
+    """Ray Data's settings for our datasets, restored afterwards (a caller's session keeps its own)."""
     context = ray.data.DataContext.get_current()
+    loggers = [logging.getLogger(name) for name in ("ray", "ray.data")]
+    saved = context.execution_options.preserve_order, context.enable_progress_bars, [g.level for g in loggers]
     context.execution_options.preserve_order = True  # rows are written in input order, batch by batch
     context.enable_progress_bars = False  # predict has its own bar
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(_ray_level())
+    for logger in loggers:
+        logger.setLevel(_ray_level())
+    try:
+        yield
+    finally:
+        context.execution_options.preserve_order, context.enable_progress_bars = saved[:2]
+        for logger, level in zip(loggers, saved[2]):
+            logger.setLevel(level)
 
 
 def _ray_level() -> int:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,8 +83,9 @@ def test_ray_gives_the_rows_of_a_local_run(trained, cluster, tmp_path, capsys):
 
 
 def _slow_inputs(root, new):
-    """30 tiny images, then 20 large smooth PNGs (each a fraction of a second to decode): the second chunk is
-    still being decoded when the first chunk's rows are on disk."""
+    """30 tiny images, then 20 large smooth PNGs (each a fraction of a second to decode): with one actor and
+    --batch-size 4 (chunks of 32), the second chunk is still being decoded when the first chunk's rows are on
+    disk."""
     folder = root / "slow"
     folder.mkdir()
     tiny = sorted(p for p in new.rglob("*.png") if "9999" not in p.name)[:30]
@@ -102,7 +104,7 @@ def test_a_killed_ray_run_resumes_to_one_row_per_input_in_order(trained, cluster
     folder, inputs = _slow_inputs(tmp_path, new)
     out = tmp_path / "rows.csv"
     cmd = [sys.executable, "-m", "imgcls.cli", "-q", "predict", str(run), str(folder), "--out", str(out),
-           "--batch-size", "4", "--ray", cluster]
+           "--batch-size", "4", "--ray", cluster, "--ray-actors", "1"]  # one actor: chunks done in order
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -125,6 +127,68 @@ def test_a_killed_ray_run_resumes_to_one_row_per_input_in_order(trained, cluster
     rows = csv_rows(out)
     assert [r["path"] for r in rows] == inputs  # exactly one row per input, in input order
     assert all(r["label"] in LABELS and not r["error"] for r in rows)
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_ctrl_c_stops_the_local_cluster_it_started_and_keeps_the_rows(trained, tmp_path, capsys):
+    """--ray alone starts a cluster of this machine; Ctrl-C exits 130, keeps the rows and leaves no Ray process."""
+    pytest.importorskip("ray.data", reason=NEEDS_RAY)
+    run, new = trained
+    folder, inputs = _slow_inputs(tmp_path, new)
+    out = tmp_path / "rows.csv"
+    cmd = [sys.executable, "-m", "imgcls.cli", "-q", "predict", str(run), str(folder), "--out", str(out),
+           "--batch-size", "4", "--ray", "--ray-actors", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, ray_processes = time.monotonic() + 180, set()
+        while time.monotonic() < deadline and proc.poll() is None:
+            ray_processes |= _descendants(proc.pid)
+            if out.exists() and out.read_text().count("\n") >= 21:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before Ctrl-C: {proc.communicate()}"
+        assert ray_processes, "--ray started no processes"
+        at_signal, t_signal = out.read_text().count("\n"), time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        err += f"\n{at_signal} lines at the signal, exit {time.monotonic() - t_signal:.1f} s later"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(map(_alive, ray_processes)):
+        time.sleep(0.2)
+    assert not [pid for pid in ray_processes if _alive(pid)]
+    kept = len(csv_rows(out))
+    assert 20 <= kept < 50, err
+    assert main(["-q", "predict", str(run), str(folder), "--out", str(out), "--resume"]) == 0  # locally
+    assert f"{50 - kept} images (+ {kept} kept from before)" in capsys.readouterr().out
+    assert [r["path"] for r in csv_rows(out)] == inputs
 
 
 def test_without_ray_the_option_says_what_to_install(trained, tmp_path, monkeypatch, capsys):

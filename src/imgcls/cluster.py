@@ -169,7 +169,9 @@ class RayPredictor(Predictor):
                 num_cpus=cpus, num_gpus=self.gpus_per_actor or None, **_pool(ray, actors))
             log.info("ray: %d images on %d actors (%g CPU%s)", len(records), actors, cpus,
                      f", {self.gpus_per_actor:g} GPU each" if self.gpus_per_actor else " each")
-            yield from _in_order(records, dataset.iter_batches(batch_size=None, batch_format="numpy"))
+            # no prefetch: with it, a finished chunk is handed over only once the next one is done too
+            yield from _in_order(records, dataset.iter_batches(batch_size=None, batch_format="numpy",
+                                                               prefetch_batches=0))
 
     def _cpus(self, ray) -> float:
         """CPUs per actor: given, else 1 on a CPU actor; a GPU actor gets its share of the CPUs of the GPU node with

@@ -64,6 +64,15 @@ Parts (``--parts``, default all):
     tree enumerated and hashed, a fiftieth predicted), and ``--resume`` of that
     CSV with its last tenth of rows cut (nine tenths read back and checked).  Needs no run directory:
     ``--parts memory`` alone builds nothing else.
+``ray``  (not in the default set: needs ``pip install "imgcls[cluster]"``)
+    ``imgcls predict RUN vga-N/`` locally and with ``--ray`` (a local cluster
+    of this machine's CPUs) on ``--ray-n`` 640x480 JPEGs, alternating over
+    ``--ray-rounds``: wall time of each, Ray's start-up apart, top-1 agreement;
+    then in-process the steady rates (local, and per 1-CPU actor once Ray is
+    up) and a paper estimate of what 1 million camera-trap photos cost on N
+    nodes with M GPUs (``--ray-cores-per-node``, ``--ray-gpu-rate``: assumed).
+    ``python benchmarks/predict.py --parts ray --n 32`` (``--n``: the big
+    images whose decode rate the estimate uses).
 
 The machine may be shared: every figure comes with the load average at the
 time, and ratios are taken between runs made side by side.
@@ -668,6 +677,143 @@ def part_memory(args, root: Path, work: Path) -> dict:
     return results
 
 
+# ----------------------------------------------------------------------------- ray (imgcls predict --ray)
+
+VGA = (640, 480)
+
+
+def vga_folder(root: Path, n: int) -> Path:
+    """``root/vga-N``: n 640x480 JPEGs made like the others (own folder: the shared helpers know two sizes)."""
+    folder = root / f"vga-{n}"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [folder / f"vga_{i:05d}.jpg" for i in range(n)]
+    missing = [(str(path), i, VGA) for i, path in enumerate(names) if not path.exists()]
+    if missing:
+        say(f"  writing {len(missing)} {VGA[0]}x{VGA[1]} JPEGs to {folder} ...")
+        with ProcessPoolExecutor(2) as pool:
+            list(pool.map(_make_one, missing, chunksize=16))
+    return folder
+
+
+def _timed_stream(stream) -> tuple[list, list[float]]:
+    """Consume ``(record, logits, error)`` results; their arrival times (perf_counter) beside them."""
+    results, times = [], []
+    for item in stream:
+        results.append(item)
+        times.append(time.perf_counter())
+    return results, times
+
+
+def _decode_rate(paths: list[Path], spec) -> float:
+    """Images/s of imgcls's decode + resize alone on one thread (what a decode core sustains)."""
+    from imgcls.data.decode import load_uint8
+
+    t0 = time.perf_counter()
+    for path in paths:
+        load_uint8(path, spec)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def part_ray(args, run: Path, big: Path, work: Path) -> dict:
+    """``imgcls predict`` locally and with ``--ray`` (a local cluster of this machine) on the same JPEGs:
+    end-to-end wall time of each as a user runs it, Ray's start-up apart, the steady per-actor rate, and a
+    paper estimate for a cluster from that rate."""
+    import re
+
+    from imgcls.cluster import connect, ray_predictor
+    from imgcls.data.records import Record
+    from imgcls.predict import load as imgcls_load
+
+    vga = vga_folder(args.root, args.ray_n)
+    n = args.ray_n
+    cpus = len(os.sched_getaffinity(0))
+    say(f"\n== ray. imgcls predict locally vs --ray (local cluster, {cpus} CPUs) on {n} {VGA[0]}x{VGA[1]} JPEGs"
+        f" ({folder_stats(vga)}) ==")
+    # 1. as a user runs it: two subprocesses, alternating
+    walls: dict[str, list[float]] = {"local": [], "ray": []}
+    startups = []
+    for r in range(args.ray_rounds):
+        for name in (("local", "ray") if r % 2 == 0 else ("ray", "local")):
+            cmd = imgcls_cmd(run, vga, work / f"ray-{name}.csv") + (["--ray"] if name == "ray" else [])
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if done.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+            walls[name].append(wall)
+            started = re.search(r"started a local cluster with \d+ CPUs in ([\d.]+) s", done.stderr)
+            if started:
+                startups.append(float(started.group(1)))
+            say(f"  round {r + 1} {name:5s}: wall {wall:6.1f} s  {n / wall:5.1f} img/s"
+                + (f"  (Ray start-up {startups[-1]:.1f} s of it)" if started else "") + f"  ({load()})")
+    local_rows, ray_rows = (read_labels(work / f"ray-{name}.csv") for name in ("local", "ray"))
+    agree, common = agreement(local_rows, ray_rows)
+    say(f"  same top-1 label in {100 * agree:.2f}% of {common} rows")
+
+    # 2. in this process: the steady rates, once the model is loaded (local) / the cluster is up (ray)
+    base = imgcls_load(run)
+    records = [Record(p) for p in sorted(vga.glob("*.jpg"))]
+    local_rates = []
+    for _ in range(2):  # the better of two passes: the machine may be shared
+        t0 = time.perf_counter()
+        _timed_stream(base.iter_logits(records))
+        local_rates.append(n / (time.perf_counter() - t0))
+    local_rate = max(local_rates)
+    t0 = time.perf_counter()
+    with connect("local"):
+        startup = time.perf_counter() - t0
+        predictor = ray_predictor(base, run)
+        actors = cpus
+        # every pass starts (and stops) its own actors: the images twice over minus once is the time of n images
+        # with the actors up; the passes of n images before and after, the shorter one, time the start
+        walls = {}
+        for when, inputs in (("once", records), ("twice", records * 2), ("once again", records)):
+            t1 = time.perf_counter()
+            _timed_stream(predictor.iter_logits(inputs))
+            walls[when] = time.perf_counter() - t1
+    once = min(walls["once"], walls["once again"])
+    ray_rate = n / max(walls["twice"] - once, 1e-9)
+    first = max(once - n / ray_rate, 0.0)  # what a pass costs beyond its images: actors started, model loaded
+    per_actor = ray_rate / actors
+    say(f"  in-process: local {local_rate:.1f} img/s (model loaded); Ray start-up {startup:.1f} s; passes over the"
+        f" {n} images {walls['once']:.1f} s / {walls['once again']:.1f} s, over them twice {walls['twice']:.1f} s:"
+        f" ~{ray_rate:.1f} img/s once the {actors} actors are up = ~{per_actor:.1f} img/s per 1-CPU actor"
+        f" (Ray / local: {ray_rate / local_rate:.2f}x), and ~{first:.1f} s per pass to start the actors")
+
+    # 3. a paper estimate for a cluster, from the measured per-actor rate
+    big_paths = sorted(big.glob("*.jpg"))[:32]
+    vga_decode = _decode_rate([r.path for r in records[:64]], base.preprocess)
+    big_decode = _decode_rate(big_paths, base.preprocess)
+    infer_s = max(1 / per_actor - 1 / vga_decode, 0.0)  # an actor's time per image that is not decoding
+    cpu_actor_big = 1 / (infer_s + 1 / big_decode)
+    say(f"  decode + resize on one thread: {vga_decode:.0f} img/s at {VGA[0]}x{VGA[1]}, {big_decode:.0f} img/s at"
+        f" {BIG[0]}x{BIG[1]} (a camera-trap photo); model time per image on one CPU ~{1e3 * infer_s:.0f} ms ->"
+        f" {cpu_actor_big:.1f} img/s per 1-CPU actor on camera-trap photos")
+    photos, cores, gpu_rate = 1_000_000, args.ray_cores_per_node, args.ray_gpu_rate
+    say(f"  paper estimate: {photos:,} camera-trap photos ({BIG[0]}x{BIG[1]} JPEGs), this model. Assumed: nodes of"
+        f" {cores} cores, each as fast as one core here was; no GPU: one 1-CPU actor per core at the rate above;"
+        f" with GPUs: a GPU scores {gpu_rate:g} img/s (not measured here: a Lite0-class model at 224 px, batch 32)"
+        " and its actor decodes on the node's cores shared among its GPUs; perfect scaling over nodes, the photos"
+        f" on a shared file system fast enough; plus {startup + first:.0f} s of start-up (as here):")
+    say("  | nodes | GPUs per node | images/s (bound by) | 1M photos |")
+    say("  |---|---|---|---|")
+    estimate = []
+    for nodes in (1, 4, 16):
+        for gpus in (0, 1, 4):
+            decode = cores * big_decode
+            rate = cores * cpu_actor_big if gpus == 0 else min(gpus * gpu_rate, decode)
+            bound = "model on CPU" if gpus == 0 else ("GPU" if gpus * gpu_rate < decode else "JPEG decoding")
+            total = nodes * rate
+            seconds = photos / total + startup + first
+            estimate.append({"nodes": nodes, "gpus": gpus, "rate": total, "seconds": seconds, "bound": bound})
+            hours, minutes = int(seconds // 3600), int(seconds % 3600 // 60)
+            say(f"  | {nodes} | {gpus} | {total:,.0f} ({bound}) | {hours} h {minutes:02d} min |")
+    say(f"  (decoding bounds a GPU node at {cores * big_decode:,.0f} photos/s: more GPUs help only with more cores)")
+    return {"n": n, "walls": walls, "startups": startups, "agreement": agree, "local_rate": local_rate,
+            "ray_rate": ray_rate, "per_actor": per_actor, "startup": startup, "first_rows": first,
+            "decode": {"vga": vga_decode, "big": big_decode}, "estimate": estimate}
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -676,7 +822,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=Path("/tmp/imgcls-bench"), help="images and run directory")
     parser.add_argument("--run", type=Path, help="run directory (default: <root>/run-lite0, made by make_run.py)")
     parser.add_argument("--parts", nargs="+", default=["e2e", "engine", "rss", "threads", "batch"],
-                        choices=["e2e", "engine", "rss", "threads", "batch", "memory"])
+                        choices=["e2e", "engine", "rss", "threads", "batch", "memory", "ray"])
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=[1000, 10000, 200000],
                         help="memory part: numbers of tiny files")
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32], help="batch part: sizes to compare")
@@ -689,6 +835,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib", type=int, default=64, help="calibration images for int8")
     parser.add_argument("--agree-n", type=int, default=256, help="images for int8 vs fp32 top-1 agreement")
     parser.add_argument("--threads-n", type=int, default=256, help="big images per threads measurement")
+    parser.add_argument("--ray-n", type=int, default=400, help="ray part: 640x480 JPEGs")
+    parser.add_argument("--ray-rounds", type=int, default=1, help="ray part: alternating local/--ray rounds")
+    parser.add_argument("--ray-cores-per-node", type=int, default=32, help="ray part's estimate: cores per node")
+    parser.add_argument("--ray-gpu-rate", type=float, default=2000,
+                        help="ray part's estimate: images/s one GPU scores (assumed)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--naive", nargs=3, metavar=("RUN", "INPUT", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--engine-worker", nargs=3, metavar=("KIND", "MODEL", "BATCH"), help=argparse.SUPPRESS)
@@ -728,6 +879,8 @@ def main(argv: list[str] | None = None) -> None:
             results["batch"] = part_batch(args, run, big, work)
         if "memory" in args.parts:
             results["memory"] = part_memory(args, args.root, work)
+        if "ray" in args.parts:
+            results["ray"] = part_ray(args, run, big, work)
     results["load_end"] = os.getloadavg()
     say(f"\n{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}"
         f"   (benchmark took {time.perf_counter() - t_start:.0f} s)")

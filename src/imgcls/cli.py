@@ -83,6 +83,13 @@ def cmd_predict(args) -> None:
     check_options(args.batch_size, args.top_k)  # before the model loads or any file is touched
     parse_shard(args.shard, args.shard_by)
     predictor = load(args.run, backend=args.backend).with_threshold(args.threshold)
+    if args.ray is None and (args.ray_actors is not None or args.ray_gpus_per_actor):
+        raise UserError("--ray-actors and --ray-gpus-per-actor go with --ray")
+    if args.ray is not None:  # --ray: the same rows, computed on a Ray cluster (cluster.py)
+        from .cluster import ray_predictor
+
+        predictor = ray_predictor(predictor, address=None if args.ray == "local" else args.ray,
+                                  actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor)
     log.info("engine: %s", predictor.backend)
     result = predict_to_file(predictor, args.inputs, args.out, format=args.format, batch_size=args.batch_size,
                              top_k=args.top_k, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
@@ -306,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-by", choices=list(SHARD_BY), default="path",
                    help="--shard hashes each file's path (default), or its folder, so a camera's folder and its"
                         " events stay in one shard")
+    ray = p.add_argument_group("on a Ray cluster (pip install 'imgcls[cluster]')")
+    ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                     help="run the model on a Ray cluster: ADDRESS (host:port, ray://host:port or auto) or, alone,"
+                          " a cluster of this machine started for this run; same rows, same --resume")
+    ray.add_argument("--ray-actors", type=int, metavar="N",
+                     help="--ray: model copies (default: as many as the cluster's CPUs, or GPUs, allow)")
+    ray.add_argument("--ray-gpus-per-actor", type=float, default=0.0, metavar="G",
+                     help="--ray: GPUs for each model copy (default 0: CPU actors)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="--out exists (an interrupted run): keep its rows, predict only the images it lacks")

@@ -95,7 +95,7 @@ def test_the_saved_model_predicts_what_the_fit_measured(tail_run):
 
     run = tail_run.run_dir
     paths, batch, targets = _val_batch(run)
-    predictor = imgcls.load(run, backend="onnx")
+    predictor = imgcls.load(run, backend="onnx", precision="fp32")
     full = predictor.engine(batch)
     classifier, _ = imgcls.models.classifier.Classifier.from_file(run / "model.safetensors")
     trunk, tail = split(classifier.net, "resnet")

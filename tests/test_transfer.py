@@ -134,7 +134,7 @@ def test_the_final_onnx_is_the_extractor_graph_with_the_head_appended(lite0_run)
     assert json.loads(props["imgcls.labels"]) == ["cat", "dog", "fox"]
     assert model.graph.node[-1].op_type == "Gemm"
     _, batch, _ = _val_batch(lite0_run.run_dir)
-    onnx_logits = imgcls.load(lite0_run.run_dir, backend="onnx").engine(batch)
+    onnx_logits = imgcls.load(lite0_run.run_dir, backend="onnx", precision="fp32").engine(batch)
     torch_logits = imgcls.load(lite0_run.run_dir, backend="torch", device="cpu").engine(batch)
     assert np.abs(onnx_logits - torch_logits).max() <= 1e-4 * max(1.0, np.abs(torch_logits).max())
 

@@ -530,14 +530,53 @@ def _check_out(run: Path, out: Path) -> None:
         raise UserError(f"--out {out}: export writes an ONNX model; give a path ending in .onnx")
 
 
+MAX_INT8_LOSS = 0.01  # the gate: int8 may lose at most this much validation accuracy (1 point)
+
+
+def gate_int8(fp32_path: str | Path, int8_path: str | Path, train: Sequence[Record], val: Sequence[Record], spec,
+              labels: Sequence[str], report_path: str | Path, max_loss: float | None = None,
+              fp32_accuracy: float | None = None) -> dict:
+    """Make the int8 file of ``fp32_path`` and keep it only when it passes the accuracy gate.
+
+    Calibration: up to 256 of the ``train`` records, evenly spaced.  The gate: top-1
+    accuracy of both files on the readable ``val`` images (``fp32_accuracy`` when the
+    caller already scored ``fp32_path`` on them); int8 is refused, and its file removed,
+    when it loses more than ``max_loss`` (default :data:`MAX_INT8_LOSS`).  The figures go
+    to ``report_path`` (``export.json``) either way and are returned, with ``kept`` and
+    ``reason``.  Quantization errors propagate (nothing is left at ``int8_path``).
+    """
+    fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    max_loss = MAX_INT8_LOSS if max_loss is None else max_loss
+    labels, val = list(labels), list(val)
+    calibration = _image_batches(_spread(list(train), _CALIBRATION_IMAGES), spec)
+    quantize_int8(fp32_path, int8_path, calibration)
+    if fp32_accuracy is None:
+        fp32_accuracy = _val_accuracy(fp32_path, val, spec, labels)
+    int8_accuracy = _val_accuracy(int8_path, val, spec, labels)
+    loss = fp32_accuracy - int8_accuracy
+    kept = loss <= max_loss
+    if kept:
+        reason = (f"val accuracy {int8_accuracy:.4f} (fp32 {fp32_accuracy:.4f}): loses {100 * loss:.1f} points,"
+                  f" at most {100 * max_loss:g} allowed")
+    else:
+        int8_path.unlink(missing_ok=True)
+        reason = (f"int8 quantization loses {100 * loss:.1f} points of validation accuracy ({fp32_accuracy:.4f}"
+                  f" -> {int8_accuracy:.4f}), more than {100 * max_loss:g}")
+    report = {"fp32_val_accuracy": fp32_accuracy, "int8_val_accuracy": int8_accuracy, "n_val": len(val),
+              "max_loss": max_loss, "kept": kept, "int8_file": str(int8_path), "reason": reason}
+    rundir.write_json(Path(report_path), report)
+    return report
+
+
 def export_run(run: str | Path, out: str | Path | None = None, int8: bool = False,
-               max_int8_loss: float = 0.01) -> Path:
+               max_int8_loss: float | None = None) -> Path:
     """Export a run's best model to ONNX (labels + preprocessing inside).
 
     The parity check uses real validation images of the run.  ``int8``: static
-    quantization calibrated on up to 256 training images, then refused (with
-    the numbers) when it loses more than ``max_int8_loss`` of validation
-    accuracy; both accuracies go to ``export.json`` in the run directory.
+    quantization calibrated on up to 256 training images, then refused (a
+    UserError with the numbers) when it loses more than ``max_int8_loss``
+    (default :data:`MAX_INT8_LOSS`) of validation accuracy (:func:`gate_int8`);
+    both accuracies go to ``export.json`` in the run directory.
     """
     run = rundir.require_run_dir(run)
     if not run.is_dir():
@@ -556,17 +595,9 @@ def export_run(run: str | Path, out: str | Path | None = None, int8: bool = Fals
     if not int8:
         return fp32_path
     int8_path = Path(out) if out else run / rundir.INT8
-    calibration = _image_batches(_spread(_split_records(split, "train"), _CALIBRATION_IMAGES), spec)
-    quantize_int8(fp32_path, int8_path, calibration)
-    fp32_acc = _val_accuracy(fp32_path, val, spec, labels)
-    int8_acc = _val_accuracy(int8_path, val, spec, labels)
-    report = {"fp32_val_accuracy": fp32_acc, "int8_val_accuracy": int8_acc, "n_val": len(val),
-              "int8_file": str(int8_path)}
-    rundir.write_json(run / rundir.EXPORT, report)
-    if fp32_acc - int8_acc > max_int8_loss:
-        int8_path.unlink(missing_ok=True)
-        raise UserError(f"int8 quantization loses {100 * (fp32_acc - int8_acc):.1f} points of validation accuracy"
-                        f" ({fp32_acc:.4f} -> {int8_acc:.4f}), more than {100 * max_int8_loss:.0f}; keep the fp32"
-                        f" model ({fp32_path})")
-    logging.getLogger("imgcls").info("int8: val accuracy %.4f (fp32 %.4f)", int8_acc, fp32_acc)
+    report = gate_int8(fp32_path, int8_path, _split_records(split, "train"), val, spec, labels, run / rundir.EXPORT,
+                       max_int8_loss)
+    if not report["kept"]:
+        raise UserError(f"{report['reason']}; keep the fp32 model ({fp32_path})")
+    logging.getLogger("imgcls").info("int8: %s", report["reason"])
     return int8_path

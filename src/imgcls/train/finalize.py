@@ -41,6 +41,41 @@ def _engine(s: Session, onnx_path: str | None):
     return TorchEngine(s.model, device=str(s.device), amp=_AMP_NAMES[s.amp_dtype])
 
 
+def int8_model(s: Session, onnx_path: str | None, fp32_val_accuracy: float | None = None) -> dict:
+    """model.int8.onnx beside model.onnx when it passes the accuracy gate (``--int8``,
+    :func:`imgcls.export.gate_int8`); what happened, for summary.json.  A failure only costs
+    speed: prediction keeps fp32."""
+    skip = _int8_skip_reason(s, onnx_path)
+    if skip is not None:
+        log.info("int8: not attempted (%s)", skip)
+        return {"kept": False, "reason": skip}
+    try:
+        report = export.gate_int8(onnx_path, s.run_dir / rundir.INT8, s.splits["train"], s.splits["val"],
+                                  s.preprocess, s.classes, s.run_dir / rundir.EXPORT,
+                                  fp32_accuracy=fp32_val_accuracy)
+    except Exception as err:  # noqa: BLE001 - quantizer limitations surface as many exception types
+        (s.run_dir / rundir.INT8).unlink(missing_ok=True)
+        log.warning("int8 quantization failed (%s); prediction will use fp32 %s", first_line(err), rundir.ONNX)
+        return {"kept": False, "reason": f"quantization failed: {first_line(err)}"}
+    if report["kept"]:
+        log.info("int8: kept %s, %s", rundir.INT8, report["reason"])
+    else:
+        log.info("int8: refused, %s; prediction will use fp32 %s", report["reason"], rundir.ONNX)
+    return {k: report[k] for k in ("kept", "reason", "fp32_val_accuracy", "int8_val_accuracy")}
+
+
+def _int8_skip_reason(s: Session, onnx_path: str | None) -> str | None:
+    """Why int8 is not tried for this run, or None: it needs the fp32 ONNX file and validation
+    images to gate it on."""
+    if s.cfg.int8 == "off":
+        return "--int8 off"
+    if onnx_path is None:
+        return f"no {rundir.ONNX}"
+    if not s.splits.get("val") or not s.splits.get("train"):
+        return "no validation images to gate it on"
+    return None
+
+
 def split_summary(split: str, metrics) -> dict:
     """What summary.json keeps of a split's final metrics: accuracy next to balanced accuracy and
     per-class recall (a rare class's misses do not show in accuracy)."""
@@ -66,10 +101,13 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
         plot_training_curves(run_dir / rundir.METRICS, run_dir / rundir.CURVES)
     if not fit.interrupted:
         s.model.net.load_state_dict(load_file(str(run_dir / rundir.WEIGHTS)))
+        for name in (rundir.INT8, rundir.EXPORT):  # a stale int8 file would be picked over the new weights
+            (run_dir / name).unlink(missing_ok=True)
         onnx_path = export_model(s) if s.cfg.export_onnx else None
         if onnx_path is not None:
             summary["onnx"] = onnx_path
         engine = _engine(s, onnx_path)
+        fp32_val_accuracy = None  # the gate's fp32 figure, when the engine is that very file
         for split in ("val", "test"):
             records = s.splits.get(split)
             if not records:
@@ -81,11 +119,14 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
             if metrics is None:
                 continue
             write_metrics(metrics, run_dir, prefix=split)
+            if split == "val" and isinstance(engine, OnnxEngine):
+                fp32_val_accuracy = metrics.accuracy
             summary.update(split_summary(split, metrics))
             log.info("%s: accuracy %.4f, balanced accuracy %.4f; recall per class: %s", split, metrics.accuracy,
                      metrics.balanced_accuracy, ", ".join(f"{c} {r:.2f}" for c, r in
                                                          summary[f"{split}_recall"].items()))
             if split == "test":
                 summary["n_test"] = metrics.n
+        summary["int8"] = int8_model(s, onnx_path, fp32_val_accuracy)
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     return TrainResult(run_dir, summary)

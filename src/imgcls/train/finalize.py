@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ def int8_model(s: Session, onnx_path: str | None, fp32_val_accuracy: float | Non
     if skip is not None:
         log.info("int8: not attempted (%s)", skip)
         return {"kept": False, "reason": skip}
+    start = time.perf_counter()
     try:
         report = export.gate_int8(onnx_path, s.run_dir / rundir.INT8, s.splits["train"], s.splits["val"],
                                   s.preprocess, s.classes, s.run_dir / rundir.EXPORT,
@@ -57,11 +59,12 @@ def int8_model(s: Session, onnx_path: str | None, fp32_val_accuracy: float | Non
         (s.run_dir / rundir.INT8).unlink(missing_ok=True)
         log.warning("int8 quantization failed (%s); prediction will use fp32 %s", first_line(err), rundir.ONNX)
         return {"kept": False, "reason": f"quantization failed: {first_line(err)}"}
+    seconds = round(time.perf_counter() - start, 2)
     if report["kept"]:
-        log.info("int8: kept %s, %s", rundir.INT8, report["reason"])
+        log.info("int8: kept %s, %s (%.0f s)", rundir.INT8, report["reason"], seconds)
     else:
         log.info("int8: refused, %s; prediction will use fp32 %s", report["reason"], rundir.ONNX)
-    return {k: report[k] for k in ("kept", "reason", "fp32_val_accuracy", "int8_val_accuracy")}
+    return {**{k: report[k] for k in ("kept", "reason", "fp32_val_accuracy", "int8_val_accuracy")}, "seconds": seconds}
 
 
 def _int8_skip_reason(s: Session, onnx_path: str | None) -> str | None:

@@ -173,3 +173,18 @@ def test_a_run_without_int8_keeps_fp32_and_int8_on_request_is_an_error(runs, tmp
         imgcls.load(run / rundir.ONNX, precision="int8")
     with pytest.raises(UserError, match="unknown precision"):
         imgcls.load(run, precision="int4")
+
+
+def test_int8_is_not_attempted_for_a_multilabel_model(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from imgcls.train.finalize import int8_model
+
+    (tmp_path / rundir.ONNX).write_bytes(b"never read")
+    session = SimpleNamespace(cfg=SimpleNamespace(int8="auto"), meta={"task": "multilabel"}, run_dir=tmp_path,
+                              splits={"train": ["a"], "val": ["b"]})
+    with caplog.at_level(logging.INFO, logger="imgcls"):
+        result = int8_model(session, str(tmp_path / rundir.ONNX))
+    assert result["kept"] is False and "multilabel task" in result["reason"]
+    assert "int8: not attempted (a multilabel task" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.ONNX]

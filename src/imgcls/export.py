@@ -310,11 +310,15 @@ def with_linear_head(model, weight: np.ndarray, bias: np.ndarray):
 
 
 class _QuietPerChannelNotes(logging.Filter):
-    """onnxruntime logs one root-logger warning per 1-D weight (LayerNorm, BatchNorm)
-    it cannot quantize per channel; it quantizes them per tensor, which is fine."""
+    """onnxruntime logs one root-logger line per 1-D weight (LayerNorm, BatchNorm) it cannot
+    quantize per channel (it quantizes them per tensor) and per bias whose weight scale it
+    widens (depthwise convolutions); both are fine, and dozens of lines would bury the run's log."""
+
+    NOTES = ("is out-of-range for weight", "to ensure bias input")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "is out-of-range for weight" not in record.getMessage()
+        message = record.getMessage()
+        return not any(note in message for note in self.NOTES)
 
 
 class _UInt8Reader:
@@ -483,8 +487,11 @@ def compare_engines(reference, candidate, batches: Iterable[np.ndarray], labels:
 
 # ----------------------------------------------------------------------------- run directories
 
-_GATE_BATCH = 32  # images per engine call for the gate's accuracies and the calibration batches
-_CALIBRATION_IMAGES = 256
+_GATE_BATCH = 32  # images per engine call for the gate's accuracies
+# calibration runs a copy of the model that reduces every tensor; its memory grows with the batch,
+# so small batches keep the int8 step below the memory training itself needs
+_CALIBRATION_BATCH = 8
+_CALIBRATION_IMAGES = 128
 
 
 def _split_records(rows: list[dict], split: str) -> list[Record]:
@@ -538,7 +545,7 @@ def gate_int8(fp32_path: str | Path, int8_path: str | Path, train: Sequence[Reco
               fp32_accuracy: float | None = None) -> dict:
     """Make the int8 file of ``fp32_path`` and keep it only when it passes the accuracy gate.
 
-    Calibration: up to 256 of the ``train`` records, evenly spaced.  The gate: top-1
+    Calibration: up to 128 of the ``train`` records, evenly spaced.  The gate: top-1
     accuracy of both files on the readable ``val`` images (``fp32_accuracy`` when the
     caller already scored ``fp32_path`` on them); int8 is refused, and its file removed,
     when it loses more than ``max_loss`` (default :data:`MAX_INT8_LOSS`).  The figures go
@@ -548,7 +555,7 @@ def gate_int8(fp32_path: str | Path, int8_path: str | Path, train: Sequence[Reco
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     max_loss = MAX_INT8_LOSS if max_loss is None else max_loss
     labels, val = list(labels), list(val)
-    calibration = _image_batches(_spread(list(train), _CALIBRATION_IMAGES), spec)
+    calibration = _image_batches(_spread(list(train), _CALIBRATION_IMAGES), spec, _CALIBRATION_BATCH)
     quantize_int8(fp32_path, int8_path, calibration)
     if fp32_accuracy is None:
         fp32_accuracy = _val_accuracy(fp32_path, val, spec, labels)
@@ -573,7 +580,7 @@ def export_run(run: str | Path, out: str | Path | None = None, int8: bool = Fals
     """Export a run's best model to ONNX (labels + preprocessing inside).
 
     The parity check uses real validation images of the run.  ``int8``: static
-    quantization calibrated on up to 256 training images, then refused (a
+    quantization calibrated on up to 128 training images, then refused (a
     UserError with the numbers) when it loses more than ``max_int8_loss``
     (default :data:`MAX_INT8_LOSS`) of validation accuracy (:func:`gate_int8`);
     both accuracies go to ``export.json`` in the run directory.

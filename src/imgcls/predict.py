@@ -326,9 +326,10 @@ def load(path: str | Path, backend: str = "auto", device: str = "auto", precisio
             return replace(_torch_predictor(path, device), source=str(path))
         raise UserError(f"{path}: expected a run directory, a .safetensors or an .onnx file")
     has_onnx = (path / rundir.ONNX).exists() or (path / rundir.INT8).exists()
-    if backend == "onnx" or precision == "int8" or (backend == "auto" and has_onnx and device in ("auto", "cpu")
-                                                    and not cuda_available()):
-        predictor = _onnx_predictor(_run_onnx_file(path, precision))
+    on_cpu = device in ("auto", "cpu") and not cuda_available()
+    if backend == "onnx" or precision == "int8" or (backend == "auto" and has_onnx and on_cpu):
+        # int8 pays on CPUs; with a GPU at hand, --backend onnx stays fp32 unless asked
+        predictor = _onnx_predictor(_run_onnx_file(path, precision if on_cpu or precision != "auto" else "fp32"))
     else:
         predictor = _torch_predictor(path / rundir.WEIGHTS, device)
     predictor.thresholds = load_thresholds(path)  # set by `imgcls thresholds`

@@ -68,10 +68,13 @@ def int8_model(s: Session, onnx_path: str | None, fp32_val_accuracy: float | Non
 
 
 def _int8_skip_reason(s: Session, onnx_path: str | None) -> str | None:
-    """Why int8 is not tried for this run, or None: it needs the fp32 ONNX file and validation
-    images to gate it on."""
+    """Why int8 is not tried for this run, or None: it needs a multiclass model (``task`` in the
+    model's metadata, absent = multiclass), the fp32 ONNX file and validation images to gate it on."""
     if s.cfg.int8 == "off":
         return "--int8 off"
+    task = (s.meta or {}).get("task") or "multiclass"
+    if task != "multiclass":  # the gate compares top-1 accuracies of one softmax class per image
+        return f"a {task} task: the accuracy gate is defined for multiclass models"
     if onnx_path is None:
         return f"no {rundir.ONNX}"
     if not s.splits.get("val") or not s.splits.get("train"):

@@ -188,3 +188,12 @@ def test_int8_is_not_attempted_for_a_multilabel_model(tmp_path, caplog):
     assert result["kept"] is False and "multilabel task" in result["reason"]
     assert "int8: not attempted (a multilabel task" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.ONNX]
+
+
+@pytest.mark.parametrize("n", [5, 128, 129, 245, 1000])
+def test_calibration_images_are_spread_over_the_whole_training_list(n):
+    """split.csv lists the training images class by class: the calibration takes them from end to end."""
+    chosen = export._spread(list(range(n)), 128)
+    assert len(chosen) == len(set(chosen)) == min(n, 128) and chosen == sorted(chosen)
+    assert chosen[0] == 0 and chosen[-1] == n - 1
+    assert max(np.diff(chosen), default=1) <= -(-n // 128) + 1  # no stretch of the list left out

@@ -105,11 +105,21 @@ def test_a_refused_int8_leaves_no_file_and_says_why(runs):
     assert rundir.read_json(run / rundir.SUMMARY)["int8"]["kept"] is False
 
 
-def test_int8_off_is_not_attempted(runs, tmp_path):
-    root, _, _ = runs
-    run, lines = _train(root / "data", tmp_path / "off", int8="off", epochs=1)
-    assert (run / rundir.ONNX).exists() and not (run / rundir.INT8).exists() and not (run / rundir.EXPORT).exists()
-    assert "int8: not attempted (--int8 off)" in lines
+def test_int8_off_or_without_an_onnx_file_is_not_attempted(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from imgcls.train.finalize import int8_model
+
+    (tmp_path / rundir.ONNX).write_bytes(b"never read")
+    splits = {"train": ["a"], "val": ["b"]}
+    with caplog.at_level(logging.INFO, logger="imgcls"):
+        off = int8_model(SimpleNamespace(cfg=SimpleNamespace(int8="off"), meta={}, run_dir=tmp_path, splits=splits),
+                         str(tmp_path / rundir.ONNX))
+        none = int8_model(SimpleNamespace(cfg=SimpleNamespace(int8="auto"), meta={}, run_dir=tmp_path, splits=splits),
+                          None)
+    assert off == {"kept": False, "reason": "--int8 off"} and none == {"kept": False, "reason": "no model.onnx"}
+    assert "int8: not attempted (--int8 off)" in caplog.text and "int8: not attempted (no model.onnx)" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.ONNX]
 
 
 def _predict(run, inputs, out, caplog, *options):

@@ -15,7 +15,8 @@ from imgcls.models.registry import create_model, model_spec
 from imgcls.models.tail import TAILS, split, split_problem
 from imgcls.train import strategies
 
-QUICK = dict(batch_size=8, workers=0, progress=False, input_size=32, views=2)
+# int8 off: its gate has its own tests (test_int8.py), and every exported run here would pay for it
+QUICK = dict(batch_size=8, workers=0, progress=False, input_size=32, views=2, int8="off")
 
 
 @pytest.fixture(scope="module")

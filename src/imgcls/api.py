@@ -23,7 +23,7 @@ log = logging.getLogger("imgcls")
 def evaluate(run: str | Path, data: str | Path, split: str | None = None, backend: str = "auto",
              batch_size: int | None = None, write: bool = True, progress: bool = False, events: bool = False,
              aggregate: str = "mean", event_gap: float = DEFAULT_GAP, event_column: str | None = None,
-             keep: list | None = None):
+             keep: list | None = None, precision: str = "auto"):
     """Metrics of a trained model on labelled data (its ``test`` split, else
     ``val``, else everything).  Writes ``eval.json`` and the confusion matrix
     (CSV, PNG) into the run directory when ``run`` is one (:func:`save_evaluation`).
@@ -33,12 +33,14 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
 
     ``events``: score capture events too (``Metrics.events``): the data's events (a CSV
     ``event_column`` or ``group`` column, COCO sequences), else frames within ``event_gap`` seconds
-    per camera by EXIF time; each event's frames aggregated by ``aggregate`` (``mean`` or ``max``)."""
+    per camera by EXIF time; each event's frames aggregated by ``aggregate`` (``mean`` or ``max``).
+    ``precision``: which of the run's ONNX files runs on a CPU (:func:`imgcls.predict.load`)."""
     if events:
         check_aggregate(aggregate)
     if not event_gap > 0:
         raise UserError(f"--event-gap {event_gap} is out of range: it must be > 0 seconds")
-    predictor = load(run, backend=backend)
+    predictor = load(run, backend=backend, precision=precision)
+    log.info("engine: %s", predictor.backend)
     records = _labelled_records(predictor, data, split, event_column=event_column, event_gap=event_gap)
     source = None
     if events:

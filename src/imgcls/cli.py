@@ -65,7 +65,8 @@ def cmd_eval(args) -> None:
     from .api import evaluate, save_evaluation
 
     kept = None if args.no_report else []  # per-image predictions for eval_report.html
-    metrics = evaluate(args.run, args.data, split=args.split, backend=args.backend, batch_size=args.batch_size,
+    metrics = evaluate(args.run, args.data, split=args.split, backend=args.backend, precision=args.precision,
+                       batch_size=args.batch_size,
                        write=False, progress=not (args.json or args.quiet), events=args.events,
                        aggregate=args.aggregate, event_gap=args.event_gap, event_column=args.event_column,
                        keep=kept)
@@ -82,7 +83,7 @@ def cmd_predict(args) -> None:
 
     check_options(args.batch_size, args.top_k)  # before the model loads or any file is touched
     parse_shard(args.shard, args.shard_by)
-    predictor = load(args.run, backend=args.backend).with_threshold(args.threshold)
+    predictor = load(args.run, backend=args.backend, precision=args.precision).with_threshold(args.threshold)
     if args.ray is None and (args.ray_actors is not None or args.ray_gpus_per_actor):
         raise UserError("--ray-actors and --ray-gpus-per-actor go with --ray")
     if args.ray is not None:  # --ray: the same rows, computed on a Ray cluster (cluster.py)
@@ -215,6 +216,14 @@ def cmd_serve(args) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+def _add_precision(parser: argparse.ArgumentParser) -> None:
+    """predict and eval: which of a run's ONNX files runs (checked by predict.load)."""
+    parser.add_argument("--precision", choices=["auto", "int8", "fp32"], default="auto",
+                        help="auto: on a CPU the run's model.int8.onnx when it has one (kept by training or"
+                             " `imgcls export --int8` only within 1 point of val accuracy), else fp32; a GPU runs"
+                             " fp32")
+
+
 def _add_declared(parser: argparse.ArgumentParser, *names: str) -> None:
     """Training options another command shares: flag, type, default and help from their TrainConfig
     declaration."""
@@ -256,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="which split of DATA (default: test, else val, else all)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
+    _add_precision(p)
     p.add_argument("--batch-size", type=int, help="images per engine call (default: 8 on a CPU, 32 on a GPU)")
     p.add_argument("--events", action="store_true",
                    help="score capture events too: the data's events (an event/group column, COCO sequences),"
@@ -285,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--batch-size", type=int, help="images per engine call (default: 8 on a CPU, 32 on a GPU)")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
+    _add_precision(p)
     p.add_argument("--threshold", type=float, metavar="P",
                    help="one threshold for every class: below it a row's decision is 'uncertain' (replaces the"
                         " run's own, from `imgcls thresholds`)")

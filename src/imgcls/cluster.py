@@ -73,13 +73,14 @@ def model_files(predictor: Predictor, model_path: str | Path | None = None) -> M
     if not str(path) or not path.exists():
         raise UserError(f"--ray: the model {str(path)!r} is not a file or run directory the workers can load")
     path = path.resolve()
-    if path.is_dir():
-        onnx, weights = path / rundir.ONNX, path / rundir.WEIGHTS
+    if path.is_dir():  # the ONNX file the predictor chose (int8 or fp32), so the actors run what runs locally
+        chosen = Path(predictor.model_file) if predictor.model_file.endswith(".onnx") else None
+        onnx, weights = (chosen.resolve() if chosen else path / rundir.ONNX), path / rundir.WEIGHTS
     else:
         onnx, weights = (path, None) if path.suffix == ".onnx" else (None, path)
     onnx = str(onnx) if onnx is not None and onnx.exists() else None
     weights = str(weights) if weights is not None and weights.exists() else None
-    prefer = "onnx" if predictor.backend == "onnxruntime" else "torch"
+    prefer = "onnx" if predictor.backend.startswith("onnxruntime") else "torch"
     if (prefer == "onnx" and onnx is None) or (prefer == "torch" and weights is None):
         raise UserError(f"--ray: {path} has no model file the workers can load")
     return ModelFiles(onnx, weights, prefer)

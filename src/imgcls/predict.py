@@ -372,36 +372,70 @@ def _onnx_predictor(path: Path) -> Predictor:
     if not engine.labels or engine.preprocess is None:
         raise UserError(f"{path}: this ONNX file carries no imgcls labels/preprocessing; export it with `imgcls export`")
     on_gpu = "CUDAExecutionProvider" in engine.providers
-    return Predictor(engine, list(engine.labels), engine.preprocess, engine.metadata.get("model") or "", "onnxruntime",
-                     GPU_BATCH if on_gpu else CPU_BATCH, tasks.thresholds_of(engine.metadata),
+    precision = "int8" if "imgcls.quantization" in engine.metadata.get("props", {}) else "fp32"
+    return Predictor(engine, list(engine.labels), engine.preprocess, engine.metadata.get("model") or "",
+                     f"onnxruntime {precision} ({path.name})", GPU_BATCH if on_gpu else CPU_BATCH,
+                     tasks.thresholds_of(engine.metadata),
                      task=tasks.of(engine.metadata).name, label_sep=tasks.sep_of(engine.metadata),
-                     temperature=engine.metadata.get("temperature", 1.0))
+                     temperature=engine.metadata.get("temperature", 1.0), model_file=str(path))
 
 
-def load(path: str | Path, backend: str = "auto", device: str = "auto") -> Predictor:
+# int8 runs on ONNX Runtime on CPUs; a GPU keeps fp32
+PRECISIONS = ("auto", "int8", "fp32")
+
+
+def _run_onnx_file(run: Path, precision: str) -> Path:
+    """The ONNX file of a run directory for ``precision`` (auto: int8 when the run has one)."""
+    int8, fp32 = run / rundir.INT8, run / rundir.ONNX
+    if precision == "int8" and not int8.exists():
+        raise UserError(f"{run} has no {rundir.INT8} (an older run, or int8 lost more than 1 point of validation"
+                        f" accuracy: see {rundir.EXPORT}); make one with `imgcls export {run} --int8`, or use"
+                        " --precision fp32")
+    if precision != "fp32" and int8.exists():
+        return int8
+    if not fp32.exists():
+        raise UserError(f"{run} has no {rundir.ONNX}; create it with `imgcls export {run}`")
+    if precision == "auto":
+        log.info("%s has no %s (an older run, or int8 refused by its accuracy gate); using fp32 %s", run,
+                 rundir.INT8, rundir.ONNX)
+    return fp32
+
+
+def load(path: str | Path, backend: str = "auto", device: str = "auto", precision: str = "auto") -> Predictor:
     """A run directory, a ``model.safetensors`` or a ``model.onnx`` -> :class:`Predictor`.
 
     ``backend``: ``torch``, ``onnx`` or ``auto`` (ONNX Runtime on a CPU when the
-    run holds an exported model, else torch).
+    run holds an exported model, else torch).  ``precision`` of a run directory
+    on ONNX Runtime: ``auto`` (its ``model.int8.onnx`` when training or
+    ``imgcls export --int8`` kept one, else ``model.onnx``), ``int8`` or ``fp32``;
+    torch is always fp32.
     """
     path = rundir.require_run_dir(path)
     if backend not in ("auto", "torch", "onnx"):
         raise UserError(f"unknown backend {backend!r}; use auto, torch or onnx")
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    if precision == "int8" and backend == "torch":
+        raise UserError("--precision int8 runs on ONNX Runtime; leave out --backend torch")
     if path.is_file():
         if path.suffix == ".onnx":
             if backend == "torch":
                 raise UserError(f"{path} is an ONNX file; it runs on --backend onnx only")
-            return replace(_onnx_predictor(path), source=str(path), model_file=str(path))
+            predictor = _onnx_predictor(path)
+            if precision != "auto" and not predictor.backend.startswith(f"onnxruntime {precision}"):
+                raise UserError(f"{path} is not an {precision} model; give the run directory or the"
+                                f" {rundir.INT8 if precision == 'int8' else rundir.ONNX} file")
+            return replace(predictor, source=str(path))
         if path.suffix == ".safetensors":
+            if precision == "int8":
+                raise UserError(f"{path} holds fp32 weights; give the run directory or its {rundir.INT8}")
             return replace(_torch_predictor(path, device), source=str(path), model_file=str(path))
         raise UserError(f"{path}: expected a run directory, a .safetensors or an .onnx file")
-    onnx_file = path / rundir.ONNX
-    if backend == "onnx" or (backend == "auto" and onnx_file.exists() and device in ("auto", "cpu")
-                             and not cuda_available()):
-        if not onnx_file.exists():
-            raise UserError(f"{path} has no {rundir.ONNX}; create it with `imgcls export {path}`")
-        predictor = _onnx_predictor(onnx_file)
-        predictor.model_file = str(onnx_file)
+    has_onnx = (path / rundir.ONNX).exists() or (path / rundir.INT8).exists()
+    on_cpu = device in ("auto", "cpu") and not cuda_available()
+    if backend == "onnx" or precision == "int8" or (backend == "auto" and has_onnx and on_cpu):
+        # int8 pays on CPUs; with a GPU at hand, --backend onnx stays fp32 unless asked
+        predictor = _onnx_predictor(_run_onnx_file(path, precision if on_cpu or precision != "auto" else "fp32"))
     else:
         predictor = _torch_predictor(path / rundir.WEIGHTS, device)
         predictor.model_file = str(path / rundir.WEIGHTS)

@@ -86,6 +86,7 @@ NORMS = ("batch", "group", "layer", "instance")
 FREEZE = ("backbone",)
 READOUTS = ("auto", "layers", "final")
 GROUP_BY = ("event", "site", "none")
+INT8 = ("auto", "off")
 
 _POSITIVE = Interval(0, None, "neither")
 _NON_NEGATIVE = Interval(0, None)
@@ -154,6 +155,8 @@ class TrainConfig:
     export_onnx: bool = option(True, "", cli=False)
     calibrate: bool = option(True, "fit temperature scaling on val so that probabilities match accuracy"
                              " (calibration.json; --no-calibrate: raw softmax)")
+    int8: str = option("auto", "auto: also write model.int8.onnx (faster prediction on CPUs), kept only when it loses"
+                       " at most 1 point of val accuracy, which export.json records; off: fp32 only", choices=INT8)
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
     path_column: str = option("path", "CSV column with image paths")
     label_column: str = option("label", "CSV column with labels")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -55,6 +56,47 @@ def stamp_thresholds(s: Session, onnx_path: str | None, thresholds: dict[str, fl
         export.stamp_metadata(onnx_path, tasks.thresholds_props(thresholds))
 
 
+def int8_model(s: Session, onnx_path: str | None, fp32_val_accuracy: float | None = None) -> dict:
+    """model.int8.onnx beside model.onnx when it passes the accuracy gate (``--int8``,
+    :func:`imgcls.export.gate_int8`); what happened, for summary.json.  A failure only costs
+    speed: prediction keeps fp32."""
+    skip = _int8_skip_reason(s, onnx_path)
+    if skip is not None:
+        log.info("int8: not attempted (%s)", skip)
+        return {"kept": False, "reason": skip}
+    start = time.perf_counter()
+    try:
+        report = export.gate_int8(onnx_path, s.run_dir / rundir.INT8, s.splits["train"], s.splits["val"],
+                                  s.preprocess, s.classes, s.run_dir / rundir.EXPORT,
+                                  fp32_accuracy=fp32_val_accuracy)
+    except Exception as err:  # noqa: BLE001 - quantizer limitations surface as many exception types
+        (s.run_dir / rundir.INT8).unlink(missing_ok=True)
+        log.warning("int8 quantization failed (%s); prediction will use fp32 %s", first_line(err), rundir.ONNX)
+        return {"kept": False, "reason": f"quantization failed: {first_line(err)}"}
+    seconds = round(time.perf_counter() - start, 2)
+    if report["kept"]:
+        log.info("int8: kept %s, %s (%.0f s)", rundir.INT8, report["reason"], seconds)
+    else:
+        log.info("int8: refused, %s; prediction will use fp32 %s", report["reason"], rundir.ONNX)
+    return {**{k: report[k] for k in ("kept", "reason", "fp32_val_accuracy", "int8_val_accuracy")}, "seconds": seconds}
+
+
+def _int8_skip_reason(s: Session, onnx_path: str | None) -> str | None:
+    """Why int8 is not tried for this run, or None: it needs a multiclass model (``task`` in the
+    model's metadata, absent = multiclass), the fp32 ONNX file and validation images to gate it on."""
+    if s.cfg.int8 == "off":
+        return "--int8 off"
+    task = tasks.of(s.meta).name
+    if task != tasks.DEFAULT:  # the gate compares top-1 accuracies of one softmax class per image
+        return f"a {task} task: the accuracy gate is defined for multiclass models"
+    if onnx_path is None:
+        return f"no {rundir.ONNX}"
+    if not s.splits.get("val") or not s.splits.get("train"):
+        return "no validation images to gate it on"
+    return None
+
+
+
 def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
     """Summary, curves, and (unless interrupted) the export and the val/test metrics of the best weights."""
     run_dir = s.run_dir
@@ -76,12 +118,15 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
         plot_training_curves(run_dir / rundir.METRICS, run_dir / rundir.CURVES)
     if not fit.interrupted:
         s.model.net.load_state_dict(load_file(str(run_dir / rundir.WEIGHTS)))
+        for name in (rundir.INT8, rundir.EXPORT):  # a stale int8 file would be picked over the new weights
+            (run_dir / name).unlink(missing_ok=True)
         onnx_path = export_model(s) if s.cfg.export_onnx else None
         if onnx_path is not None:
             summary["onnx"] = onnx_path
         engine = _engine(s, onnx_path)
         thresholds = None  # label sets: tuned on val, then used on test
         scored: dict[str, list] = {}  # (record, logits) per split, for calibration and the report
+        fp32_val_accuracy = None  # the gate's fp32 figure, when the engine is that very file
         for split in ("val", "test"):
             records = s.splits.get(split)
             if not records:
@@ -98,12 +143,16 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
                 if thresholds:  # the model files carry them too: either file alone predicts label sets
                     stamp_thresholds(s, onnx_path, thresholds)
             write_metrics(metrics, run_dir, prefix=split)
+            if split == "val" and isinstance(engine, OnnxEngine):
+                fp32_val_accuracy = metrics.accuracy
             summary.update(task.summary(split, metrics))
             log.info("%s: %s", split, task.describe(metrics))
             if split == "test":
                 summary["n_test"] = metrics.n
         # calibration: temperature on val into calibration.json and the model files; per-image predictions
         summary.update(after_metrics(s, scored))
+        # after the temperature is stamped into model.onnx: the int8 file inherits its metadata
+        summary["int8"] = int8_model(s, onnx_path, fp32_val_accuracy)
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     write_run_report(run_dir)  # report.html; a failure is only a warning
     return TrainResult(run_dir, summary)

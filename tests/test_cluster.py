@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
     result = imgcls.train(root / "data", root / "run", epochs=3, progress=False, **{**FAST, "export_onnx": True})
     make_class_tree(root / "new", {"empty": 13, "deer": 13, "fox": 13}, size=(32, 32), seed=9)
     (root / "new" / "deer" / "deer_9999.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    assert imgcls.load(result.run_dir).backend == "onnxruntime"
+    assert imgcls.load(result.run_dir).backend.startswith("onnxruntime")
     return result.run_dir, root / "new"
 
 

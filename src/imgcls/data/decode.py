@@ -172,16 +172,21 @@ def open_image(path: str | os.PathLike, min_size: int | None = None) -> Image.Im
     except OSError as exc:
         raise ImageError(f"cannot read file ({exc.strerror or exc})", path) from None
     with fp:
-        try:
-            return _decode(fp, path, min_size)
-        except ImageError:
-            raise
-        except Image.DecompressionBombError:
-            raise ImageError(_too_large_reason(fp), path) from None
-        except MemoryError:
-            raise ImageError("out of memory while decoding", path) from None
-        except Exception as exc:  # noqa: BLE001 - every decode failure becomes a reason
-            raise ImageError(_failure_reason(exc, fp), path) from None
+        return _decode_or_reason(fp, path, min_size)
+
+
+def _decode_or_reason(fp, name, min_size: int | None) -> Image.Image:
+    """:func:`_decode` with every failure turned into an :class:`ImageError` naming ``name``."""
+    try:
+        return _decode(fp, name, min_size)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(_too_large_reason(fp), name) from None
+    except MemoryError:
+        raise ImageError("out of memory while decoding", name) from None
+    except Exception as exc:  # noqa: BLE001 - every decode failure becomes a reason
+        raise ImageError(_failure_reason(exc, fp), name) from None
 
 
 def open_regular(path: str | os.PathLike) -> BinaryIO:
@@ -231,17 +236,7 @@ def open_image_bytes(data: bytes, min_size: int | None = None, name: str | None 
 
     ``name`` (the upload's file name) is what an :class:`ImageError` names.  Nothing is written to disk.
     """
-    fp = io.BytesIO(data)
-    try:
-        return _decode(fp, name, min_size)
-    except ImageError:
-        raise
-    except Image.DecompressionBombError:
-        raise ImageError(_too_large_reason(fp), name) from None
-    except MemoryError:
-        raise ImageError("out of memory while decoding", name) from None
-    except Exception as exc:  # noqa: BLE001 - every decode failure becomes a reason
-        raise ImageError(_failure_reason(exc, fp), name) from None
+    return _decode_or_reason(io.BytesIO(data), name, min_size)
 
 
 def load_uint8_bytes(data: bytes, spec: Preprocess, name: str | None = None) -> np.ndarray:

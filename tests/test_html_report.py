@@ -6,13 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from browser import CHROMIUM, NO_CHROMIUM, open_page
 from conftest import FAST
 from imagezoo import make_class_tree
 
@@ -22,8 +22,6 @@ from imgcls.api import choose_thresholds
 from imgcls.cli import main
 
 SIZE_CAP = 5 * 2**20
-CHROMIUM = next((p for p in (os.environ.get("IMGCLS_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-                             shutil.which("chromium-browser")) if p and Path(p).exists()), None)
 SCREENSHOT = Path("/tmp/report_page.png")
 
 
@@ -192,49 +190,39 @@ def test_a_report_failure_is_a_warning(run, tmp_path, monkeypatch, caplog):
     assert not (tmp_path / "r.html").exists()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found: install it with `apt-get install -y chromium`"
-                    " (or set IMGCLS_CHROMIUM to its path)")
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 def test_the_page_in_a_real_browser(run):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
     cells = _parse(run / rundir.REPORT).cells["val"]
     mistake = max((tp for tp in cells if tp[0] != tp[1]), key=lambda tp: cells[tp])
     assert cells[mistake] > 0
-    problems = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("console", lambda msg: msg.type == "error" and problems.append(f"console: {msg.text}"))
-            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-            page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url}"))
-            page.goto((run / rundir.REPORT).resolve().as_uri())
-            sync_api.expect(page.locator("h1")).to_contain_text("imgcls report")
-            galleries = page.locator("#confusion-val .cellgal")
-            assert galleries.count() == sum(1 for n in cells.values() if n)
-            sync_api.expect(page.locator("#confusion-val .cellgal:visible")).to_have_count(0)
-            t, p = mistake
-            page.locator(f'#confusion-val td[data-true="{t}"][data-pred="{p}"]').click()
-            shown = page.locator(f"#g-val-{t}-{p}")
-            sync_api.expect(shown).to_be_visible()
-            sync_api.expect(page.locator("#confusion-val .cellgal:visible")).to_have_count(1)
-            tiles = shown.locator(".tile")
-            assert 0 < tiles.count() <= cells[mistake]
-            labels = json.loads((run / rundir.LABELS).read_text())
-            sync_api.expect(shown.locator("h4")).to_contain_text(f"true {labels[t]}, predicted {labels[p]}")
-            for tile in tiles.all():  # each thumbnail is this cell's: predicted p, truly t
-                caption = tile.locator("figcaption").inner_text()
-                assert caption.startswith(labels[p]) and f"true {labels[t]}" in caption
-            box = tiles.first.locator(".th").bounding_box()
-            assert box["width"] >= 90 and box["height"] >= 90  # the thumbnail is drawn, not an empty box
-            page.locator(f'#confusion-val td[data-true="{t}"][data-pred="{t}"]').click()  # another cell
-            sync_api.expect(shown).to_be_hidden()
-            sync_api.expect(page.locator(f"#g-val-{t}-{t}")).to_be_visible()
-            page.locator(f'#confusion-val td[data-true="{t}"][data-pred="{p}"]').click()
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
-        finally:
-            browser.close()
+    with open_page(sync_api, {"width": 1200, "height": 900}) as page:
+        page.goto((run / rundir.REPORT).resolve().as_uri())
+        sync_api.expect(page.locator("h1")).to_contain_text("imgcls report")
+        galleries = page.locator("#confusion-val .cellgal")
+        assert galleries.count() == sum(1 for n in cells.values() if n)
+        sync_api.expect(page.locator("#confusion-val .cellgal:visible")).to_have_count(0)
+        t, p = mistake
+        page.locator(f'#confusion-val td[data-true="{t}"][data-pred="{p}"]').click()
+        shown = page.locator(f"#g-val-{t}-{p}")
+        sync_api.expect(shown).to_be_visible()
+        sync_api.expect(page.locator("#confusion-val .cellgal:visible")).to_have_count(1)
+        tiles = shown.locator(".tile")
+        assert 0 < tiles.count() <= cells[mistake]
+        labels = json.loads((run / rundir.LABELS).read_text())
+        sync_api.expect(shown.locator("h4")).to_contain_text(f"true {labels[t]}, predicted {labels[p]}")
+        for tile in tiles.all():  # each thumbnail is this cell's: predicted p, truly t
+            caption = tile.locator("figcaption").inner_text()
+            assert caption.startswith(labels[p]) and f"true {labels[t]}" in caption
+        box = tiles.first.locator(".th").bounding_box()
+        assert box["width"] >= 90 and box["height"] >= 90  # the thumbnail is drawn, not an empty box
+        page.locator(f'#confusion-val td[data-true="{t}"][data-pred="{t}"]').click()  # another cell
+        sync_api.expect(shown).to_be_hidden()
+        sync_api.expect(page.locator(f"#g-val-{t}-{t}")).to_be_visible()
+        page.locator(f'#confusion-val td[data-true="{t}"][data-pred="{p}"]').click()
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 20_000
-    assert problems == []
+    assert page.problems == []
 
 
 def test_many_classes_keep_the_page_small(tmp_path):

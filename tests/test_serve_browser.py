@@ -7,8 +7,6 @@ browser download is never used.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,12 +18,10 @@ pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
 
 import imgcls  # noqa: E402
+from browser import CHROMIUM, NO_CHROMIUM, open_page  # noqa: E402
 from serving import cli_server  # noqa: E402
 
-CHROMIUM = next((p for p in (os.environ.get("IMGCLS_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-                             shutil.which("chromium-browser")) if p and Path(p).exists()), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found: install it with"
-                                " `apt-get install -y chromium` (or set IMGCLS_CHROMIUM to its path)")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 SCREENSHOT = Path("/tmp/serve_page.png")
 
 
@@ -40,18 +36,8 @@ def served(tiny_tree, tmp_path_factory):
 
 @pytest.fixture
 def page(served):
-    problems = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 760})
-            page.on("console", lambda msg: msg.type == "error" and problems.append(f"console: {msg.text}"))
-            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-            page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url}"))
-            page.problems = problems
-            yield page
-        finally:
-            browser.close()
+    with open_page(sync_api, {"width": 1100, "height": 760}) as page:
+        yield page
 
 
 def test_upload_through_the_page_shows_labels(page, served, tiny_tree, tmp_path):

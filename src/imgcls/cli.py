@@ -279,7 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     from .aggregate import AGGREGATES
-    from .data.events import DEFAULT_GAP
     from .outputs import FORMATS, SORT_MODES
     from .shards import SHARD_BY
 
@@ -302,8 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", action="store_true",
                    help="group the images into capture events (per camera folder, EXIF times within --event-gap)"
                         " and add an event column")
-    p.add_argument("--event-gap", type=float, default=DEFAULT_GAP, metavar="SECONDS",
-                   help=f"longest gap between two frames of one event (default {DEFAULT_GAP:g})")
+    _add_declared(p, "event_gap")  # as training and eval declare it
     p.add_argument("--aggregate", choices=list(AGGREGATES),
                    help="also one row per event from its frames' probabilities (implies --events): OUT.events.csv"
                         " / .jsonl, or event observations in Camtrap DP")

@@ -19,6 +19,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable
 
+from ..data.events import DEFAULT_GAP
 from ..data.preprocess import Augment
 from ..errors import UserError
 from ..system import resolve_device
@@ -171,8 +172,8 @@ class TrainConfig:
                            " site: whole cameras (a camera/site column, else the image's folder); none: images",
                            choices=GROUP_BY)
     event_column: str | None = option(None, "CSV column naming each image's capture event")
-    event_gap: float = option(10.0, "seconds between frames of one event grouped by time (EXIF, or a COCO datetime)",
-                              range=_POSITIVE)
+    event_gap: float = option(DEFAULT_GAP, "seconds between frames of one event grouped by time (EXIF, or a COCO"
+                              " datetime)", range=_POSITIVE)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .aggregate import check_aggregate
 from .data.events import DEFAULT_GAP, group_events
+from .data.records import heads_of
 from .data.sources import load_dataset
 from .errors import UserError
 from .metrics import event_metrics, write_metrics
@@ -41,15 +42,15 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
         raise UserError(f"--event-gap {event_gap} is out of range: it must be > 0 seconds")
     predictor = load(run, backend=backend, precision=precision)
     log.info("engine: %s", predictor.backend)
+    labels = predictor.labels
+    task = TASKS[predictor.task]
+    if events and task.row is not None:
+        raise UserError(f"--events scores an event by one class; a {task.name} model's events are not scored yet"
+                        " (leave out --events)")
     records = _labelled_records(predictor, data, split, event_column=event_column, event_gap=event_gap)
     source = None
     if events:
         records, source = _with_events(records, event_gap)
-    labels = predictor.labels
-    task = TASKS[predictor.task]
-    if events and task.label_sets:
-        raise UserError("--events scores an event by one class; a multi-label model's events are not scored yet"
-                        " (leave out --events)")
     scored = []  # (record, logits) of the frames read, for the events and the report
 
     def kept(stream):
@@ -133,6 +134,9 @@ def choose_thresholds(run: str | Path, data: str | Path, label: str, target_reca
     if not 0.0 < target_recall < 1.0:
         raise UserError(f"--target-recall must lie strictly between 0 and 1, not {target_recall}")
     predictor = load(run, backend=backend)
+    if TASKS[predictor.task].heads:
+        raise UserError(f"{run} is a multioutput model; `imgcls thresholds` chooses the threshold of one class of a"
+                        " multiclass model")
     if TASKS[predictor.task].label_sets:
         raise UserError(f"{run} is a multi-label model: training tuned each label's threshold on val (highest F1)"
                         " and stored them in thresholds.json; `imgcls thresholds` chooses one class of a multiclass"
@@ -164,8 +168,10 @@ def choose_thresholds(run: str | Path, data: str | Path, label: str, target_reca
 
 
 def _labelled_records(predictor, data, split, event_column: str | None = None, event_gap: float = DEFAULT_GAP):
-    """The records of ``data``'s split (``test``, else ``val``, else everything), checked against the model."""
-    dataset = load_dataset(data, event_column=event_column, event_gap=event_gap)
+    """The records of ``data``'s split (``test``, else ``val``, else everything), checked against the model
+    (a multi-output model's: read from its own label columns)."""
+    columns = [name for name, _, _ in heads_of(predictor.labels)] if TASKS[predictor.task].heads else ["label"]
+    dataset = load_dataset(data, label_column=",".join(columns), event_column=event_column, event_gap=event_gap)
     if split is None:
         split = next((s for s in ("test", "val", "all") if s in dataset.splits), "train")
     if split not in dataset.splits:

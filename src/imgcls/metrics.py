@@ -178,6 +178,8 @@ def write_metrics(metrics: Metrics, out_dir: str | Path, prefix: str = "eval") -
     """eval.json, confusion_matrix.csv and .png in ``out_dir``."""
     if isinstance(metrics, LabelSetMetrics):  # multi-label: no K x K confusion matrix
         return write_label_set_metrics(metrics, out_dir, prefix)
+    if isinstance(metrics, OutputMetrics):  # multi-output: one matrix per head
+        return write_output_metrics(metrics, out_dir, prefix)
     out_dir = Path(out_dir)
     paths = {kind: out_dir / name for kind, name in metrics_files(prefix).items()}
     write_json(paths["json"], metrics.to_dict())
@@ -291,4 +293,83 @@ def write_label_set_metrics(metrics: LabelSetMetrics, out_dir: str | Path, prefi
              "confusion_png": None}
     write_json(paths["json"], metrics.to_dict())
     atomic_write(paths["confusion_csv"], metrics.counts_csv())
+    return paths
+
+
+# --------------------------------------------------------------------------- multi-output (several heads)
+
+
+@dataclass
+class OutputMetrics:
+    """Metrics of a multi-output model: each head's own :class:`Metrics` on the images whose column has a
+    value (an empty cell leaves the image out of that head only).  The first head is the primary one:
+    ``accuracy``, ``balanced_accuracy`` and ``per_class`` are its figures (they pick the best epoch)."""
+
+    outputs: dict[str, Metrics | None]   # column -> its metrics (None: no image has a value there)
+    labels: list[str]                    # the flat labels (``column:value``)
+    n: int
+    loss: float                          # the sum over heads of each head's mean NLL
+
+    @property
+    def primary(self) -> Metrics | None:
+        return next(iter(self.outputs.values()))
+
+    @property
+    def accuracy(self) -> float:
+        return self.primary.accuracy if self.primary is not None else float("nan")
+
+    @property
+    def balanced_accuracy(self) -> float:
+        return self.primary.balanced_accuracy if self.primary is not None else float("nan")
+
+    @property
+    def per_class(self) -> list[dict]:
+        return self.primary.per_class if self.primary is not None else []
+
+    def to_dict(self) -> dict:
+        return {"task": "multioutput", "primary": next(iter(self.outputs)), "accuracy": self.accuracy,
+                "balanced_accuracy": self.balanced_accuracy, "loss": self.loss, "n": self.n,
+                "outputs": {name: (m.to_dict() if m is not None else {"n": 0}) for name, m in self.outputs.items()}}
+
+    def confusion_csv(self) -> str:
+        """Every head's confusion matrix, one block each under a row naming the head."""
+        blocks = [f"output,{name}\n" + (m.confusion_csv() if m is not None else "")
+                  for name, m in self.outputs.items()]
+        return "\n".join(blocks)
+
+    def to_text(self) -> str:
+        lines = [f"outputs: {', '.join(self.outputs)} (the first is primary); n={self.n},"
+                 f" loss {self.loss:.4f} (the sum of each head's NLL)"]
+        for name, m in self.outputs.items():
+            lines += ["", f"== {name}" + (" (no labelled image)" if m is None else ""), *([m.to_text()] if m else [])]
+        return "\n".join(lines)
+
+
+def compute_output_metrics(logits: np.ndarray, targets: np.ndarray, labels: list[str]) -> OutputMetrics:
+    """Per-head metrics from logits (N, sum of K) and targets (N, heads): each head's class index, -1 where
+    the image has no value in that column."""
+    from .data.records import heads_of
+
+    logits = np.asarray(logits, dtype=np.float64)
+    heads = heads_of(labels)
+    targets = np.asarray(targets, dtype=np.int64).reshape(len(logits), len(heads))
+    out: dict[str, Metrics | None] = {}
+    for h, (name, names, start) in enumerate(heads):
+        present = targets[:, h] >= 0
+        out[name] = (compute_metrics(logits[present, start:start + len(names)], targets[present, h], names)
+                     if present.any() else None)
+    return OutputMetrics(out, list(labels), len(logits), float(sum(m.loss for m in out.values() if m is not None)))
+
+
+def write_output_metrics(metrics: OutputMetrics, out_dir: str | Path, prefix: str = "eval") -> dict[str, Path]:
+    """``<prefix>.json`` (each head under ``outputs``), every head's confusion matrix in the CSV, the
+    primary head's drawn in the PNG."""
+    out_dir = Path(out_dir)
+    paths = {kind: out_dir / name for kind, name in metrics_files(prefix).items()}
+    write_json(paths["json"], metrics.to_dict())
+    atomic_write(paths["confusion_csv"], metrics.confusion_csv())
+    if metrics.primary is not None:
+        plot_confusion(metrics.primary.confusion, metrics.primary.labels, paths["confusion_png"])
+    else:
+        paths["confusion_png"] = None
     return paths

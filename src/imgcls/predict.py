@@ -88,7 +88,7 @@ class Predictor:
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N,3,S,S) -> probabilities (N,K), float64."""
         logits = np.asarray(self.engine(batch), dtype=np.float64)
-        return tasks.TASKS[self.task].probabilities(logits / self.temperature)
+        return tasks.TASKS[self.task].probabilities(logits / self.temperature, self.labels)
 
     def iter_logits(self, records: Iterable[Record], batch_size: int | None = None,
                     workers: int | None = None) -> Iterator[tuple[Record, np.ndarray | None, str]]:
@@ -102,7 +102,7 @@ class Predictor:
         """Yield ``(record, probabilities (K,) or None, error)`` per record, in order."""
         for record, logits, error in self.iter_logits(records, batch_size, workers):
             probs = None if logits is None else tasks.TASKS[self.task].probabilities(
-                np.asarray(logits, dtype=np.float64)[None] / self.temperature)[0]
+                np.asarray(logits, dtype=np.float64)[None] / self.temperature, self.labels)[0]
             yield record, probs, error
 
     def iter_predict(self, inputs: Iterable[str | Path | Record], batch_size: int | None = None, top_k: int = 1,
@@ -112,9 +112,11 @@ class Predictor:
         check_options(batch_size, top_k)
         records = (r if isinstance(r, Record) else Record(Path(r)) for r in inputs)  # lazy: memory stays flat
         top_k = min(top_k, len(self.labels))
+        task = tasks.TASKS[self.task]
         for record, probs, error in self.iter_probs(records, batch_size, workers):
-            if tasks.TASKS[self.task].label_sets:  # multilabel: each label's probability and the set that passes
-                yield tasks.label_set_row(record, probs, error, self.labels, self.thresholds, self.label_sep)
+            # multilabel: each label's probability and the set that passes; multioutput: each head's class
+            if task.row is not None:
+                yield task.row(record, probs, error, self.labels, self.thresholds, self.label_sep)
             else:
                 yield self._row(record, probs, error, top_k, events)
 
@@ -206,11 +208,15 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
     inputs = list(inputs)
     out = Path(out)
     fmt = outputs.resolve_format(out, format)
-    if tasks.TASKS[predictor.task].label_sets and (fmt.whole or events or aggregate is not None
-                                                   or sort_into is not None):
-        raise UserError(f"a multi-label model writes one row per image with each label's probability and the set"
-                        f" that passes: --format csv or jsonl, without --events, --aggregate or --sort-into"
-                        f" (asked: {fmt.name})")
+    task = tasks.TASKS[predictor.task]
+    if task.row is not None and (fmt.whole or events or aggregate is not None or sort_into is not None):
+        what = ("each label's probability and the set that passes" if task.label_sets
+                else "each output's class and probabilities")
+        raise UserError(f"a {task.name} model writes one row per image with {what}: --format csv or jsonl, without"
+                        f" --events, --aggregate or --sort-into (asked: {fmt.name})")
+    if task.heads and predictor.thresholds:
+        raise UserError("--threshold and stored thresholds decide one class per image; a multioutput model's rows"
+                        " give each output's class and probability (leave out --threshold)")
     if media is not None and fmt.name != "camtrapdp":
         raise UserError(f"--media applies to the Camtrap DP output (--format camtrapdp), not {fmt.name}")
     if sort_into is not None:
@@ -237,7 +243,7 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
     labels = predictor.labels
     # final files and event rows are made from the rows alone: they keep every class's probability
     top_k = len(labels) if fmt.whole or aggregate else min(top_k, len(labels))
-    columns = (tasks.label_set_columns(labels) if tasks.TASKS[predictor.task].label_sets
+    columns = (task.columns(labels) if task.columns is not None
                else row_columns(top_k, bool(predictor.thresholds), events))
     outputs.check_output_path(out, fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -348,7 +354,7 @@ def _is_our_header(fields: list[str]) -> bool:
     decision, event = "decision" in fields, "event" in fields
     ranked = (len(fields) - 4 - decision - event) // 2
     return fields in (row_columns(1, decision, event), row_columns(max(2, ranked), decision, event)) \
-        or tasks.is_label_set_header(fields)
+        or tasks.is_label_set_header(fields) or tasks.is_output_header(fields)
 
 
 # --------------------------------------------------------------------------- loading

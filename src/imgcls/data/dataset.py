@@ -87,13 +87,17 @@ def estimate_cache_bytes(n_images: int, spec: Preprocess, augment: Augment | Non
 
 
 class ImageDataset(Dataset):
-    """(uint8 tensor (3, S, S), class index) pairs."""
+    """(uint8 tensor (3, S, S), class index) pairs.
 
-    def __init__(self, records: list[Record], class_to_index: dict[str, int], spec: Preprocess,
+    ``class_to_index`` maps a record's label to its target, or is a function of the record (a multi-output
+    record's class per head)."""
+
+    def __init__(self, records: list[Record], class_to_index, spec: Preprocess,
                  augment: Augment | None = None, cache: list[np.ndarray] | None = None):
         self.records = records
         self.class_to_index = class_to_index
-        self.targets = [class_to_index[r.label] for r in records]
+        target = class_to_index if callable(class_to_index) else (lambda r: class_to_index[r.label])
+        self.targets = [target(r) for r in records]
         self.spec = spec
         self.augment = augment if augment is not None and augment.enabled else None
         self.transform = train_transform(spec, self.augment) if self.augment else None

@@ -30,10 +30,37 @@ class Record:
     group: str | None = None   # trigger event / site: all shots of a group land in one split
     camera: str | None = None  # the camera or site (a CSV column); events are grouped per camera
     labels: tuple[str, ...] | None = None  # multi-label: the parsed label set (label holds its text)
+    # multi-output: (column, value or None when empty) per label column; label holds the first column's value
+    outputs: tuple[tuple[str, str | None], ...] | None = None
 
     @property
     def label_set(self) -> tuple[str, ...]:
-        """Every label of the record: ``labels`` when parsed, else ``(label,)``; ``()`` when unlabelled."""
+        """Every label of the record: ``labels`` when parsed, else ``(label,)``; ``()`` when unlabelled.
+        A multi-output record's labels are its present values qualified by their column
+        (``species:deer``, :func:`qualified`)."""
+        if self.outputs is not None:
+            return tuple(qualified(name, value) for name, value in self.outputs if value is not None)
         if self.labels is not None:
             return self.labels
         return () if self.label is None else (self.label,)
+
+
+# A multi-output model's labels are one flat list, every head's classes in head order, each named
+# ``<column>:<value>``; the logits follow that list, so one output (N, sum of K) holds every head.
+OUTPUT_SEP = ":"
+
+
+def qualified(name: str, value: str) -> str:
+    return f"{name}{OUTPUT_SEP}{value}"
+
+
+def heads_of(labels: list[str]) -> list[tuple[str, list[str], int]]:
+    """A multi-output model's flat labels -> ``[(column, its class names, first logit)]`` in head order
+    (each head's labels are contiguous; a column name holds no ``:``)."""
+    heads: list[tuple[str, list[str], int]] = []
+    for i, label in enumerate(labels):
+        name, _, value = label.partition(OUTPUT_SEP)
+        if not heads or heads[-1][0] != name:
+            heads.append((name, [], i))
+        heads[-1][1].append(value)
+    return heads

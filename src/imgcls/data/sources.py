@@ -33,7 +33,7 @@ from typing import Iterator
 from ..errors import UserError
 from .decode import open_regular
 from .events import DEFAULT_GAP, group_events, parse_time
-from .records import IMAGE_SUFFIXES, Record
+from .records import IMAGE_SUFFIXES, OUTPUT_SEP, Record
 
 log = logging.getLogger("imgcls")
 
@@ -93,11 +93,13 @@ CAMERA_COLUMNS = ("camera", "site")  # first found: where each image was taken (
 def from_csv(path: str | Path, path_column: str = "path", label_column: str = "label",
              group_column: str = "group", event_column: str | None = None) -> Dataset:
     """``event_column``: the column naming each image's capture event (its group), instead of
-    ``group_column``."""
+    ``group_column``.  ``label_column`` naming several columns (``species,count``) reads a multi-output
+    record per row (:attr:`Record.outputs`): an empty cell is a missing value of that column only."""
     path = Path(path)
     base = path.parent
     columns, rows = read_csv(path)
-    missing = [c for c in (path_column, label_column) if c not in columns]
+    label_columns = output_columns(label_column)
+    missing = [c for c in (path_column, *label_columns) if c not in columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}; it has {', '.join(columns) or 'no header'}."
                         " Name the right ones with --path-column / --label-column")
@@ -110,8 +112,9 @@ def from_csv(path: str | Path, path_column: str = "path", label_column: str = "l
     unknown: dict[str, int] = {}  # split value -> first line
     for line_no, row in rows:
         raw = (row.get(path_column) or "").strip()
-        label = (row.get(label_column) or "").strip()
-        if not raw or not label:
+        values = tuple((name, (row.get(name) or "").strip() or None) for name in label_columns)
+        label = values[0][1]
+        if not raw or not any(value for _, value in values):
             raise UserError(f"{path}:{line_no}: empty {path_column if not raw else label_column!r}; fill it or drop the row")
         value = (row.get("split") or "").strip()
         split = SPLIT_NAMES.get(value.lower(), "all") if value else "all"
@@ -120,7 +123,8 @@ def from_csv(path: str | Path, path_column: str = "path", label_column: str = "l
         group = (row.get(group_column) or "").strip() or None
         camera = (row.get(camera_column) or "").strip() or None if camera_column else None
         file = Path(raw) if Path(raw).is_absolute() else base / raw
-        splits.setdefault(split, []).append(Record(file, label, group, camera))
+        splits.setdefault(split, []).append(Record(file, label, group, camera,
+                                                   outputs=values if len(label_columns) > 1 else None))
     if unknown:
         first = min(unknown.values())
         raise UserError(f"{path}:{first}: unknown split value(s) {', '.join(sorted(unknown))} in the split column;"
@@ -130,6 +134,21 @@ def from_csv(path: str | Path, path_column: str = "path", label_column: str = "l
     if "all" in splits and len(splits) > 1:
         raise UserError(f"{path}: some rows have a split (train/val/test) and some don't; give every row one or none")
     return Dataset(splits, str(path))
+
+
+def output_columns(label_column: str) -> list[str]:
+    """``--label-column`` as its columns: one, or several joined by commas (a multi-output model's heads,
+    the first the primary); a UserError for an empty or repeated name."""
+    names = [c.strip() for c in label_column.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise UserError(f"--label-column {label_column!r}: give one column, or several distinct ones joined by"
+                        " commas (species,count,behaviour)")
+    if len(names) > 1:
+        bad = [n for n in names if OUTPUT_SEP in n or n in ("path", "error")]
+        if bad:
+            raise UserError(f"--label-column: the output name(s) {', '.join(bad)} cannot be used (no {OUTPUT_SEP!r},"
+                            " not path or error: they name prediction columns); rename the CSV column(s)")
+    return names
 
 
 def read_csv(path: Path) -> tuple[list[str], Iterator[tuple[int, dict]]]:
@@ -336,6 +355,9 @@ def load_dataset(data: str | Path, path_column: str = "path", label_column: str 
     loader = _load_folder if data.is_dir() else LOADERS.get(data.suffix.lower())
     if loader is None:
         raise UserError(f"{data}: expected a folder of class folders, a .csv file or a COCO Camera Traps .json")
+    if loader is not _load_csv and len(output_columns(label_column)) > 1:
+        raise UserError(f"--label-column {label_column}: several label columns (a multi-output model) need a CSV;"
+                        f" {data} is {'a folder' if data.is_dir() else 'a COCO Camera Traps file'}")
     return loader(data, path_column, label_column, event_column, event_gap)
 
 

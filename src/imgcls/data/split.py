@@ -48,11 +48,14 @@ def split_records(records: list[Record], val_fraction: float = 0.2, seed: int = 
 
 
 def _strata(records: list[Record]):
-    """record -> the label it is stratified by: its label, or for a multi-label record (``labels`` set)
-    its rarest label overall (ties by name), so every label with two or more units reaches validation."""
+    """record -> the label it is stratified by: its label (a multi-output record's: its first column's), or
+    for a multi-label record (``labels`` set) its rarest label overall (ties by name), so every label with
+    two or more units reaches validation."""
     counts = Counter(label for r in records if r.labels is not None for label in r.labels)
 
     def stratum(record: Record):
+        if record.outputs is not None:  # multi-output: the first (primary) column's value
+            return record.label
         if record.labels is None or not record.labels:
             return record.label
         return min(record.labels, key=lambda label: (counts[label], label))

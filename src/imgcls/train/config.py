@@ -160,13 +160,18 @@ class TrainConfig:
                        " at most 1 point of val accuracy, which export.json records; off: fp32 only", choices=INT8)
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
     path_column: str = option("path", "CSV column with image paths")
-    label_column: str = option("label", "CSV column with labels")
+    label_column: str = option("label", "CSV column with labels; several joined by commas (species,count) train"
+                               " one head per column on one backbone (multioutput; an empty cell leaves that"
+                               " head out for that image; the first column is the primary one)")
+    output_weights: str | None = option(None, "multioutput: the loss weight of each label column's head, joined by"
+                                        " commas in column order (e.g. 1,0.5,0.5; default 1 each)")
     label_sep: str | None = option(None, "multi-label CSV: the separator joining an image's labels in the label"
                                    " column (e.g. ';' for 'deer;fox')")
     task: str = option("auto", "multiclass: one class per image (softmax); multilabel: any set of labels per image"
                        " (a sigmoid each, thresholds tuned on val); binary-sigmoid: two classes as one logit,"
-                       " P(second class) = sigmoid; auto: multilabel when --label-sep is given and some image has"
-                       " several labels, else multiclass", choices=("auto", *TASKS))
+                       " P(second class) = sigmoid; multioutput: a softmax head per label column (several"
+                       " --label-column); auto: multioutput for several label columns, multilabel when --label-sep"
+                       " is given and some image has several labels, else multiclass", choices=("auto", *TASKS))
     group_by: str = option("event", "what a split keeps whole. event: capture events (an --event-column or"
                            " group column, else frames within --event-gap seconds per camera, from EXIF times);"
                            " site: whole cameras (a camera/site column, else the image's folder); none: images",

@@ -279,7 +279,7 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
         # the cross-validated loss counts classes alike when selecting by balanced accuracy (--select-by)
         fit = fit_task_head(task.name, train_feats[:, :, skip:], y, len(s.classes), prior, cfg.seed,
                             s.balance.loss_weights(draws=False), progress, standardize=bool(taps) and not skip,
-                            cv_mode=s.balance.cv_weights)
+                            cv_mode=s.balance.cv_weights, labels=s.classes)
         if skip:
             fit.weight = torch.cat([fit.weight.new_zeros(fit.weight.shape[0], skip), fit.weight], 1)
             taps = ()

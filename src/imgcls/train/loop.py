@@ -123,15 +123,16 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: schedule(step, total_steps, warmup_steps, steps_per_epoch, cfg))
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
-    task = tasks.of(s.meta)  # multiclass, binary-sigmoid or multilabel: loss, hits and metrics follow it
+    task = tasks.of(s.meta)  # multiclass, binary-sigmoid, multilabel or multioutput: loss, hits, metrics follow it
     goal = objective(task.name)
     # the task's own criterion (mAP) first, else accuracy or balanced accuracy (--select-by)
     select = task.selection or s.balance.selection_metric
     criterion = goal.criterion(s.train_set.targets, len(s.classes), s.balance.loss_weights(draws=True),
-                               cfg.label_smoothing).to(s.device)
+                               cfg.label_smoothing, meta=s.meta).to(s.device)
+    hits = goal.hits or criterion.hits  # multioutput: every labelled head right
 
     start_epoch, best, best_epoch, bad_epochs = 0, -1.0, 0, 0
-    best_accuracy = -1.0
+    best_accuracy, best_loss = -1.0, float("inf")
     if resume:
         state = load_checkpoint(run_dir / rundir.CHECKPOINT)
         model.net.load_state_dict(state["model"])
@@ -141,6 +142,7 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
         start_epoch, best_accuracy, best_epoch, bad_epochs = (state["epoch"], state["best_val_accuracy"],
                                                               state["best_epoch"], state["bad_epochs"])
         best = state.get("best_val_score", best_accuracy)
+        best_loss = state.get("best_val_loss", best_loss)
         torch.set_rng_state(state["rng"]["torch"])
         rundir.truncate_metrics(run_dir, start_epoch)  # rows written after the checkpoint: done again
         log.info("resuming %s after epoch %d (best val accuracy %.4f)", run_dir, start_epoch, best_accuracy)
@@ -161,20 +163,24 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                 row = train_one_epoch(model, loader, criterion, optimizer, scheduler, s.device, s.amp_dtype,
                                       cfg.clip_grad, scaler,
                                       progress_desc=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None,
-                                      frozen_backbone=frozen, hits=goal.hits)
+                                      frozen_backbone=frozen, hits=hits)
                 logits, targets = predict_logits(model, make_loader(s.val_set, cfg), s.device, s.amp_dtype)
                 val = task.metrics(logits, targets, s.classes)
                 row.update(epoch=epoch + 1, lr=lr_now, **task.epoch_columns(val),
                            epoch_seconds=time.perf_counter() - epoch_start)
                 rundir.append_metrics(run_dir, row)
                 score = getattr(val, select)
-                if score > best:
+                # several heads: the primary head's score first, the heads' summed val loss breaks ties (the
+                # primary head is often perfect long before the others have learned)
+                if score > best or (task.heads and score == best and val.loss < best_loss):
                     best, best_accuracy, best_epoch, bad_epochs = score, val.accuracy, epoch + 1, 0
+                    best_loss = val.loss
                     rundir.save_weights(run_dir / rundir.WEIGHTS, model.net.state_dict(), s.meta)
                 else:
                     bad_epochs += 1
                 save_checkpoint(run_dir / rundir.CHECKPOINT, checkpoint_state(
-                    model, optimizer, scheduler, scaler, epoch + 1, best_accuracy, best_epoch, bad_epochs, best))
+                    model, optimizer, scheduler, scaler, epoch + 1, best_accuracy, best_epoch, bad_epochs, best,
+                    best_loss))
                 log.info("epoch %d/%d  train loss %.4f acc %.4f  val %s  %.0f img/s", epoch + 1, cfg.epochs,
                          row["train_loss"], row["train_accuracy"],
                          " ".join(f"{k[4:]} {v:.4f}" for k, v in task.epoch_columns(val).items()),
@@ -231,12 +237,13 @@ class _StopRequested(Exception):
 
 
 def checkpoint_state(model, optimizer, scheduler, scaler, epoch, best, best_epoch, bad_epochs,
-                     best_score=None) -> dict:
+                     best_score=None, best_loss=float("inf")) -> dict:
     """``best``: the best epoch's val accuracy; ``best_score``: its selection score (accuracy or
     balanced accuracy, train.balance), ``best`` when not given."""
     return {"model": model.net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "epoch": epoch, "best_val_accuracy": best, "best_epoch": best_epoch,
-            "best_val_score": best if best_score is None else best_score, "bad_epochs": bad_epochs,
+            "best_val_score": best if best_score is None else best_score, "best_val_loss": best_loss,
+            "bad_epochs": bad_epochs,
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
                     "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}}
 

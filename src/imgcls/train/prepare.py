@@ -181,7 +181,8 @@ def split_dataset(cfg: TrainConfig) -> tuple[dict[str, list[Record]], list[str],
     elif events.source != "none":
         events.across_given_splits = events_on_both_sides(splits)
     _log_events(events, cfg)
-    classes = sorted({label for r in splits["train"] for label in r.label_set})
+    classes = (tasks.output_classes(splits["train"]) if splits["train"] and splits["train"][0].outputs is not None
+               else sorted({label for r in splits["train"] for label in r.label_set}))
     if len(classes) < 2:
         raise UserError(f"{cfg.data}: only one class ({', '.join(classes) or 'none'}) in the training data;"
                         " a classifier needs at least two")
@@ -355,10 +356,20 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     scanned.events = events.to_dict()
     _report_scan(scanned, classes, run_dir)
     splits = scanned.splits
-    balance = resolve_class_balance(cfg, scanned.counts()["train"], classes)
-    if balance.sampler and task.name == "multilabel":
-        raise UserError("--balance sampler draws images by their class, and a multi-label image has several;"
-                        " use --balance weights (each label's presence weighed against its absence) or none")
+    heads = None
+    if task.heads:  # the primary (first) head's classes decide the balance and the selection
+        names = [name for name, _ in splits["train"][0].outputs]
+        heads = tasks.output_heads(classes, tasks.parse_output_weights(cfg.output_weights, names))
+        log.info("outputs: %s", "; ".join(f"{h['name']} ({len(h['labels'])} classes, loss weight {h['weight']:g})"
+                                          for h in heads))
+    elif cfg.output_weights is not None:
+        raise UserError("--output-weights weighs the heads of a multi-output model; name several label columns"
+                        " (--label-column species,count,...) or leave it out")
+    primary = [c for c in classes if heads is None or c.startswith(f"{heads[0]['name']}:")]
+    balance = resolve_class_balance(cfg, scanned.counts()["train"], primary)
+    if balance.sampler and task.name in ("multilabel", "multioutput"):
+        raise UserError(f"--balance sampler draws images by their class, and a {task.name} image has several;"
+                        " use --balance weights (classes weighed alike in each label's or head's loss) or none")
     rundir.write_split(run_dir / rundir.SPLIT,
                        [(r.path, r.label, r.group, name) for name, records in splits.items() for r in records])
     index = tasks.training_index(task, [r for rs in splits.values() for r in rs], classes)
@@ -385,6 +396,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
                    ImageDataset(splits["train"], index, preprocess, augment, scanned.caches["train"]),
                    ImageDataset(splits["val"], index, preprocess, None, scanned.caches["val"]),
                    model.to(device), device, amp_dtype,
-                   rundir.model_meta(cfg.model, classes, preprocess, build, tasks.meta(task.name, cfg.label_sep)),
+                   rundir.model_meta(cfg.model, classes, preprocess, build,
+                                     tasks.meta(task.name, cfg.label_sep, heads)),
                    source,
                    balance)

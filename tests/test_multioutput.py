@@ -185,7 +185,18 @@ def test_multioutput_train_writes_every_head(outputs_run):
     assert props["imgcls.task"] == "multioutput" and json.loads(props["imgcls.labels"]) == LABELS
     assert [(o["name"], o["labels"]) for o in json.loads(props["imgcls.outputs"])] == [
         ("species", ["deer", "fox", "owl"]), ("time", ["day", "night"]), ("count", ["1", "2+"])]
-    assert "int8" not in summary or not summary["int8"]["kept"]
+    assert not summary["int8"]["kept"]
+
+
+def test_export_command_keeps_every_head(outputs_run, tmp_path):
+    _, run, _, _ = outputs_run
+    out = tmp_path / "again.onnx"
+    assert main(["-q", "export", str(run), "--out", str(out)]) == 0
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["imgcls.task"] == "multioutput" and json.loads(props["imgcls.labels"]) == LABELS
+    assert [o["name"] for o in json.loads(props["imgcls.outputs"])] == list(COLUMNS)
+    # the int8 gate compares one class's accuracy: refused
+    assert main(["-q", "export", str(run), "--int8", "--out", str(tmp_path / "q.onnx")]) == 2
 
 
 def test_onnx_logits_match_torch_for_every_head(outputs_run):

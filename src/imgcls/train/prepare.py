@@ -17,7 +17,7 @@ from ..data.dataset import CACHE_LIMIT_BYTES, ImageDataset, decode_all, estimate
 from ..data.preprocess import Augment, Preprocess
 from ..data.records import Record
 from ..data.scan import find_duplicates, scan_paths, typical_short_side
-from ..data.sources import load_dataset
+from ..data.sources import load_dataset, output_columns
 from ..data.split import split_records
 from ..data.stats import Pixels, compute_mean_std
 from ..errors import UserError
@@ -326,6 +326,12 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
         raise UserError(f"{run_dir} already holds a trained model; choose another --out or continue it with"
                         f" --resume {run_dir}")
     validate(cfg)
+    if cfg.output_weights is not None:  # checked before any data is read
+        columns = output_columns(cfg.label_column)
+        if len(columns) < 2:
+            raise UserError("--output-weights weighs the heads of a multi-output model; name several label columns"
+                            " (--label-column species,count,...) or leave it out")
+        tasks.parse_output_weights(cfg.output_weights, columns)
     entry = model_spec(cfg.model)
     if cfg.input_size is not None and not entry.min_input_size <= cfg.input_size <= entry.max_input_size:
         raise UserError(f"{cfg.model} takes inputs from {entry.min_input_size} to {entry.max_input_size} px,"
@@ -362,9 +368,6 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
         heads = tasks.output_heads(classes, tasks.parse_output_weights(cfg.output_weights, names))
         log.info("outputs: %s", "; ".join(f"{h['name']} ({len(h['labels'])} classes, loss weight {h['weight']:g})"
                                           for h in heads))
-    elif cfg.output_weights is not None:
-        raise UserError("--output-weights weighs the heads of a multi-output model; name several label columns"
-                        " (--label-column species,count,...) or leave it out")
     primary = [c for c in classes if heads is None or c.startswith(f"{heads[0]['name']}:")]
     balance = resolve_class_balance(cfg, scanned.counts()["train"], primary)
     if balance.sampler and task.name in ("multilabel", "multioutput"):

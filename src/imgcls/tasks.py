@@ -46,7 +46,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .data.records import heads_of, qualified
+from .data.records import OUTPUT_SEP, heads_of, qualified
 from .errors import UserError
 from .metrics import compute_label_set_metrics, compute_metrics, compute_output_metrics, metrics_of_stream
 from .softmax import sigmoid, softmax
@@ -425,7 +425,7 @@ def output_columns(labels: list[str]) -> list[str]:
 
 def is_output_header(fields: list[str]) -> bool:
     labels = [f[len("prob_"):] for f in fields if f.startswith("prob_")]
-    return bool(labels) and all(":" in label for label in labels) and fields == output_columns(labels)
+    return bool(labels) and all(OUTPUT_SEP in label for label in labels) and fields == output_columns(labels)
 
 
 def output_row(record, probs: np.ndarray | None, error: str, labels: list[str], thresholds=None, sep=None) -> dict:

@@ -4,9 +4,10 @@ Three labelled layouts are understood:
 
 * a class-folder tree ``ROOT/<class>/**/<image>``, optionally split into
   ``ROOT/train``, ``ROOT/val`` (or ``valid``/``validation``) and ``ROOT/test``;
-* a CSV file with a path column and a label column (names configurable),
-  paths relative to the CSV's folder; optional ``group`` (or ``--event-column``),
-  ``camera`` (or ``site``) and ``split`` columns;
+* a CSV file with a path column and a label column (names configurable; several
+  label columns make multi-output records, :func:`output_columns`), paths relative
+  to the CSV's folder; optional ``group`` (or ``--event-column``), ``camera`` (or
+  ``site``) and ``split`` columns;
 * a COCO Camera Traps ``.json`` (:func:`from_coco`): the label is the image's
   category, the group its sequence (``seq_id``), the camera its ``location``.
 

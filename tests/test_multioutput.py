@@ -301,6 +301,9 @@ def test_multioutput_options_are_checked(outputs_run, tmp_path, capsys):
     assert "--output-weights" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "b"), "--balance", "sampler"]) == 2
     assert "--balance weights" in capsys.readouterr().err
+    # class weights: each head's own, from its labelled images
+    assert main([*common, "--out", str(tmp_path / "w"), "--balance", "weights"]) == 0
+    assert json.loads((tmp_path / "w" / "summary.json").read_text())["class_balance"]["balance"] == "weights"
     assert main([*common, "--out", str(tmp_path / "c"), "--task", "multilabel"]) == 2
     assert "--task multioutput" in capsys.readouterr().err
     # one label column and --output-weights: refused

@@ -63,13 +63,20 @@ def csv_rows(path):
         return list(csv.DictReader(handle))
 
 
-def test_ray_gives_the_rows_of_a_local_run(trained, cluster, tmp_path, capsys):
+@pytest.mark.parametrize("window", [None, 16], ids=["one-window", "windows-of-16"])
+def test_ray_gives_the_rows_of_a_local_run(trained, cluster, tmp_path, capsys, caplog, monkeypatch, window):
+    """Also when the inputs go through in windows (40 inputs in windows of 16: three actor pools)."""
+    if window:
+        import imgcls.cluster
+        monkeypatch.setattr(imgcls.cluster, "WINDOW", window)
+    caplog.set_level(logging.INFO, logger="imgcls")
     run, new = trained
     local, remote = tmp_path / "local.csv", tmp_path / "ray.csv"
     assert main(["-q", "predict", str(run), str(new), "--out", str(local), "--top-k", "3"]) == 0
     assert main(["-q", "predict", str(run), str(new), "--out", str(remote), "--top-k", "3", "--ray", cluster,
                  "--ray-actors", "2", "--batch-size", "4"]) == 0
     assert "40 images" in capsys.readouterr().out
+    assert [r.args[0] for r in caplog.records if r.msg.startswith("ray: %d images")] == ([16, 16, 8] if window else [40])
     a, b = csv_rows(local), csv_rows(remote)
     assert len(a) == len(b) == 40
     assert [r["path"] for r in b] == [r["path"] for r in a]  # input order

@@ -26,6 +26,7 @@ import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -44,6 +45,8 @@ INSTALL = 'pip install "imgcls[cluster]"'
 LOCAL = "local"                # --ray without an address: a cluster of this machine, started here
 CHUNK_BATCHES = 8              # engine batches per actor call: long enough to keep decode and engine overlapped,
                                # short enough that rows reach the output soon after the first images are done
+WINDOW = 100_000               # inputs held on the driver at a time: memory stays flat in the number of files,
+                               # at the cost of one actor pool start per window
 
 
 def require_ray():
@@ -154,25 +157,32 @@ class RayPredictor(Predictor):
 
     def iter_logits(self, records: Iterable[Record], batch_size: int | None = None,
                     workers: int | None = None) -> Iterator[tuple[Record, np.ndarray | None, str]]:
-        records = list(records)  # the writers pass only the inputs still to do (--resume)
-        if not records:
+        records = iter(records)  # the writers pass only the inputs still to do (--resume)
+        window = list(islice(records, WINDOW))
+        if not window:
             return
         batch_size = self.batch_size if batch_size is None else batch_size
         with connect(self.address) as ray:
-            actors, cpus = self._actors(ray), self._cpus(ray)
-            chunk = max(1, min(batch_size * CHUNK_BATCHES, math.ceil(len(records) / actors)))  # every actor busy
-            actors = min(actors, math.ceil(len(records) / chunk))  # no actor without a chunk
-            dataset = _dataset(ray, records, chunk)
-            dataset = dataset.map_batches(
-                PredictActor, batch_size=chunk, batch_format="numpy",
-                fn_constructor_kwargs=dict(files=self.files, preprocess=self.preprocess, num_classes=len(self.labels),
-                                           batch_size=batch_size, cpus=cpus, gpu=self.gpus_per_actor > 0),
-                num_cpus=cpus, num_gpus=self.gpus_per_actor or None, **_pool(ray, actors))
-            log.info("ray: %d images on %d actors (%g CPU%s)", len(records), actors, cpus,
-                     f", {self.gpus_per_actor:g} GPU each" if self.gpus_per_actor else " each")
-            # no prefetch: with it, a finished chunk is handed over only once the next one is done too
-            yield from _in_order(records, dataset.iter_batches(batch_size=None, batch_format="numpy",
-                                                               prefetch_batches=0))
+            while window:
+                yield from self._window(ray, window, batch_size)
+                window = list(islice(records, WINDOW))
+
+    def _window(self, ray, records: list[Record], batch_size: int) -> Iterator[tuple[Record, np.ndarray | None, str]]:
+        """One window of the inputs through a fresh actor pool."""
+        actors, cpus = self._actors(ray), self._cpus(ray)
+        chunk = max(1, min(batch_size * CHUNK_BATCHES, math.ceil(len(records) / actors)))  # every actor busy
+        actors = min(actors, math.ceil(len(records) / chunk))  # no actor without a chunk
+        dataset = _dataset(ray, records, chunk)
+        dataset = dataset.map_batches(
+            PredictActor, batch_size=chunk, batch_format="numpy",
+            fn_constructor_kwargs=dict(files=self.files, preprocess=self.preprocess, num_classes=len(self.labels),
+                                       batch_size=batch_size, cpus=cpus, gpu=self.gpus_per_actor > 0),
+            num_cpus=cpus, num_gpus=self.gpus_per_actor or None, **_pool(ray, actors))
+        log.info("ray: %d images on %d actors (%g CPU%s)", len(records), actors, cpus,
+                 f", {self.gpus_per_actor:g} GPU each" if self.gpus_per_actor else " each")
+        # no prefetch: with it, a finished chunk is handed over only once the next one is done too
+        yield from _in_order(records, dataset.iter_batches(batch_size=None, batch_format="numpy",
+                                                           prefetch_batches=0))
 
     def _cpus(self, ray) -> float:
         """CPUs per actor: given, else 1 on a CPU actor; a GPU actor gets its share of the CPUs of the GPU node with

@@ -39,10 +39,11 @@ log = logging.getLogger("imgcls")
 
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}  # device type -> process-group backend
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+WORKER = "imgcls.train.worker"  # the module each launched process runs (nothing imports it: no circle)
 # a collective waits this long for the slowest rank (rank 0 writes checkpoints between epochs)
 TIMEOUT = timedelta(hours=2)
 # the launcher's own loggers: their lines about a worker's failure repeat what imgcls reports in one line
-_LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")
+LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")
 
 
 # --------------------------------------------------------------------------- where am I
@@ -84,7 +85,7 @@ def cpu_share() -> int:
 def launch(cfg, resume: bool, progress: bool):
     """Run ``cfg`` on ``cfg.nproc`` worker processes of this machine; rank 0's TrainResult.
 
-    The workers are ``python -m imgcls.train.distributed``, started as torchrun starts a module, so a
+    The workers are ``python -m imgcls.train.worker``, started as torchrun starts a module, so a
     script that calls ``imgcls.train(..., nproc=N)`` is not imported again by them.  A UserError in
     any worker is raised here with its message; the launcher stops the others."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -94,15 +95,20 @@ def launch(cfg, resume: bool, progress: bool):
     from .. import rundir
     from .session import TrainResult
 
+    device = resolve_device(cfg.device)
+    check(cfg, device, cfg.nproc)  # before any process starts
+    if device.type == "cuda" and cfg.nproc > torch.cuda.device_count():
+        raise UserError(f"--nproc {cfg.nproc} asks for one process per GPU, but {torch.cuda.device_count()} GPU(s)"
+                        f" are visible; use --nproc {torch.cuda.device_count()} or fewer")
     # as torchrun --standalone: a rendezvous on a free local port, no restarts
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     log.info("data-parallel: %d processes (torch.distributed, %s backend)", cfg.nproc,
-             BACKENDS.get(resolve_device(cfg.device).type, "gloo"))
-    args = ["-m", __name__, json.dumps(cfg.to_dict()), json.dumps(_logger_levels())]
+             BACKENDS.get(device.type, "gloo"))
+    args = ["-m", WORKER, json.dumps(cfg.to_dict()), json.dumps(logger_levels())]
     args += ["--resume"] * resume + ["--progress"] * progress
-    saved = {name: logging.getLogger(name).level for name in _LAUNCHER_LOGGERS}
-    for name in _LAUNCHER_LOGGERS:
+    saved = {name: logging.getLogger(name).level for name in LAUNCHER_LOGGERS}
+    for name in LAUNCHER_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         elastic_launch(config, sys.executable)(*args)
@@ -119,31 +125,11 @@ def launch(cfg, resume: bool, progress: bool):
     return TrainResult(run_dir, rundir.read_json(run_dir / rundir.SUMMARY))
 
 
-def _logger_levels() -> dict[str, int]:
+def logger_levels() -> dict[str, int]:
     """The levels this process's loggers were given (the command line's -v/-q, exporters kept quiet)."""
     named = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
              if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET}
     return {"": logging.root.level, **named}
-
-
-def _worker_main(argv: list[str]) -> int:
-    """One process started by :func:`launch`: the same run, joined to the others by :func:`process_group`.
-    A UserError goes to the launcher's error file (the launcher raises it) instead of a traceback."""
-    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-    from . import TrainConfig, run
-
-    cfg, levels = json.loads(argv[0]), json.loads(argv[1])
-    logging.basicConfig(level=levels.pop(""), format="%(message)s")  # as the command line set it up
-    for name, level in levels.items():
-        if not name.startswith(_LAUNCHER_LOGGERS):
-            logging.getLogger(name).setLevel(level)
-    try:
-        run(TrainConfig.from_dict(cfg), "--resume" in argv, "--progress" in argv)
-    except UserError as err:
-        ErrorHandler().record_exception(err)
-        return err.exit_code
-    return 0
 
 
 def _child_error(err) -> Exception:
@@ -185,9 +171,9 @@ def place(device: torch.device) -> torch.device:
     return device
 
 
-def check(cfg, device: torch.device) -> None:
-    """What a run on several processes cannot do, as UserErrors (before any data is read)."""
-    n = world()
+def check(cfg, device: torch.device, n: int | None = None) -> None:
+    """What a run on ``n`` processes (default: this run's) cannot do, as UserErrors (before any data is read)."""
+    n = world() if n is None else n
     if n > 1 and cfg.batch_size % n:
         raise UserError(f"--batch-size {cfg.batch_size} is the batch of all {n} processes together and must split"
                         f" evenly between them; use a multiple of {n}")
@@ -220,6 +206,15 @@ def all_sum(*values: float) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def from_main(make):
+    """``make()`` on rank 0, its result sent to every rank (one export instead of one per rank)."""
+    if not active():
+        return make()
+    box = [make() if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shard(n: int) -> np.ndarray:
@@ -292,7 +287,3 @@ def epoch_order(dataset, seed: int, epoch: int, draws: list[int] | None = None, 
     sampler.set_epoch(epoch)
     order = list(sampler)
     return order if draws is None else [draws[i] for i in order]
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))

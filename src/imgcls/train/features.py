@@ -96,25 +96,34 @@ def linear_readout_problem(net: nn.Module, extractor: nn.Module, head: nn.Module
     return None
 
 
+def _export_extractor(session, module, sample: np.ndarray) -> bytes | None:
+    """The extractor as ONNX bytes, or None (with a warning) when the export fails."""
+    t0 = time.perf_counter()
+    try:
+        dim = classifier_head(session.model.net).in_features
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export.export_onnx(module, [f"f{i}" for i in range(dim)], Path(tmp) / "features.onnx",
+                                      f"{session.cfg.model}-features", sample=sample)
+            data = path.read_bytes()
+        OnnxEngine(data, threads=1)  # ONNX Runtime must load it too
+    except Exception as err:  # noqa: BLE001 - any export problem: eager is slower but right
+        log.warning("fast path: ONNX export of the feature extractor failed (%s); using PyTorch eager"
+                    " (several times slower on a CPU)", first_line(err))
+        return None
+    log.info("fast path: feature extractor exported to ONNX in %.1f s", time.perf_counter() - t0)
+    return data
+
+
 def _feature_engine(session, extractor, sample: np.ndarray):
     """(engine, name, graph): ONNX Runtime on a CPU (graph: the extractor's ONNX ModelProto),
-    PyTorch eager otherwise or if export fails (graph None)."""
+    PyTorch eager otherwise or if export fails (graph None).  On several processes rank 0 exports
+    and the others receive its file."""
     module = Classifier(extractor, session.preprocess).eval()
     if session.device.type == "cpu":
-        t0 = time.perf_counter()
-        try:
-            dim = classifier_head(session.model.net).in_features
-            with tempfile.TemporaryDirectory() as tmp:
-                path = export.export_onnx(module, [f"f{i}" for i in range(dim)], Path(tmp) / "features.onnx",
-                                   f"{session.cfg.model}-features", sample=sample)
-                data = path.read_bytes()
+        data = distributed.from_main(lambda: _export_extractor(session, module, sample))
+        if data is not None:
             engine = OnnxEngine(data, threads=distributed.cpu_share())
-            log.info("fast path: feature extractor exported to ONNX in %.1f s", time.perf_counter() - t0)
             return engine, f"onnxruntime ({engine.threads} threads)", onnx.load_model_from_string(data)
-        except Exception as err:  # noqa: BLE001 - any export problem: eager is slower but right
-            first = first_line(err)
-            log.warning("fast path: ONNX export of the feature extractor failed (%s); using PyTorch eager"
-                        " (several times slower on a CPU)", first)
     engine = TorchEngine(module, device=str(session.device), amp=None)
     return engine, f"torch eager ({session.device})", None
 

@@ -79,6 +79,14 @@ def epoch_loader(s: Session, epoch: int, workers: int | None = None) -> DataLoad
                        batch_size=s.cfg.batch_size // s.world)
 
 
+def _epoch_rows(s: Session) -> tuple[int, int]:
+    """(rows, batch) of one rank's epoch, as :func:`epoch_loader` makes it (without drawing one): a
+    share of ``n // N`` rows (the draws, too, number the training images) and the incomplete last
+    batch dropped unless it is the only one."""
+    rows, batch = len(s.train_set) // s.world, s.cfg.batch_size // s.world
+    return (rows - rows % batch if rows > batch else rows), batch
+
+
 def validation_logits(model, s: Session) -> tuple[np.ndarray, np.ndarray]:
     """Logits and targets of the whole val set, in its order, on every rank (each scores its share)."""
     share = distributed.shard(len(s.val_set))
@@ -154,7 +162,7 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
     if cfg.sync_bn:
         model.net = distributed.sync_batchnorm(model.net)
     optimizer = make_optimizer(model.net, cfg)
-    steps_per_epoch = len(epoch_loader(s, 0, workers=0))
+    steps_per_epoch = len(range(0, *_epoch_rows(s)))
     if s.world > 1:
         log.info("data-parallel: %d processes, %d images per process and step (--batch-size %d in all)", s.world,
                  cfg.batch_size // s.world, cfg.batch_size)

@@ -79,12 +79,12 @@ def epoch_loader(s: Session, epoch: int, workers: int | None = None) -> DataLoad
                        batch_size=s.cfg.batch_size // s.world)
 
 
-def _epoch_rows(s: Session) -> tuple[int, int]:
-    """(rows, batch) of one rank's epoch, as :func:`epoch_loader` makes it (without drawing one): a
-    share of ``n // N`` rows (the draws, too, number the training images) and the incomplete last
-    batch dropped unless it is the only one."""
+def steps_per_epoch(s: Session) -> int:
+    """The training steps of an epoch as :func:`epoch_loader` makes them, without drawing one: each
+    rank's share of ``n // N`` rows (the class-balanced draws number the training images too) in
+    batches of ``batch_size / N``, the incomplete last one dropped unless it is the only one."""
     rows, batch = len(s.train_set) // s.world, s.cfg.batch_size // s.world
-    return (rows - rows % batch if rows > batch else rows), batch
+    return rows // batch if rows > batch else min(rows, 1)
 
 
 def validation_logits(model, s: Session) -> tuple[np.ndarray, np.ndarray]:
@@ -162,15 +162,15 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
     if cfg.sync_bn:
         model.net = distributed.sync_batchnorm(model.net)
     optimizer = make_optimizer(model.net, cfg)
-    steps_per_epoch = len(range(0, *_epoch_rows(s)))
+    steps = steps_per_epoch(s)
     if s.world > 1:
         log.info("data-parallel: %d processes, %d images per process and step (--batch-size %d in all)", s.world,
                  cfg.batch_size // s.world, cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    total_steps = cfg.epochs * steps
+    warmup_steps = int(cfg.warmup_epochs * steps)
     schedule = SCHEDULES[cfg.schedule]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: schedule(step, total_steps, warmup_steps, steps_per_epoch, cfg))
+        optimizer, lambda step: schedule(step, total_steps, warmup_steps, steps, cfg))
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
     task = tasks.of(s.meta)  # multiclass, binary-sigmoid or multilabel: loss, hits and metrics follow it
     goal = objective(task.name)

@@ -23,7 +23,7 @@ import imgcls
 from imgcls.cli import main
 from imgcls.data.preprocess import Augment
 from imgcls.errors import UserError
-from imgcls.train import distributed, loop
+from imgcls.train import distributed
 
 # no augmentation and no export: the runs compare weights, not pipelines
 QUIET = dict(model="cifarnet", batch_size=8, workers=0, lr=3e-3, warmup_epochs=0, label_smoothing=0.0,

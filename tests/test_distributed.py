@@ -168,3 +168,20 @@ def test_a_worker_s_user_error_reaches_the_caller_with_its_message(tmp_path):
     with pytest.raises(UserError, match="only one class"):
         imgcls.train(tmp_path / "one", tmp_path / "run", nproc=2, **dict(QUIET, epochs=1))
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_the_tail_strategy_refuses_several_processes(monkeypatch):
+    """Its last-stage epochs run on one cached set of maps: on 2 processes it says so and what to use."""
+    from types import SimpleNamespace
+
+    from imgcls.train import features, strategies, tail
+    from imgcls.train.config import TrainConfig
+
+    monkeypatch.setattr(features, "readout_problem", lambda session: None)  # a model the tail path can take
+    monkeypatch.setattr(tail, "tail_problem", lambda session: None)
+    cfg = TrainConfig(data="d", out="o", strategy="tail", pretrained=True)
+    session = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), balance=None, world=2, strategy="")
+    with pytest.raises(UserError, match="the tail strategy runs in one process.*--strategy features or finetune"):
+        strategies.choose(session)
+    session.world = 1
+    assert strategies.choose(session) is strategies.STRATEGIES["tail"]

@@ -41,11 +41,14 @@ def cmd_train(args) -> int | None:
 
     options = options_from_args(args)
     if args.resume:
-        result = train(None, args.resume, resume=True, progress=not args.quiet, epochs=options.get("epochs"))
+        result = train(None, args.resume, resume=True, progress=not args.quiet, epochs=options.get("epochs"),
+                       nproc=options.get("nproc"))
     else:
         if not args.data or not args.out:
             raise UserError("imgcls train needs DATA and --out RUN_DIR (or --resume RUN_DIR)")
         result = train(args.data, args.out, progress=not args.quiet, **options)
+    if result is None:  # a rank other than 0 under torchrun: rank 0 reports the run
+        return None
     s = result.summary
     if s.get("interrupted"):  # a scheduler or `train && export` must not take this for a finished run
         print(f"interrupted; continue with: imgcls train --resume {result.run_dir}")

@@ -6,6 +6,7 @@
     strategies.py  the table of fitting strategies, and which one a run takes
     prepare.py     sources -> split -> scan -> preprocessing -> model + weights: a Session
     loop.py        the epoch loop (strategy ``finetune``), checkpoints, resume
+    distributed.py several processes: torch's launcher, the process group, DDP, who writes
     features.py    strategy ``features``: a head fitted on frozen features
     head.py        the head solver (pure)
     finalize.py    export of the model in memory, final metrics
@@ -34,32 +35,45 @@ from .strategies import choose
 __all__ = ["TrainConfig", "TrainResult", "run", "train"]
 
 
-def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train as ``cfg`` says (resolved: no defaults are filled in here)."""
+def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult | None:
+    """Train as ``cfg`` says (resolved: no defaults are filled in here).
+
+    ``cfg.nproc`` > 1: on that many processes of this machine (:mod:`.distributed`).  In a process
+    started by torchrun or that launcher, the ranks fit together and rank 0 alone finalizes the run;
+    the other ranks return None."""
     # torch and the data stack load when a run starts: the CLI imports this package to build its parser
+    from . import distributed
     from .finalize import finalize
     from .prepare import prepare
 
+    if cfg.nproc > 1 and not distributed.launched():
+        return distributed.launch(cfg, resume, progress)
     run_dir = Path(cfg.out)
     previous = rundir.read_json(run_dir / rundir.SUMMARY) if resume and (run_dir / rundir.SUMMARY).exists() else {}
     t0 = time.perf_counter()
-    session = prepare(cfg, resume, progress)
-    fit = choose(session, resume).fit(session, resume, progress)
-    return finalize(session, fit, previous.get("train_seconds", 0.0) + time.perf_counter() - t0)
+    with distributed.process_group(cfg.device):
+        progress = progress and distributed.is_main()
+        session = prepare(cfg, resume, progress)
+        fit = choose(session, resume).fit(session, resume, progress)
+        if not distributed.is_main():  # rank 0 alone exports and scores; the others are done
+            return None
+        return finalize(session, fit, previous.get("train_seconds", 0.0) + time.perf_counter() - t0)
 
 
 def train(data: str | Path | None, out: str | Path, model: str = "resnet18", resume: bool = False,
-          progress: bool = True, **options) -> TrainResult:
+          progress: bool = True, **options) -> TrainResult | None:
     """Train a classifier on a class-folder tree or CSV; returns a :class:`TrainResult`
     (``.run_dir``, ``.summary``).  ``options`` are :class:`TrainConfig` fields; with
-    ``resume`` the run's saved config is used (``epochs`` may be raised)."""
+    ``resume`` the run's saved config is used (``epochs`` may be raised, ``nproc`` changed).
+    Under torchrun, ranks other than 0 return None."""
     if resume:
         if not (Path(out) / rundir.CONFIG).exists():
             raise UserError(f"{out}: nothing to resume (no {rundir.CONFIG})")
         saved = rundir.read_yaml(Path(out) / rundir.CONFIG)
         saved["out"] = str(out)  # the run named, always: a copied run continues in the copy
-        if options.get("epochs") is not None:
-            saved["epochs"] = options["epochs"]
+        for name in ("epochs", "nproc"):  # what a resume may change: more epochs, other processes
+            if options.get(name) is not None:
+                saved[name] = options[name]
         return run(TrainConfig.from_dict(saved), resume=True, progress=progress)
     if data is None:
         raise UserError("training needs data: a folder of class folders or a CSV")

@@ -159,6 +159,11 @@ class TrainConfig:
     int8: str = option("auto", "auto: also write model.int8.onnx (faster prediction on CPUs), kept only when it loses"
                        " at most 1 point of val accuracy, which export.json records; off: fp32 only", choices=INT8)
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
+    nproc: int = option(1, "data-parallel processes on this machine (torch.distributed: one per GPU, or CPU"
+                        " processes with gloo); --batch-size is the batch of all of them together. Several"
+                        " machines: start `torchrun ... -m imgcls.cli train` on each instead", range=_AT_LEAST_1)
+    sync_bn: bool = option(False, "several processes on GPUs: BatchNorm statistics over the whole batch of all"
+                           " processes (SyncBatchNorm) instead of each process's share")
     path_column: str = option("path", "CSV column with image paths")
     label_column: str = option("label", "CSV column with labels; several joined by commas (species,count) train"
                                " one head per column on one backbone (multioutput; an empty cell leaves that"

@@ -17,6 +17,12 @@ its ONNX graph is the extractor's with the head appended
 Why on a CPU: forward passes in ONNX Runtime are several times faster than
 eager training steps, so many views of every image cost less than one
 fine-tuning epoch (figures: docs/decisions.md).
+
+On several processes (:mod:`.distributed`) each rank extracts the features of
+its block of the images, rank 0 gathers them in image order and fits the head
+alone.  Every image's augmented views are drawn from a seed of its own
+(``(seed, index)``), so the features, and the head, do not depend on how the
+images were shared out.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from ..models.classifier import Classifier
 from ..models.heads import classifier_head, head_prefix
 from ..models.readout import ReadoutNet, readout_taps
 from ..models.registry import model_spec
+from . import distributed
 from .task_heads import fit_task_head
 from .session import Fit, Session
 
@@ -89,25 +96,34 @@ def linear_readout_problem(net: nn.Module, extractor: nn.Module, head: nn.Module
     return None
 
 
+def _export_extractor(session, module, sample: np.ndarray) -> bytes | None:
+    """The extractor as ONNX bytes, or None (with a warning) when the export fails."""
+    t0 = time.perf_counter()
+    try:
+        dim = classifier_head(session.model.net).in_features
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export.export_onnx(module, [f"f{i}" for i in range(dim)], Path(tmp) / "features.onnx",
+                                      f"{session.cfg.model}-features", sample=sample)
+            data = path.read_bytes()
+        OnnxEngine(data, threads=1)  # ONNX Runtime must load it too
+    except Exception as err:  # noqa: BLE001 - any export problem: eager is slower but right
+        log.warning("fast path: ONNX export of the feature extractor failed (%s); using PyTorch eager"
+                    " (several times slower on a CPU)", first_line(err))
+        return None
+    log.info("fast path: feature extractor exported to ONNX in %.1f s", time.perf_counter() - t0)
+    return data
+
+
 def _feature_engine(session, extractor, sample: np.ndarray):
     """(engine, name, graph): ONNX Runtime on a CPU (graph: the extractor's ONNX ModelProto),
-    PyTorch eager otherwise or if export fails (graph None)."""
+    PyTorch eager otherwise or if export fails (graph None).  On several processes rank 0 exports
+    and the others receive its file."""
     module = Classifier(extractor, session.preprocess).eval()
     if session.device.type == "cpu":
-        t0 = time.perf_counter()
-        try:
-            dim = classifier_head(session.model.net).in_features
-            with tempfile.TemporaryDirectory() as tmp:
-                path = export.export_onnx(module, [f"f{i}" for i in range(dim)], Path(tmp) / "features.onnx",
-                                   f"{session.cfg.model}-features", sample=sample)
-                data = path.read_bytes()
-            engine = OnnxEngine(data)
-            log.info("fast path: feature extractor exported to ONNX in %.1f s", time.perf_counter() - t0)
+        data = distributed.from_main(lambda: _export_extractor(session, module, sample))
+        if data is not None:
+            engine = OnnxEngine(data, threads=distributed.cpu_share())
             return engine, f"onnxruntime ({engine.threads} threads)", onnx.load_model_from_string(data)
-        except Exception as err:  # noqa: BLE001 - any export problem: eager is slower but right
-            first = first_line(err)
-            log.warning("fast path: ONNX export of the feature extractor failed (%s); using PyTorch eager"
-                        " (several times slower on a CPU)", first)
     engine = TorchEngine(module, device=str(session.device), amp=None)
     return engine, f"torch eager ({session.device})", None
 
@@ -164,23 +180,31 @@ def _views_of(dataset, index: int, views: int) -> list[np.ndarray]:
     return out
 
 
-def compute_features(engine, dataset, views: int, seed: int = 0, progress: bool = False,
-                     desc: str = "features", dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Features ``(n, views, D)`` of every image of ``dataset`` (the engine's outputs flattened,
-    as ``dtype``) and its targets ``(n,)``.
+def view_seed(seed: int, index: int) -> int:
+    """The seed of image ``index``'s augmented views: its own, whichever process extracts it."""
+    return seed * 1_000_003 + index
 
-    Views are drawn in one background thread while the engine runs the previous batch.
-    An image that cannot be read any more (it passed the scan) is left out."""
+
+def compute_features(engine, dataset, views: int, seed: int = 0, progress: bool = False,
+                     desc: str = "features", dtype=np.float32, indices=None) -> tuple[np.ndarray, np.ndarray]:
+    """Features ``(n, views, D)`` of the images ``indices`` of ``dataset`` (default: all; the engine's
+    outputs flattened, as ``dtype``) and their targets ``(n,)``.
+
+    Views are drawn in one background thread while the engine runs the previous batch, each image's
+    from its own seed (:func:`view_seed`).  An image that cannot be read any more (it passed the
+    scan) is left out."""
     views = views if dataset.transform is not None else 1
     per_batch = max(1, BATCH // views)
-    chunks = [range(i, min(i + per_batch, len(dataset))) for i in range(0, len(dataset), per_batch)]
+    indices = range(len(dataset)) if indices is None else [int(i) for i in indices]
+    chunks = [indices[i:i + per_batch] for i in range(0, len(indices), per_batch)]
     generator_state = torch.get_rng_state()
-    torch.manual_seed(seed)
 
     def prepare(chunk):
         crops, kept = [], []
         for i in chunk:
             try:
+                if views > 1:
+                    torch.manual_seed(view_seed(seed, i))
                 crops += _views_of(dataset, i, views)
                 kept.append(i)
             except ImageError as err:
@@ -261,8 +285,18 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
         # busy elsewhere (here: ONNX Runtime) slows them down many times (docs/decisions.md)
         torch.set_num_threads(1)
         t0 = time.perf_counter()
-        train_feats, y = compute_features(engine, s.train_set, views, cfg.seed, progress, "train features")
-        val_feats, y_val = compute_features(engine, s.val_set, 1, cfg.seed, progress, "val features")
+        # each rank its block of the images; rank 0 gathers them in image order and fits the head
+        train_feats, y = compute_features(engine, s.train_set, views, cfg.seed, progress, "train features",
+                                          indices=distributed.shard(len(s.train_set)))
+        val_feats, y_val = compute_features(engine, s.val_set, 1, cfg.seed, progress, "val features",
+                                            indices=distributed.shard(len(s.val_set)))
+        gathered = distributed.gather_rows(train_feats, y, val_feats, y_val)
+        if gathered is None:  # not rank 0: its share is delivered
+            return Fit(0.0, 1, 1, strategy="features")
+        train_feats, y, val_feats, y_val = gathered
+        if s.world > 1:
+            log.info("fast path: features extracted by %d processes, each its share of the images; the head is"
+                     " fitted in this one", s.world)
         t_feats = time.perf_counter() - t0
         t0 = time.perf_counter()
         prior = source_prior(s, train_feats.shape[2])
@@ -318,6 +352,7 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
     rundir.write_json(s.run_dir / rundir.FEATURES, {
         "engine": engine_name, "views": int(train_feats.shape[1]), "n_train": int(len(train_feats)),
         "n_val": int(len(val_feats)), "feature_dim": int(train_feats.shape[2]), "readout": list(taps),
+        "processes": s.world,
         "near_copy_share": None if share is None else round(share, 4),
         "prior_classes": int(prior[0].shape[0]) if prior is not None else None,
         "prior_used": fit.alpha is not None, "prior_weight": fit.alpha, "penalty": fit.lam, "cv_folds": fit.folds,

@@ -5,6 +5,13 @@ per epoch, evaluation after each, a checkpoint with everything needed to
 continue.  Every epoch reseeds torch (and the DataLoader's generator) from
 ``(seed, epoch)``, so epoch *e*'s data order and augmentation do not depend
 on what ran before it and ``--resume`` continues exactly.
+
+On several processes (:mod:`.distributed`) the model is wrapped in
+DistributedDataParallel, each rank takes its share of the epoch's order
+(DistributedSampler), ``--batch-size`` is the global batch (each rank takes
+``batch_size / N``, so the steps and the learning-rate schedule do not change
+with N), the validation set is scored in shares gathered on every rank (each
+rank takes the same decisions: best epoch, early stop), and rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -20,13 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from .. import rundir, tasks
 from ..errors import UserError, first_line
 from ..models.heads import freeze_backbone, param_groups, set_frozen_bn_eval, unfreeze
 from ..system import default_workers
+from . import distributed
 from .head import class_weights
 from .objectives import objective
 from .optim import OPTIMIZERS, SCHEDULES
@@ -44,16 +52,50 @@ def class_balanced_sampler(targets, num_classes: int, generator=None) -> Weighte
 
 
 def make_loader(dataset, cfg, shuffle: bool = False, generator=None, workers: int | None = None,
-                sampler=None) -> DataLoader:
+                sampler=None, batch_size: int | None = None) -> DataLoader:
     """``sampler``: draws the order of an epoch instead of shuffling (``shuffle`` then only drops the
-    last incomplete batch)."""
+    last incomplete batch).  ``batch_size``: default ``cfg.batch_size``."""
     if workers is None:
         # decoded images in RAM: augmenting them in-process beats starting worker processes
-        workers = cfg.workers if cfg.workers is not None else (0 if dataset.cache is not None else default_workers())
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        cache = getattr(dataset, "dataset", dataset).cache  # a Subset (a rank's share) reads its dataset's
+        workers = cfg.workers if cfg.workers is not None else (0 if cache is not None else default_workers())
+    batch_size = batch_size or cfg.batch_size
+    rows = len(sampler) if sampler is not None else len(dataset)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       generator=generator, num_workers=workers, persistent_workers=False,
                       pin_memory=torch.cuda.is_available(),
-                      drop_last=shuffle and len(dataset) > cfg.batch_size)
+                      drop_last=shuffle and rows > batch_size)
+
+
+def epoch_loader(s: Session, epoch: int, workers: int | None = None) -> DataLoader:
+    """This rank's training batches of ``epoch``: its share of the epoch's order (reseeded from
+    ``(seed, epoch)``; ``--balance sampler``: of the epoch's class-balanced draws), in batches of
+    ``batch_size / N`` on N processes."""
+    generator = seed_epoch(s.cfg.seed, epoch, s.rank)
+    draws = (list(class_balanced_sampler(s.train_set.targets, len(s.classes), generator))
+             if s.balance.sampler else None)
+    order = distributed.epoch_order(s.train_set, epoch_seed(s.cfg.seed, 0), epoch, draws)
+    return make_loader(s.train_set, s.cfg, True, rank_generator(s.cfg.seed, epoch, s.rank), workers, sampler=order,
+                       batch_size=s.cfg.batch_size // s.world)
+
+
+def steps_per_epoch(s: Session) -> int:
+    """The training steps of an epoch as :func:`epoch_loader` makes them, without drawing one: each
+    rank's share of ``n // N`` rows (the class-balanced draws number the training images too) in
+    batches of ``batch_size / N``, the incomplete last one dropped unless it is the only one."""
+    rows, batch = len(s.train_set) // s.world, s.cfg.batch_size // s.world
+    return rows // batch if rows > batch else min(rows, 1)
+
+
+def validation_logits(model, s: Session) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and targets of the whole val set, in its order, on every rank (each scores its share)."""
+    share = distributed.shard(len(s.val_set))
+    if len(share):
+        logits, targets = predict_logits(model, make_loader(Subset(s.val_set, share.tolist()), s.cfg), s.device,
+                                         s.amp_dtype)
+    else:  # fewer val images than processes
+        logits, targets = np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    return tuple(distributed.all_gather_rows(logits, targets))
 
 
 def make_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -68,9 +110,9 @@ def make_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_dtype, clip_grad, scaler,
                     progress_desc: str | None = None, frozen_backbone: bool = False, hits=None) -> dict:
     """``hits(logits, targets)``: the right answers of a batch (default: top-1 class)."""
-    model.train()
+    model.train()  # model: the Classifier, or its DistributedDataParallel wrapper
     if frozen_backbone:
-        set_frozen_bn_eval(model.net)  # a frozen backbone keeps its BatchNorm statistics too
+        set_frozen_bn_eval(distributed.unwrap(model).net)  # a frozen backbone keeps its BatchNorm statistics too
     loss_sum, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=progress_desc, disable=progress_desc is None, unit="batch", leave=False)
@@ -95,6 +137,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / elapsed:.0f}")
     elapsed = time.perf_counter() - start
+    loss_sum, correct, seen = distributed.all_sum(loss_sum, correct, seen)  # over every rank's share
     return {"train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
             "images_per_second": seen / max(elapsed, 1e-9)}
 
@@ -115,13 +158,19 @@ def predict_logits(model, loader, device, amp_dtype=None) -> tuple[np.ndarray, n
 def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
     """The ``finetune`` strategy: training by epochs (full fine-tuning, linear probe or two-phase)."""
     cfg, model, run_dir = s.cfg, s.model, s.run_dir
+    main = s.rank == 0  # writes the run directory
+    if cfg.sync_bn:
+        model.net = distributed.sync_batchnorm(model.net)
     optimizer = make_optimizer(model.net, cfg)
-    steps_per_epoch = len(make_loader(s.train_set, cfg, shuffle=True, workers=0))
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    steps = steps_per_epoch(s)
+    if s.world > 1:
+        log.info("data-parallel: %d processes, %d images per process and step (--batch-size %d in all)", s.world,
+                 cfg.batch_size // s.world, cfg.batch_size)
+    total_steps = cfg.epochs * steps
+    warmup_steps = int(cfg.warmup_epochs * steps)
     schedule = SCHEDULES[cfg.schedule]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: schedule(step, total_steps, warmup_steps, steps_per_epoch, cfg))
+        optimizer, lambda step: schedule(step, total_steps, warmup_steps, steps, cfg))
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
     task = tasks.of(s.meta)  # multiclass, binary-sigmoid, multilabel or multioutput: loss, hits, metrics follow it
     goal = objective(task.name)
@@ -144,43 +193,47 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
         best = state.get("best_val_score", best_accuracy)
         best_loss = state.get("best_val_loss", best_loss)
         torch.set_rng_state(state["rng"]["torch"])
-        rundir.truncate_metrics(run_dir, start_epoch)  # rows written after the checkpoint: done again
+        if main:
+            rundir.truncate_metrics(run_dir, start_epoch)  # rows written after the checkpoint: done again
         log.info("resuming %s after epoch %d (best val accuracy %.4f)", run_dir, start_epoch, best_accuracy)
 
     stopped_early = interrupted = False
     epoch = start_epoch
+    wrapped = None  # (frozen, the model under DDP): wrapped again when the trained parameters change
     with GracefulInterrupt() as interrupt:
         try:
             for epoch in range(start_epoch, cfg.epochs):
-                generator = seed_epoch(cfg.seed, epoch)
-                draws = (class_balanced_sampler(s.train_set.targets, len(s.classes), generator)
-                         if s.balance.sampler else None)
                 frozen = cfg.freeze == "backbone" or epoch < cfg.head_epochs
                 (freeze_backbone if frozen else unfreeze)(model.net)
+                if wrapped is None or wrapped[0] != frozen:
+                    wrapped = frozen, distributed.wrap(model, s.device)
                 epoch_start = time.perf_counter()
                 lr_now = optimizer.param_groups[-1]["lr"]
-                loader = make_loader(s.train_set, cfg, True, generator, sampler=draws)
-                row = train_one_epoch(model, loader, criterion, optimizer, scheduler, s.device, s.amp_dtype,
+                loader = epoch_loader(s, epoch)
+                row = train_one_epoch(wrapped[1], loader, criterion, optimizer, scheduler, s.device, s.amp_dtype,
                                       cfg.clip_grad, scaler,
                                       progress_desc=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None,
                                       frozen_backbone=frozen, hits=hits)
-                logits, targets = predict_logits(model, make_loader(s.val_set, cfg), s.device, s.amp_dtype)
+                logits, targets = validation_logits(model, s)
                 val = task.metrics(logits, targets, s.classes)
                 row.update(epoch=epoch + 1, lr=lr_now, **task.epoch_columns(val),
                            epoch_seconds=time.perf_counter() - epoch_start)
-                rundir.append_metrics(run_dir, row)
+                if main:
+                    rundir.append_metrics(run_dir, row)
                 score = getattr(val, select)
                 # several heads: the primary head's score first, the heads' summed val loss breaks ties (the
                 # primary head is often perfect long before the others have learned)
                 if score > best or (task.heads and score == best and val.loss < best_loss):
                     best, best_accuracy, best_epoch, bad_epochs = score, val.accuracy, epoch + 1, 0
                     best_loss = val.loss
-                    rundir.save_weights(run_dir / rundir.WEIGHTS, model.net.state_dict(), s.meta)
+                    if main:
+                        rundir.save_weights(run_dir / rundir.WEIGHTS, model.net.state_dict(), s.meta)
                 else:
                     bad_epochs += 1
-                save_checkpoint(run_dir / rundir.CHECKPOINT, checkpoint_state(
-                    model, optimizer, scheduler, scaler, epoch + 1, best_accuracy, best_epoch, bad_epochs, best,
-                    best_loss))
+                if main:
+                    save_checkpoint(run_dir / rundir.CHECKPOINT, checkpoint_state(
+                        model, optimizer, scheduler, scaler, epoch + 1, best_accuracy, best_epoch, bad_epochs, best,
+                        best_loss))
                 log.info("epoch %d/%d  train loss %.4f acc %.4f  val %s  %.0f img/s", epoch + 1, cfg.epochs,
                          row["train_loss"], row["train_accuracy"],
                          " ".join(f"{k[4:]} {v:.4f}" for k, v in task.epoch_columns(val).items()),
@@ -190,7 +243,7 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                     stopped_early = True
                     log.info("early stopping: no val improvement in %d epochs", cfg.patience)
                     break
-                if interrupt.requested:
+                if distributed.any_rank(interrupt.requested):  # every rank stops after the same epoch
                     raise _StopRequested
         except (KeyboardInterrupt, _StopRequested):
             interrupted = True
@@ -265,9 +318,24 @@ def load_checkpoint(path: Path) -> dict:
                         " --resume") from None
 
 
-def seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    value = seed * 100003 + epoch
-    torch.manual_seed(value)
-    random.seed(value)
-    np.random.seed(value % 2**32)
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100003 + epoch
+
+
+RANK_STRIDE = 1_000_003  # apart from every epoch's seed: ranks draw different augmentations
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """Reseed torch, random and NumPy from ``(seed, epoch, rank)`` (augmentation); the generator returned
+    is the same on every rank (what all of them must draw alike: the class-balanced draws)."""
+    value = epoch_seed(seed, epoch)
+    mine = value + RANK_STRIDE * rank
+    torch.manual_seed(mine)
+    random.seed(mine)
+    np.random.seed(mine % 2**32)
     return torch.Generator().manual_seed(value)
+
+
+def rank_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """The DataLoader's generator (its worker processes' seeds): one per rank."""
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch) + RANK_STRIDE * rank)

@@ -27,6 +27,7 @@ from ..models.pretrained import load_pretrained, locate_source
 from ..models.registry import create_model, default_preprocess, model_spec
 from ..models.weights import load_weights_file
 from ..system import cpu_has_native_bf16, default_workers, resolve_device
+from . import distributed
 from .balance import Balance, resolve_balance, tiny_class_warning
 from .config import TrainConfig, validate
 from .session import Session, WeightSource
@@ -261,8 +262,9 @@ def _duplicates(splits: dict[str, list[Record]], workers: int) -> list[dict]:
     return groups
 
 
-def _report_scan(result: ScanResult, classes: list[str], run_dir: Path) -> None:
-    rundir.write_json(run_dir / rundir.SCAN, result.to_dict())
+def _report_scan(result: ScanResult, classes: list[str], run_dir: Path, write: bool = True) -> None:
+    if write:
+        rundir.write_json(run_dir / rundir.SCAN, result.to_dict())
     for r, _, why in result.unreadable:
         log.warning("skipped unreadable file %s: %s", r.path, why)
     if result.duplicates:
@@ -317,7 +319,9 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Session:
-    """Data (split, scan, cache), preprocessing, model and initial weights."""
+    """Data (split, scan, cache), preprocessing, model and initial weights.
+
+    On several processes every rank prepares the same session (same seed); rank 0 alone writes."""
     run_dir = Path(cfg.out)
     if resume:
         if not (run_dir / rundir.CHECKPOINT).exists():
@@ -342,12 +346,16 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
         raise UserError(f"--out {run_dir} is a folder with other files in it, not an imgcls run; training would"
                         " write beside them: choose a new or empty folder")
     source = resolve_source(cfg)
-    device = resolve_device(cfg.device)
+    device = distributed.place(resolve_device(cfg.device))
+    distributed.check(cfg, device)
     amp_dtype = resolve_amp(cfg.amp, device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())  # first: the folder is recognisably a run
-    if not resume:
-        (run_dir / rundir.METRICS).unlink(missing_ok=True)  # left by a run that never saved weights
+    distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
+    main = distributed.is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())  # first: the folder is recognisably a run
+        if not resume:
+            (run_dir / rundir.METRICS).unlink(missing_ok=True)  # left by a run that never saved weights
     augment = Augment.from_dict(cfg.augment)
     torch.manual_seed(cfg.seed)
 
@@ -360,7 +368,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
                 else resolve_geometry(cfg, source, splits["train"]))
     scanned = scan(cfg, splits, geometry, augment, progress)
     scanned.events = events.to_dict()
-    _report_scan(scanned, classes, run_dir)
+    _report_scan(scanned, classes, run_dir, write=main)
     splits = scanned.splits
     heads = None
     if task.heads:  # the primary (first) head's classes decide the balance and the selection
@@ -373,8 +381,9 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     if balance.sampler and task.name in ("multilabel", "multioutput"):
         raise UserError(f"--balance sampler draws images by their class, and a {task.name} image has several;"
                         " use --balance weights (classes weighed alike in each label's or head's loss) or none")
-    rundir.write_split(run_dir / rundir.SPLIT,
-                       [(r.path, r.label, r.group, name) for name, records in splits.items() for r in records])
+    if main:
+        rundir.write_split(run_dir / rundir.SPLIT,
+                           [(r.path, r.label, r.group, name) for name, records in splits.items() for r in records])
     index = tasks.training_index(task, [r for rs in splits.values() for r in rs], classes)
 
     def pixels():  # decoding from disk is slow: count fewer images then
@@ -383,8 +392,9 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
         return Pixels(ImageDataset(splits["train"], index, geometry)), 300
 
     preprocess = geometry if resume else resolve_normalization(cfg, source, geometry, pixels)
-    preprocess.save(run_dir / rundir.PREPROCESS)
-    rundir.write_json(run_dir / rundir.LABELS, classes)
+    if main:
+        preprocess.save(run_dir / rundir.PREPROCESS)
+        rundir.write_json(run_dir / rundir.LABELS, classes)
 
     build = {"norm": cfg.norm, "se": cfg.se}
     readout = (source.meta or {}).get("build", {}).get("readout")
@@ -402,4 +412,4 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
                    rundir.model_meta(cfg.model, classes, preprocess, build,
                                      tasks.meta(task.name, cfg.label_sep, heads)),
                    source,
-                   balance)
+                   balance, rank=distributed.rank(), world=distributed.world())

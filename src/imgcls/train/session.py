@@ -40,6 +40,8 @@ class Session:
     balance: Any = None              # train.balance.Balance: class weighting resolved from the counts
     strategy: str = ""
     onnx_graph: Any = None           # an ONNX ModelProto of the fitted model made by the strategy (checked at export)
+    rank: int = 0                    # this process among those fitting together (train.distributed); 0 writes
+    world: int = 1
 
 
 @dataclass

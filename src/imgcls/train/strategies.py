@@ -59,10 +59,13 @@ class Strategy:
     fit: Callable  # (session, resume, progress) -> Fit
     # options filled in when starting from weights and the caller has not set them
     defaults: dict = field(default_factory=dict)
+    # why it cannot share its work between processes (train.distributed), or None: it can
+    single_process: str | None = None
 
 
 STRATEGIES = {
-    "tail": Strategy(_fit_tail),
+    "tail": Strategy(_fit_tail, single_process="its last-stage epochs run on one cached set of maps, not sharded"
+                                               " between processes"),
     "features": Strategy(_fit_features),
     "finetune": Strategy(_fit_epochs, {"head_epochs": 1, "backbone_lr_mult": 0.1, "epochs": 10}),
 }
@@ -122,6 +125,9 @@ def choose(session, resume: bool = False) -> Strategy:
                                     head_epochs=cfg.head_epochs, backbone_lr_mult=cfg.backbone_lr_mult,
                                     readout_problem=problem, tail_problem=tail)
     log.info("strategy %s%s: %s", name, " (auto)" if cfg.strategy == "auto" else "", reason)
+    if session.world > 1 and STRATEGIES[name].single_process:
+        raise UserError(f"the {name} strategy runs in one process: {STRATEGIES[name].single_process}; train it"
+                        " without --nproc/torchrun, or use --strategy features or finetune")
     session.strategy = name
     if session.balance is not None:
         session.balance = session.balance.for_strategy(name)

@@ -229,6 +229,44 @@ def test_concurrent_requests_are_answered_and_batched(server, images, expected):
     assert max(map(int, after["batch_sizes"])) > 1
 
 
+def test_engine_workers_run_batches_side_by_side(run_dir, images):
+    """Two engine workers: two batches are in the engine at the same moment (a barrier in the call only
+    opens for two), and every image still gets its own probabilities."""
+    import asyncio
+    import threading
+
+    from imgcls.predict import load
+    from imgcls.serve import Batcher, Limits
+
+    from imgcls.system import available_cpus
+
+    predictor = load(run_dir, threads=1)
+    assert predictor.engine.threads == 1 and Limits().workers(predictor) == available_cpus()
+    assert Limits().workers(load(run_dir)) == 1  # an engine on every CPU: one call at a time
+    assert Limits(engine_workers=3).workers(predictor) == 3
+    both_in = threading.Barrier(2, timeout=30)
+    real = predictor.predict_proba
+
+    def predict_proba(batch):
+        both_in.wait()  # raises BrokenBarrierError unless a second call arrives meanwhile
+        return real(batch)
+
+    predictor.predict_proba = predict_proba
+    pixels = [load_uint8(path, predictor.preprocess) for path in images[:4]]
+
+    async def run():
+        batcher = Batcher(predictor, batch_size=2, wait_s=0.05, workers=2)
+        batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.probabilities(x) for x in pixels)), batcher.stats()
+        finally:
+            await batcher.stop()
+
+    probs, stats = asyncio.run(run())
+    assert stats["engine_calls"] == 2 and stats["batch_sizes"] == {"2": 2}
+    np.testing.assert_allclose(np.stack(probs), real(np.stack(pixels)), atol=1e-6)
+
+
 # --------------------------------------------------------------------------- nothing on disk
 
 
@@ -284,6 +322,8 @@ def test_bad_serve_options_are_one_line_errors(run_dir, capsys):
     assert main(["serve", str(run_dir), "--max-files", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "imgcls: error: --max-files must be at least 1, not 0"
+    assert main(["serve", str(run_dir), "--engine-threads", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "imgcls: error: --engine-threads must be at least 1, not 0"
     assert main(["serve", str(run_dir), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
 

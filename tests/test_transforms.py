@@ -7,7 +7,7 @@ import torch
 from imagezoo import photo_array
 from PIL import Image
 
-from imgcls.data.preprocess import Preprocess, resize_and_crop
+from imgcls.data.preprocess import Preprocess, resize_and_crop, resized_size
 from imgcls.data.preprocess import Augment
 from imgcls.data.transforms import eval_transform, train_transform
 from imgcls.errors import UserError
@@ -27,6 +27,20 @@ def test_pil_eval_path_matches_torchvision(spec, size):
     assert ours.shape == reference.shape == (3, spec.input_size, spec.input_size)
     diff = np.abs(ours.astype(int) - reference.astype(int))
     assert diff.mean() < 0.05 and diff.max() <= 3  # rounding differences only
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("size", [(640, 480), (333, 500), (1000, 301), (150, 200)])
+def test_center_resize_is_the_crop_of_the_whole_resize(interpolation, size):
+    """resize_and_crop resamples only the pixels of the center crop; Pillow's whole resize, then the
+    crop, gives the same values up to float rounding (Pillow keeps box corners in 32-bit floats)."""
+    spec = Preprocess(input_size=224, crop_pct=0.875, interpolation=interpolation)
+    image = Image.fromarray(photo_array(size))
+    new_w, new_h = resized_size(size, spec.resize_size)
+    left, top = int(round((new_w - 224) / 2.0)), int(round((new_h - 224) / 2.0))
+    whole = image.resize((new_w, new_h), spec.pil_interpolation).crop((left, top, left + 224, top + 224))
+    diff = np.abs(resize_and_crop(image, spec).astype(int) - np.asarray(whole).transpose(2, 0, 1))
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), (diff > 0).mean())  # rounding differences only
 
 
 def test_train_transform_shapes_and_randomness():

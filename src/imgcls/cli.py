@@ -211,7 +211,8 @@ def cmd_serve(args) -> None:
             raise
         raise UserError(f"`imgcls serve` needs {err.name}, which is not installed; install the web server with:"
                         " pip install 'imgcls[serve]'") from None
-    given = {name: getattr(args, name) for name in ("max_upload_mb", "max_files", "batch_size", "batch_wait_ms")}
+    given = {name: getattr(args, name) for name in ("max_upload_mb", "max_files", "batch_size", "batch_wait_ms",
+                                                   "engine_threads", "engine_workers")}
     serve(args.run, host=args.host, port=args.port, backend=args.backend,
           limits=Limits(**{name: value for name, value in given.items() if value is not None}))
 
@@ -419,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="most images per engine call (default 8)")
     p.add_argument("--batch-wait-ms", type=float,
                    help="how long an image waits for others to share its engine call (default 5)")
+    p.add_argument("--engine-threads", type=int,
+                   help="ONNX Runtime threads of one engine call (default 1: calls run side by side instead)")
+    p.add_argument("--engine-workers", type=int,
+                   help="engine calls at once (default: CPUs / --engine-threads on ONNX Runtime, 1 on torch)")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -373,8 +373,8 @@ def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
                      temperature=check_temperature(meta.get("temperature", 1.0), f"{weights} (its metadata)"))
 
 
-def _onnx_predictor(path: Path) -> Predictor:
-    engine = OnnxEngine(path)
+def _onnx_predictor(path: Path, threads: int | None = None) -> Predictor:
+    engine = OnnxEngine(path, threads=threads)
     if not engine.labels or engine.preprocess is None:
         raise UserError(f"{path}: this ONNX file carries no imgcls labels/preprocessing; export it with `imgcls export`")
     on_gpu = "CUDAExecutionProvider" in engine.providers
@@ -407,14 +407,15 @@ def _run_onnx_file(run: Path, precision: str) -> Path:
     return fp32
 
 
-def load(path: str | Path, backend: str = "auto", device: str = "auto", precision: str = "auto") -> Predictor:
+def load(path: str | Path, backend: str = "auto", device: str = "auto", precision: str = "auto",
+         threads: int | None = None) -> Predictor:
     """A run directory, a ``model.safetensors`` or a ``model.onnx`` -> :class:`Predictor`.
 
     ``backend``: ``torch``, ``onnx`` or ``auto`` (ONNX Runtime on a CPU when the
     run holds an exported model, else torch).  ``precision`` of a run directory
     on ONNX Runtime: ``auto`` (its ``model.int8.onnx`` when training or
     ``imgcls export --int8`` kept one, else ``model.onnx``), ``int8`` or ``fp32``;
-    torch is always fp32.
+    torch is always fp32.  ``threads``: ONNX Runtime's intra-op threads (default: every usable CPU).
     """
     path = rundir.require_run_dir(path)
     if backend not in ("auto", "torch", "onnx"):
@@ -427,7 +428,7 @@ def load(path: str | Path, backend: str = "auto", device: str = "auto", precisio
         if path.suffix == ".onnx":
             if backend == "torch":
                 raise UserError(f"{path} is an ONNX file; it runs on --backend onnx only")
-            predictor = _onnx_predictor(path)
+            predictor = _onnx_predictor(path, threads)
             if precision != "auto" and not predictor.backend.startswith(f"onnxruntime {precision}"):
                 raise UserError(f"{path} is not an {precision} model; give the run directory or the"
                                 f" {rundir.INT8 if precision == 'int8' else rundir.ONNX} file")
@@ -441,7 +442,7 @@ def load(path: str | Path, backend: str = "auto", device: str = "auto", precisio
     on_cpu = device in ("auto", "cpu") and not cuda_available()
     if backend == "onnx" or precision == "int8" or (backend == "auto" and has_onnx and on_cpu):
         # int8 pays on CPUs; with a GPU at hand, --backend onnx stays fp32 unless asked
-        predictor = _onnx_predictor(_run_onnx_file(path, precision if on_cpu or precision != "auto" else "fp32"))
+        predictor = _onnx_predictor(_run_onnx_file(path, precision if on_cpu or precision != "auto" else "fp32"), threads)
     else:
         predictor = _torch_predictor(path / rundir.WEIGHTS, device)
         predictor.model_file = str(path / rundir.WEIGHTS)

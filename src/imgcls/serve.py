@@ -11,7 +11,8 @@
 Uploads stay in memory: the multipart body is parsed here with python-multipart as it arrives, counted
 against the limit, and never spooled to a temporary file (Starlette's form parser would spool files above
 1 MB).  Decoding runs in a thread pool off the event loop; a :class:`Batcher` gathers the decoded images of
-concurrent requests for a few milliseconds into one engine call, run in its own thread.
+concurrent requests for a few milliseconds into engine calls, one per CPU at once (``--engine-workers``), each
+on one ONNX Runtime thread (``--engine-threads``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from .data.decode import ImageError, load_uint8_bytes
 from .engines import imgcls_version
 from .errors import UserError
 from .predict import Predictor, load
-from .system import default_workers
+from .system import available_cpus, default_workers
 from .thresholds import decide
 
 log = logging.getLogger("imgcls")
@@ -60,11 +61,15 @@ class Limits:
     max_files: int = 32             # images in one request
     batch_size: int = 8             # images per engine call at most
     batch_wait_ms: float = 5.0      # how long the first image of a batch waits for company
+    engine_threads: int = 1         # ONNX Runtime threads of one engine call
+    engine_workers: int | None = None  # engine calls at once (None: see Limits.workers)
 
     def __post_init__(self):
         rules = (("--max-upload-mb", self.max_upload_mb > 0, "above 0"), ("--max-files", self.max_files >= 1, "at least 1"),
                  ("--batch-size", self.batch_size >= 1, "at least 1"),
-                 ("--batch-wait-ms", self.batch_wait_ms >= 0, "at least 0"))
+                 ("--batch-wait-ms", self.batch_wait_ms >= 0, "at least 0"),
+                 ("--engine-threads", self.engine_threads >= 1, "at least 1"),
+                 ("--engine-workers", self.engine_workers is None or self.engine_workers >= 1, "at least 1"))
         for flag, ok, rule in rules:
             if not ok:
                 raise UserError(f"{flag} must be {rule}, not {getattr(self, flag[2:].replace('-', '_'))}")
@@ -72,6 +77,14 @@ class Limits:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    def workers(self, predictor: Predictor) -> int:
+        """Engine calls at once: by default, as many as the engine's threads fit in the CPUs (1 on torch,
+        which spreads one call over every CPU itself)."""
+        if self.engine_workers is not None:
+            return self.engine_workers
+        threads = getattr(predictor.engine, "threads", None)  # OnnxEngine's intra-op threads
+        return max(1, available_cpus() // threads) if threads else 1
 
 
 class RequestError(Exception):
@@ -89,25 +102,31 @@ class Batcher:
     """Gathers single images from concurrent requests into engine batches.
 
     The first image of a batch waits at most ``wait_s`` for others (up to ``batch_size``); images that
-    arrive while the engine runs form the next batch.  The engine runs in one worker thread, so the event
-    loop keeps accepting uploads meanwhile.
+    arrive while every engine worker is busy form the next batch.  Up to ``workers`` engine calls run at
+    once, each in a thread of its own, so the event loop keeps accepting uploads meanwhile.  On CPUs,
+    calls side by side with one ONNX Runtime thread each spend less CPU per image than one call spread
+    over every core, which leaves more of the cores to decoding (docs/decisions.md).
     """
 
-    def __init__(self, predictor: Predictor, batch_size: int, wait_s: float):
-        self.predictor, self.batch_size, self.wait_s = predictor, batch_size, wait_s
+    def __init__(self, predictor: Predictor, batch_size: int, wait_s: float, workers: int = 1):
+        self.predictor, self.batch_size, self.wait_s, self.workers = predictor, batch_size, wait_s, workers
         self.sizes: Counter[int] = Counter()  # batch size -> engine calls
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self._engine = ThreadPoolExecutor(1, thread_name_prefix="imgcls-engine")
+        self._slots: asyncio.Semaphore | None = None
+        self._calls: set[asyncio.Task] = set()
+        self._engine = ThreadPoolExecutor(workers, thread_name_prefix="imgcls-engine")
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
+        self._slots = asyncio.Semaphore(self.workers)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, *self._calls):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._task, *self._calls) if t is not None), return_exceptions=True)
         self._engine.shutdown(wait=True)
 
     async def probabilities(self, image: np.ndarray) -> np.ndarray:
@@ -119,6 +138,7 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            await self._slots.acquire()  # a batch forms only once an engine worker is free to take it
             items = [await self._queue.get()]
             deadline = loop.time() + self.wait_s
             while len(items) < self.batch_size:
@@ -134,19 +154,26 @@ class Batcher:
                     items.append(await asyncio.wait_for(self._queue.get(), left))
                 except TimeoutError:
                     break
+            call = loop.create_task(self._call(items))
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+
+    async def _call(self, items: list) -> None:
+        try:
             batch = np.stack([image for image, _ in items])
-            try:
-                probs = await loop.run_in_executor(self._engine, self.predictor.predict_proba, batch)
-            except Exception as exc:  # noqa: BLE001 - each waiting request answers it (500), the loop goes on
-                log.exception("engine call failed")
-                for _, future in items:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            self.sizes[len(items)] += 1
-            for row, (_, future) in zip(probs, items):
-                if not future.done():  # its request may have gone (client disconnected)
-                    future.set_result(row)
+            probs = await asyncio.get_running_loop().run_in_executor(self._engine, self.predictor.predict_proba, batch)
+        except Exception as exc:  # noqa: BLE001 - each waiting request answers it (500), the batcher goes on
+            log.exception("engine call failed")
+            for _, future in items:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        finally:
+            self._slots.release()
+        self.sizes[len(items)] += 1
+        for row, (_, future) in zip(probs, items):
+            if not future.done():  # its request may have gone (client disconnected)
+                future.set_result(row)
 
     def stats(self) -> dict:
         calls = sum(self.sizes.values())
@@ -263,7 +290,7 @@ _UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-
 def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
     """The ASGI app serving ``predictor`` (its thresholds make the decisions)."""
     limits = limits or Limits()
-    batcher = Batcher(predictor, limits.batch_size, limits.batch_wait_ms / 1000)
+    batcher = Batcher(predictor, limits.batch_size, limits.batch_wait_ms / 1000, limits.workers(predictor))
     decoders = ThreadPoolExecutor(default_workers(), thread_name_prefix="imgcls-decode")
     counts = Counter()
 
@@ -333,7 +360,8 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
         return {"model": predictor.model_name, "labels": predictor.labels,
                 "preprocess": predictor.preprocess.to_dict(), "thresholds": predictor.thresholds,
                 "engine": predictor.backend, "imgcls_version": imgcls_version(),
-                "limits": {**asdict(limits), "max_upload_bytes": limits.max_upload_bytes, "field": FIELD}}
+                "limits": {**asdict(limits), "engine_workers": batcher.workers,
+                           "max_upload_bytes": limits.max_upload_bytes, "field": FIELD}}
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -351,7 +379,8 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: 
     """Load ``model`` (a run directory or model file) and serve it until Ctrl-C."""
     if not 0 <= port <= 65535:
         raise UserError(f"--port must lie between 0 and 65535, not {port}")
-    predictor = load(model, backend=backend)
+    limits = limits or Limits()
+    predictor = load(model, backend=backend, threads=limits.engine_threads)
     app = create_app(predictor, limits)
     if not _is_loopback(host):
         log.warning("serving on %s: anyone who can reach this machine can use the model (there is no login)", host)

@@ -51,7 +51,7 @@ def _train(data, out, **options):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("int8")
     make_class_tree(root / "data", CLASSES, seed=3)
-    kept = _train(root / "data", root / "kept", int8="auto")
+    kept = _train(root / "data", root / "kept", int8="auto", epochs=4)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(export, "MAX_INT8_LOSS", -1.0)  # a gate no model passes: int8 must lose < -100 points
         refused = _train(root / "data", root / "refused", int8="auto", epochs=1)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from ..progress import bar as progress_bar
 
 from .decode import ImageError, open_image
 from .preprocess import Augment, Preprocess, resize_and_crop
@@ -72,7 +72,7 @@ def decode_all(records: list[Record], spec: Preprocess, augment: Augment | None,
     failures: list[tuple[Record, str]] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(one, records, chunksize=64)
-        for record, (array, reason) in tqdm(zip(records, results), total=len(records), desc=desc,
+        for record, (array, reason) in progress_bar(zip(records, results), total=len(records), desc=desc,
                                             disable=not progress, unit="img", leave=False):
             arrays.append(array)
             if reason is not None:

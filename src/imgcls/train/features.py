@@ -33,7 +33,7 @@ import onnx
 import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
-from tqdm.auto import tqdm
+from ..progress import bar as progress_bar
 
 from .. import tasks, export, rundir
 from ..data.dataset import base_image
@@ -191,7 +191,7 @@ def compute_features(engine, dataset, views: int, seed: int = 0, progress: bool 
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(prepare, chunks[0]) if chunks else None
-            for k in tqdm(range(len(chunks)), desc=desc, disable=not progress, unit="batch", leave=False):
+            for k in progress_bar(range(len(chunks)), desc=desc, disable=not progress, unit="batch", leave=False):
                 batch, kept = pending.result()
                 pending = pool.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
                 if batch is None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
-from tqdm.auto import tqdm
+from ..progress import bar as progress_bar
 
 from .. import rundir, tasks
 from ..errors import UserError, first_line
@@ -73,7 +73,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_
         set_frozen_bn_eval(model.net)  # a frozen backbone keeps its BatchNorm statistics too
     loss_sum, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=progress_desc, disable=progress_desc is None, unit="batch", leave=False)
+    bar = progress_bar(loader, desc=progress_desc, disable=progress_desc is None, unit="batch", leave=False)
     for images, targets in bar:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)

@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..progress import bar as progress_bar
 
 from .. import rundir
 from ..engines import OnnxEngine, TorchEngine
@@ -205,8 +205,8 @@ def fit_tail(s: Session, progress: bool = True) -> Fit:
         tail.train()
         order = torch.tensor(list(draws)) if draws is not None else torch.randperm(len(x), generator=generator)
         loss_sum = hits = 0
-        for k in tqdm(range(steps_per_epoch), desc=f"last stage {epoch + 1}/{epochs}", disable=not progress,
-                      unit="step", leave=False):
+        for k in progress_bar(range(steps_per_epoch), desc=f"last stage {epoch + 1}/{epochs}",
+                              disable=not progress, unit="step", leave=False):
             loss, correct = step(order[k * BATCH:(k + 1) * BATCH])
             loss_sum, hits = loss_sum + loss, hits + correct
             scheduler.step()

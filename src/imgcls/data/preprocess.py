@@ -179,6 +179,9 @@ def resize_and_crop(image: Image.Image, spec: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
+PAD_MODES = ("reflect", "zero")
+
+
 @dataclass(frozen=True)
 class Augment:
     """Training-time augmentation.  ``Augment.off()`` turns it all off."""
@@ -188,6 +191,17 @@ class Augment:
     hflip: bool = True
     color_jitter: float = 0.2                       # brightness/contrast/saturation; 0 = off
     enabled: bool = True
+    crop_padding: int = 0        # > 0: a random crop of the padded image instead of the resized crop (CIFAR style)
+    pad_mode: str = "reflect"    # how that padding is filled: reflect or zero
+    cutout: int = 0              # side of one square set to the mean colour per image; 0 = off
+
+    def __post_init__(self):
+        if self.pad_mode not in PAD_MODES:
+            raise SpecError(f"unknown pad mode {self.pad_mode!r}; use one of {', '.join(PAD_MODES)}")
+        for name in ("crop_padding", "cutout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SpecError(f"{name} must be a whole number of pixels >= 0, not {value!r}")
 
     @classmethod
     def off(cls) -> "Augment":

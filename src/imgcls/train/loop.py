@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from ..progress import bar as progress_bar
 
 from .. import rundir, tasks
+from ..data.arraycache import CachedImages
+from ..data.dataset import ArrayLoader
 from ..errors import UserError, first_line
 from ..models.heads import freeze_backbone, param_groups, set_frozen_bn_eval, unfreeze
 from ..system import default_workers
@@ -46,14 +48,19 @@ def class_balanced_sampler(targets, num_classes: int, generator=None) -> Weighte
 def make_loader(dataset, cfg, shuffle: bool = False, generator=None, workers: int | None = None,
                 sampler=None) -> DataLoader:
     """``sampler``: draws the order of an epoch instead of shuffling (``shuffle`` then only drops the
-    last incomplete batch)."""
+    last incomplete batch).  An array-cached dataset gets its batches read and augmented on the device
+    (``data.dataset.ArrayLoader``), without worker processes."""
+    drop_last = shuffle and len(dataset) > cfg.batch_size
+    if isinstance(dataset.cache, CachedImages):
+        return ArrayLoader(dataset, cfg.batch_size, shuffle=shuffle, generator=generator, sampler=sampler,
+                           drop_last=drop_last)
     if workers is None:
         # decoded images in RAM: augmenting them in-process beats starting worker processes
         workers = cfg.workers if cfg.workers is not None else (0 if dataset.cache is not None else default_workers())
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       generator=generator, num_workers=workers, persistent_workers=False,
                       pin_memory=torch.cuda.is_available(),
-                      drop_last=shuffle and len(dataset) > cfg.batch_size)
+                      drop_last=drop_last)
 
 
 def make_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:

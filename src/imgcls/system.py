@@ -68,3 +68,10 @@ def cpu_has_native_bf16() -> bool:
 
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def configure_threads(device) -> int:
+    """Set torch's intra-op threads for training on ``device``; the one place training sets them."""
+    import torch
+
+    return torch.get_num_threads()

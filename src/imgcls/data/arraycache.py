@@ -183,7 +183,7 @@ def load_or_build(records: list[Record], spec: Preprocess, augment: Augment | No
                 if reason is not None:
                     failures[i] = reason
         images.flush()
-        del images
+        images = None  # unmapped before the rename (Windows cannot rename a mapped file)
         os.replace(tmp, array_path)
         meta_tmp = folder / f"{key}.{os.getpid()}.tmp.json"
         meta_tmp.write_text(json.dumps({"format": FORMAT, "shape": list(shape), "failures": failures}))

@@ -75,7 +75,9 @@ class Busy:
 
 def worker(threads: int | None, seconds: float, batch: int) -> dict:
     """One row: images/s of cifarnet training steps, and of every 1 s window."""
-    import torch
+    if threads is None:  # imgcls first, as the command line imports it: its OpenMP defaults precede torch
+        import imgcls  # noqa: F401
+    import torch  # the other rows: torch first, so the row's own environment is what its OpenMP reads
     from torch import nn
 
     if threads is None:

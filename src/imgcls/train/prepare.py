@@ -27,7 +27,7 @@ from ..models.heads import zero_head
 from ..models.pretrained import load_pretrained, locate_source
 from ..models.registry import create_model, default_preprocess, model_spec
 from ..models.weights import load_weights_file
-from ..system import cpu_has_native_bf16, default_workers, resolve_device
+from ..system import configure_threads, cpu_has_native_bf16, default_workers, passive_openmp, resolve_device
 from .balance import Balance, resolve_balance, tiny_class_warning
 from .config import TrainConfig, validate
 from .session import Session, WeightSource
@@ -365,6 +365,9 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
                         " write beside them: choose a new or empty folder")
     source = resolve_source(cfg)
     device = resolve_device(cfg.device)
+    threads = configure_threads(device)
+    if device.type == "cpu":
+        log.debug("%d torch thread(s), OpenMP waiting %s", threads, "passively" if passive_openmp() else "actively")
     amp_dtype = resolve_amp(cfg.amp, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     rundir.write_yaml(run_dir / rundir.CONFIG, cfg.to_dict())  # first: the folder is recognisably a run

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import random
 import statistics
 import tarfile
@@ -40,12 +41,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import imgcls  # before torch, as the command line imports it: its OpenMP defaults apply to this process
 import torch
 from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-import imgcls
 from imgcls.data import arraycache
 from imgcls.data.dataset import ArrayLoader, ImageDataset, decode_all
 from imgcls.data.preprocess import Augment, Preprocess
@@ -154,7 +155,11 @@ def main() -> None:
     args = parser.parse_args()
     records = extract_subset(args.data, args.train_images // 10)
     index = {c: i for i, c in enumerate(sorted({r.label for r in records}))}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(records)} images", flush=True)
+    from imgcls.system import configure_threads
+
+    configure_threads(torch.device("cpu"))  # the threads imgcls.train uses, for every row
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY"
+          f" {os.environ.get('OMP_WAIT_POLICY')}, {len(records)} images", flush=True)
     with tempfile.TemporaryDirectory(prefix="imgcls-data-path-") as tmp:
         work = Path(tmp)
         start = time.perf_counter()

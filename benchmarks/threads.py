@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,7 +77,7 @@ class Busy:
 def worker(threads: int | None, seconds: float, batch: int) -> dict:
     """One row: images/s of cifarnet training steps, and of every 1 s window."""
     if threads is None:  # imgcls first, as the command line imports it: its OpenMP defaults precede torch
-        import imgcls  # noqa: F401
+        import imgcls  # noqa: F401  # pyflakes: ignore
     import torch  # the other rows: torch first, so the row's own environment is what its OpenMP reads
     from torch import nn
 
@@ -142,6 +143,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(*json.loads(args.worker))))
         return
+    # a SIGTERM (timeout, kill) unwinds like Ctrl-C, so Busy stops its processes
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     loads = [0, args.busy] if args.busy else [0]
     results: dict[tuple[str, int], list[dict]] = {}
     ratios: dict[tuple[str, int], list[float]] = {}

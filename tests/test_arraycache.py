@@ -56,6 +56,23 @@ def test_cache_is_built_once_and_reused(tree, tmp_path, count_decodes):
                                                                              first.path.stem + ".json"])
 
 
+def test_entries_unused_for_a_month_and_old_temp_files_are_pruned(tree, tmp_path):
+    _, records = tree
+    folder = tmp_path / "cache"
+    old = arraycache.load_or_build(records[:4], SPEC, None, folder)
+    kept = arraycache.load_or_build(records[4:], SPEC, None, folder)
+    stale_tmp = folder / "abc.123.tmp.npy"
+    stale_tmp.write_bytes(b"x")
+    month_ago = old.path.stat().st_mtime - 31 * 86400
+    for path in (old.path, old.path.with_suffix(".json"), stale_tmp):
+        os.utime(path, (month_ago, month_ago))
+    arraycache.load_or_build(records[4:], SPEC, None, folder)  # a reuse prunes nothing ...
+    assert old.path.exists()
+    arraycache.load_or_build(records, SPEC, None, folder)      # ... a build does
+    assert not old.path.exists() and not old.path.with_suffix(".json").exists() and not stale_tmp.exists()
+    assert kept.path.exists() and arraycache.load_or_build(records[4:], SPEC, None, folder).reused
+
+
 def test_key_follows_files_and_geometry(tree):
     _, records = tree
     key = arraycache.cache_key(records, SPEC, None)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ FORMAT = 1  # bump when the decode or the layout changes: old entries then simpl
 
 #: ``--cache auto`` uses the array cache for images decoded at this side or smaller
 SMALL_SIDE = 64
+#: an entry no run has used for this many days is removed when another one is built
+MAX_AGE_DAYS = 30
 
 
 def default_cache_dir() -> Path:
@@ -149,6 +152,22 @@ def _complete(array_path: Path, meta_path: Path, shape: tuple) -> tuple[np.ndarr
     return images, {int(k): v for k, v in meta.get("failures", {}).items()}
 
 
+def prune(folder: Path, max_age_days: float = MAX_AGE_DAYS) -> None:
+    """Remove the entries unused for ``max_age_days`` and the temporary files of runs killed a day ago or more
+    (a run on temporary copies of the data would otherwise leave an entry behind for good)."""
+    now = time.time()
+    for path in folder.glob("*"):
+        try:
+            age = now - path.stat().st_mtime
+            if (path.suffix == ".json" and ".tmp." not in path.name and age > max_age_days * 86400):
+                path.unlink()  # the JSON first: the entry is incomplete from this moment
+                path.with_suffix(".npy").unlink(missing_ok=True)
+            elif ".tmp." in path.name and age > 86400:
+                path.unlink()
+        except OSError:
+            pass
+
+
 def load_or_build(records: list[Record], spec: Preprocess, augment: Augment | None, cache_dir: str | Path | None,
                   workers: int = 2, progress: bool = False, desc: str = "decode") -> ArrayCache:
     """The array of ``records`` from the cache directory, decoding them (threads) when it has no complete entry."""
@@ -160,9 +179,14 @@ def load_or_build(records: list[Record], spec: Preprocess, augment: Augment | No
     found = _complete(array_path, meta_path, shape)
     if found is not None:
         log.debug("%s: %d images from %s", desc, len(records), array_path)
+        try:
+            os.utime(meta_path)  # last used now: prune keeps it
+        except OSError:
+            pass
         return ArrayCache(found[0], found[1], array_path, reused=True)
 
     folder.mkdir(parents=True, exist_ok=True)
+    prune(folder)
     meta_path.unlink(missing_ok=True)  # an entry being replaced is not complete until its JSON is back
     tmp = folder / f"{key}.{os.getpid()}.tmp.npy"
     failures: dict[int, str] = {}

@@ -20,12 +20,26 @@ the order of the rows, so that the other users of a shared machine slow all rows
 table gives each row's median images/s, the slowest 1 s window (the collapse shows there) and
 the median of its per-round ratio to ``2 threads`` at the same load.
 
-Measured 2026-12-06 on the 2-core development machine, shared with other sessions' tests
-(load average 6-13 before the benchmark's own processes), 3 rounds of 8 s, batch 64:
+Measured 2026-12-06 on the 2-core development machine, shared with four other sessions' tests and
+benchmarks (load average 7-10 before the benchmark's own processes, so "idle" is not idle), 3 rounds
+of 6 s, batch 64, medians; ratio: the median of each round's ratio to ``2 threads`` at the same load:
 
-| row | idle img/s | idle ratio | --busy 1 img/s | --busy 1 ratio |
-|---|---|---|---|---|
-| (filled in below by the run) | | | | |
+| row | busy 0 img/s | slowest 1 s | ratio | busy 1 img/s | slowest 1 s | ratio |
+|---|---|---|---|---|---|---|
+| 2 threads (spinning) | 227 | 161 | 1.00 | 180 | 113 | 1.00 |
+| 2 threads, passive | 1162 | 953 | 8.24 | 1920 | 1519 | 8.60 |
+| 1 thread | 1668 | 1599 | 7.35 | 901 | 838 | 4.99 |
+| auto (passive, 2 threads) | 1578 | 1169 | 8.60 | 2144 | 532 | 9.61 |
+
+An earlier run of all five rows (8 s, load 11-13) gave the same picture: ``KMP_BLOCKTIME=0``
+was as slow as the default (75-142 img/s idle, 37-44 busy: libgomp ignores it), passive 913-1962
+and 1 thread 1287-1479 idle.  Spinning threads lose 5-10x whenever anything else runs; passive
+waiting removes that.  Passive 2 threads (the ``passive`` and ``auto`` rows, the same setting: six
+runs per load) against 1 thread: under ``--busy 1`` a median 1,948 against 901 img/s (2.2x: two
+threads get two of the three runnable slots); without it 1,396 against 1,668 (0.84x, the rounds
+disagree: 0.6-1.5x, the machine being busy anyway).  So the default is passive waiting with one
+thread per usable CPU, and 1 thread where the OpenMP runtime spins (torch imported before imgcls,
+or the user's ``OMP_WAIT_POLICY=ACTIVE``).
 """
 
 from __future__ import annotations

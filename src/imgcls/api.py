@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from .progress import bar as progress_bar
 
 from .aggregate import check_aggregate
 from .data.events import DEFAULT_GAP, group_events
@@ -14,6 +13,7 @@ from .data.sources import load_dataset
 from .errors import UserError
 from .metrics import event_metrics, write_metrics
 from .predict import load
+from .progress import bar as progress_bar
 from .tasks import TASKS, with_label_sets
 from .train import train  # noqa: F401 - the API's train (imgcls.train is the same, callable)
 

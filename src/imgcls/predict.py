@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from .progress import bar as progress_bar
 
 from . import __version__, fingerprint, outputs, rundir, tasks
 from .aggregate import check_aggregate
@@ -41,6 +40,7 @@ from .data.records import Record
 from .data.sources import collect_inputs, keyed_inputs
 from .engines import OnnxEngine, TorchEngine, stream_logits
 from .errors import UserError
+from .progress import bar as progress_bar
 from .rowfiles import output_lock
 from .shards import Shard, parse_shard, select
 from .system import cuda_available, resolve_device

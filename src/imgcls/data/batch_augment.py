@@ -124,7 +124,7 @@ class BatchAugment:
             cy = torch.randint(0, size, (n,), generator=generator)
             cx = torch.randint(0, size, (n,), generator=generator)
             x = cutout(x, a.cutout, self.fill, cy, cx)
-        return x
+        return x.contiguous()  # the gathers leave channels-last strides; the model gets the usual layout
 
 
 class Cutout:

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from PIL import Image
-from ..progress import bar as progress_bar
 
+from ..progress import bar as progress_bar
 from ..system import default_workers
 from .decode import ImageError, open_image, open_regular
 

@@ -33,7 +33,6 @@ import onnx
 import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
-from ..progress import bar as progress_bar
 
 from .. import tasks, export, rundir
 from ..data.dataset import base_image
@@ -44,6 +43,7 @@ from ..models.classifier import Classifier
 from ..models.heads import classifier_head, head_prefix
 from ..models.readout import ReadoutNet, readout_taps
 from ..models.registry import model_spec
+from ..progress import bar as progress_bar
 from .task_heads import fit_task_head
 from .session import Fit, Session
 

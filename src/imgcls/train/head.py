@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from ..progress import bar as progress_bar
 
 # L2 strengths of the residual head weights times the number of training images, strongest first: the

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
-from ..progress import bar as progress_bar
 
 from .. import rundir, tasks
 from ..data.arraycache import CachedImages
 from ..data.dataset import ArrayLoader
 from ..errors import UserError, first_line
 from ..models.heads import freeze_backbone, param_groups, set_frozen_bn_eval, unfreeze
+from ..progress import bar as progress_bar
 from ..system import default_workers
 from .head import class_weights
 from .objectives import objective

@@ -31,7 +31,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ..progress import bar as progress_bar
 
 from .. import rundir
 from ..engines import OnnxEngine, TorchEngine
@@ -41,6 +40,7 @@ from ..metrics import compute_metrics
 from ..models.classifier import Classifier
 from ..models.registry import model_spec
 from ..models.tail import split, split_problem
+from ..progress import bar as progress_bar
 from .features import compute_features, load_head, source_prior
 from .head import class_weights, fit_head
 from .loop import class_balanced_sampler

@@ -13,13 +13,12 @@ Only tqdm and the standard library: the prediction runtime uses it.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
 log = logging.getLogger("imgcls")
 
-#: seconds between two plain lines of one long phase (``IMGCLS_PROGRESS_SECONDS`` overrides it)
+#: seconds between two plain lines of one long phase
 INTERVAL = 30.0
 
 
@@ -56,8 +55,7 @@ class PlainProgress:
         self.total, self.desc, self.disable, self.unit, self.leave = total, desc or "", disable, unit, leave
         self.n = self._start_n = initial
         self.postfix: dict = {}
-        self.interval = interval if interval is not None else float(os.environ.get("IMGCLS_PROGRESS_SECONDS",
-                                                                                   INTERVAL))
+        self.interval = INTERVAL if interval is None else interval
         self._start = self._last = time.monotonic()
         self._closed = False
 

@@ -7,6 +7,21 @@ from imagezoo import make_class_tree
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def array_cache_dir(tmp_path_factory):
+    """Training's array cache (--cache auto on small images) writes here, not into ~/.cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("array-cache")
+    old = os.environ.get("IMGCLS_CACHE_DIR")
+    os.environ["IMGCLS_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("IMGCLS_CACHE_DIR", None)
+    else:
+        os.environ["IMGCLS_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_tree(tmp_path_factory):
     """Three learnable classes of 32 px PNGs, 16 each."""

@@ -15,6 +15,10 @@ environment without torch (``pip install imgcls``, no ``[train]`` extra).
 
 from importlib import import_module
 
+from .system import openmp_defaults
+
+openmp_defaults()  # before anything imports torch: its OpenMP runtime reads them once
+
 __version__ = "0.1.0"
 
 _API = {

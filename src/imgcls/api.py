@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .aggregate import check_aggregate
 from .data.events import DEFAULT_GAP, group_events
@@ -15,6 +14,7 @@ from .data.sources import load_dataset
 from .errors import UserError
 from .metrics import event_metrics, write_metrics
 from .predict import load
+from .progress import bar as progress_bar
 from .tasks import TASKS, with_label_sets
 from .train import train  # noqa: F401 - the API's train (imgcls.train is the same, callable)
 
@@ -61,7 +61,7 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
 
     stream = kept(predictor.iter_logits(records, batch_size=batch_size))
     metrics, failed = task.stream_metrics(
-        tqdm(stream, total=len(records), disable=not progress, desc="evaluate"), labels, predictor.thresholds)
+        progress_bar(stream, total=len(records), disable=not progress, desc="evaluate"), labels, predictor.thresholds)
     if metrics is None:
         raise UserError(f"{data}: none of the {len(records)} images could be read")
     for record, reason in failed:
@@ -146,7 +146,7 @@ def choose_thresholds(run: str | Path, data: str | Path, label: str, target_reca
     records = _labelled_records(predictor, data, split)
     probs, truth = [], []
     index = {name: i for i, name in enumerate(predictor.labels)}
-    for record, p, error in tqdm(predictor.iter_probs(records, batch_size=batch_size), total=len(records),
+    for record, p, error in progress_bar(predictor.iter_probs(records, batch_size=batch_size), total=len(records),
                                  disable=not progress, desc="thresholds"):
         if p is None:
             log.warning("left out (unreadable): %s: %s", record.path, error)

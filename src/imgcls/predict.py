@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from . import __version__, fingerprint, outputs, rundir, tasks
 from .aggregate import check_aggregate
@@ -41,6 +40,7 @@ from .data.records import Record
 from .data.sources import collect_inputs, keyed_inputs
 from .engines import OnnxEngine, TorchEngine, stream_logits
 from .errors import UserError
+from .progress import bar as progress_bar
 from .rowfiles import output_lock
 from .shards import Shard, parse_shard, select
 from .system import cuda_available, resolve_device
@@ -318,7 +318,7 @@ def _write_rows(predictor: Predictor, records: Iterator[Record], rows_file, kept
                 events: bool, progress: bool, total: Callable[[], int] | None = None) -> tuple[int, int]:
     done = errors = 0
     with rows_file.open(kept) as writer:
-        bar = tqdm(initial=kept, unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(initial=kept, unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
         if progress and total is not None:
             _count_in_background(bar, total)
         try:

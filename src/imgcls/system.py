@@ -68,3 +68,39 @@ def cpu_has_native_bf16() -> bool:
 
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+# libgomp (torch's OpenMP on Linux) reads these once, when torch loads it: imgcls/__init__ sets them before
+# any torch import. Passive: a thread that waits at a barrier sleeps instead of spinning, so a core shared
+# with another busy process is not lost to spinning (benchmarks/threads.py; docs/decisions.md)
+OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+_openmp = {"torch_first": False}
+
+
+def openmp_defaults() -> None:
+    """Set :data:`OPENMP_DEFAULTS` in the environment where the user has not; remember whether torch was
+    imported before (its OpenMP runtime then runs with whatever it read)."""
+    _openmp["torch_first"] = "torch" in sys.modules
+    for key, value in OPENMP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def passive_openmp() -> bool:
+    """Whether torch's OpenMP threads wait passively in this process."""
+    return not _openmp["torch_first"] and os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+
+
+def configure_threads(device) -> int:
+    """Set torch's intra-op threads for training on ``device``; the one place training sets them.
+
+    CPU: one per usable CPU (the affinity mask and cgroup quota, which torch's default ignores) while
+    OpenMP waits passively; a single thread when torch's OpenMP runtime spins (torch was imported before
+    imgcls, or OMP_WAIT_POLICY says so), since spinning threads collapse to a tenth of their speed when
+    another process shares a core.  A GPU keeps torch's setting.  Returns the count."""
+    import torch
+
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    threads = min(torch.get_num_threads(), available_cpus()) if passive_openmp() else 1
+    torch.set_num_threads(threads)
+    return threads

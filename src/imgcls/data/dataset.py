@@ -1,9 +1,12 @@
 """Records -> uint8 image tensors for training and evaluation.
 
-Small datasets are decoded once into RAM (``cache``): CIFAR-10's 50,000 images
-take 150 MB and every later epoch skips JPEG decoding entirely.  Larger ones
-are decoded on the fly in DataLoader workers, at reduced size when the JPEG is
-much larger than the model input.
+Small datasets are decoded once (``cache``): into the array cache on disk
+(:mod:`imgcls.data.arraycache`, memory-mapped, reused by later runs), whose
+batches :class:`ArrayLoader` augments on the training device, or into RAM as a
+list of arrays, augmented image by image.  CIFAR-10's 50,000 images take 150 MB
+and every later epoch skips JPEG decoding entirely.  Larger ones are decoded on
+the fly in DataLoader workers, at reduced size when the JPEG is much larger than
+the model input.
 """
 
 from __future__ import annotations
@@ -14,43 +17,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
-from .decode import ImageError, open_image
-from .preprocess import Augment, Preprocess, resize_and_crop
+from ..progress import bar as progress_bar
+from .arraycache import CachedImages, base_image
+from .batch_augment import BatchAugment
+from .decode import ImageError
+from .preprocess import Augment, Preprocess
 from .records import Record
 from .transforms import train_transform
 
 log = logging.getLogger(__name__)
 
 CACHE_LIMIT_BYTES = 2 * 1024**3
-
-
-def _shorter_side_to(image: Image.Image, size: int, spec: Preprocess) -> Image.Image:
-    w, h = image.size
-    if min(w, h) == size:
-        return image
-    scale = size / min(w, h)
-    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), spec.pil_interpolation)
-
-
-def base_image(path, spec: Preprocess, augment: Augment | None) -> np.ndarray:
-    """Decode one file to the uint8 CHW array the dataset starts from.
-
-    Eval (or augmentation off): the final centre crop.  Training with
-    augmentation: the whole image with its shorter side at ``spec.resize_size``
-    (random crops are taken from it), or squashed for ``resize="squash"``.
-    """
-    image = open_image(path, min_size=spec.resize_size)
-    if augment is None or not augment.enabled:
-        return resize_and_crop(image, spec)
-    if spec.resize == "squash":
-        image = image.resize((spec.resize_size, spec.resize_size), spec.pil_interpolation)
-    else:
-        image = _shorter_side_to(image, spec.resize_size, spec)
-    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
 
 
 @dataclass
@@ -72,7 +51,7 @@ def decode_all(records: list[Record], spec: Preprocess, augment: Augment | None,
     failures: list[tuple[Record, str]] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(one, records, chunksize=64)
-        for record, (array, reason) in tqdm(zip(records, results), total=len(records), desc=desc,
+        for record, (array, reason) in progress_bar(zip(records, results), total=len(records), desc=desc,
                                             disable=not progress, unit="img", leave=False):
             arrays.append(array)
             if reason is not None:
@@ -93,8 +72,11 @@ class ImageDataset(Dataset):
     record's class per head)."""
 
     def __init__(self, records: list[Record], class_to_index, spec: Preprocess,
-                 augment: Augment | None = None, cache: list[np.ndarray] | None = None):
+                 augment: Augment | None = None, cache: list[np.ndarray] | CachedImages | None = None,
+                 device: torch.device | None = None):
+        """``device``: where :class:`ArrayLoader` augments the batches of an array cache."""
         self.records = records
+        self.device = device if device is not None else torch.device("cpu")
         self.class_to_index = class_to_index
         target = class_to_index if callable(class_to_index) else (lambda r: class_to_index[r.label])
         self.targets = [target(r) for r in records]
@@ -127,3 +109,46 @@ class ImageDataset(Dataset):
         if self.transform is not None:
             tensor = self.transform(tensor)
         return tensor, self.targets[i]
+
+
+class ArrayLoader:
+    """Batches of an array-cached :class:`ImageDataset`, as a DataLoader yields them, augmented on the device.
+
+    One read of the memory-mapped rows per batch, moved to the dataset's device as uint8, then
+    :class:`BatchAugment` (training) or a float conversion (evaluation); the epoch's
+    ``generator`` draws the order and every augmentation parameter."""
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool = False, generator=None, sampler=None,
+                 drop_last: bool = False):
+        if not isinstance(dataset.cache, CachedImages):
+            raise TypeError("ArrayLoader reads an ImageDataset whose cache is an array cache")
+        self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
+        self.generator, self.sampler, self.drop_last = generator, sampler, drop_last
+        self.augment = BatchAugment(dataset.spec, dataset.augment) if dataset.augment is not None else None
+        self.targets = torch.as_tensor(np.asarray(dataset.targets))
+
+    def __len__(self) -> int:
+        n = len(self.sampler) if self.sampler is not None else len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.dataset)  # the sampler's order may be shorter (a rank's share) or draw with repeats
+        if self.sampler is not None:
+            order = torch.as_tensor(list(self.sampler), dtype=torch.int64)
+        elif self.shuffle:
+            order = torch.randperm(n, generator=self.generator)
+        else:
+            order = torch.arange(n)
+        device = self.dataset.device
+        pin = device.type == "cuda"
+        for k in range(len(self)):
+            index = order[k * self.batch_size:(k + 1) * self.batch_size]
+            host = torch.from_numpy(self.dataset.cache.batch(index.numpy()))  # (B, S, S, 3) uint8
+            if pin:
+                host = host.pin_memory()
+            images = host.to(device, non_blocking=True).permute(0, 3, 1, 2)
+            if self.augment is not None:
+                images = self.augment(images, self.generator)
+            else:
+                images = images.contiguous()
+            yield images, self.targets[index]

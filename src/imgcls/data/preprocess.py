@@ -202,6 +202,7 @@ def _resize_center(image: Image.Image, new_size: tuple[int, int], corner: tuple[
 
 # Pillow's filter support (in output pixels) of the interpolations whose resize is separable
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
+PAD_MODES = ("reflect", "zero")
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,17 @@ class Augment:
     hflip: bool = True
     color_jitter: float = 0.2                       # brightness/contrast/saturation; 0 = off
     enabled: bool = True
+    crop_padding: int = 0        # > 0: a random crop of the padded image instead of the resized crop (CIFAR style)
+    pad_mode: str = "reflect"    # how that padding is filled: reflect or zero
+    cutout: int = 0              # side of one square set to the mean colour per image; 0 = off
+
+    def __post_init__(self):
+        if self.pad_mode not in PAD_MODES:
+            raise SpecError(f"unknown pad mode {self.pad_mode!r}; use one of {', '.join(PAD_MODES)}")
+        for name in ("crop_padding", "cutout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SpecError(f"{name} must be a whole number of pixels >= 0, not {value!r}")
 
     @classmethod
     def off(cls) -> "Augment":

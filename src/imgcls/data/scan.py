@@ -12,7 +12,7 @@ GIL while they work, so threads scale like processes here without the start-up
 and pickling cost of a process pool (measured in ``benchmarks/decode.py
 --scan``).
 
-Only the standard library, Pillow and NumPy (through decode) and tqdm are
+Only the standard library, Pillow and NumPy (through decode) and tqdm (progress) are
 used: the scan runs in the torch-free prediction runtime too.
 """
 
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from PIL import Image
-from tqdm.auto import tqdm
 
+from ..progress import bar as progress_bar
 from ..system import default_workers
 from .decode import ImageError, open_image, open_regular
 
@@ -158,4 +158,4 @@ def _bounded_map(pool: Executor, fn, items, window: int):
 def _progress(iterator, total: int, enabled: bool, desc: str):
     if not enabled:
         return iterator
-    return tqdm(iterator, total=total, desc=desc, unit="file")
+    return progress_bar(iterator, total=total, desc=desc, unit="file")

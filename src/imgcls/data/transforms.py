@@ -1,4 +1,5 @@
-"""Training augmentation and the torchvision form of the eval transform, both
+"""Training augmentation (per image; :mod:`imgcls.data.batch_augment` is its batched form on the
+device for the array cache) and the torchvision form of the eval transform, both
 built only from a :class:`Preprocess` spec (plus an :class:`Augment` recipe).
 
 Images are uint8 tensors (C, H, W) from decoding to the model's input; the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from torchvision.transforms import InterpolationMode, v2
 
+from .batch_augment import Cutout
 from .preprocess import Augment, Preprocess
 
 _MODES = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
@@ -19,15 +21,20 @@ def train_transform(spec: Preprocess, augment: Augment) -> v2.Transform:
     """uint8 (C,H,W) of any size -> augmented uint8 (C,S,S)."""
     if not augment.enabled:
         return eval_transform(spec)
-    steps: list[v2.Transform] = [
-        v2.RandomResizedCrop(spec.input_size, scale=augment.crop_scale, ratio=augment.crop_ratio,
-                             interpolation=_MODES[spec.interpolation], antialias=True),
-    ]
+    if augment.crop_padding:
+        crop = v2.RandomCrop(spec.input_size, padding=augment.crop_padding, pad_if_needed=True,
+                             padding_mode="reflect" if augment.pad_mode == "reflect" else "constant")
+    else:
+        crop = v2.RandomResizedCrop(spec.input_size, scale=augment.crop_scale, ratio=augment.crop_ratio,
+                                    interpolation=_MODES[spec.interpolation], antialias=True)
+    steps: list = [crop]
     if augment.hflip:
         steps.append(v2.RandomHorizontalFlip())
     if augment.color_jitter > 0:
         j = augment.color_jitter
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+    if augment.cutout:
+        steps.append(Cutout(augment.cutout, spec.mean))
     return v2.Compose(steps)
 
 

@@ -20,7 +20,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable
 
 from ..data.events import DEFAULT_GAP
-from ..data.preprocess import Augment
+from ..data.preprocess import PAD_MODES, Augment
 from ..errors import UserError
 from ..system import resolve_device
 from .balance import BALANCE, SELECT_BY
@@ -82,7 +82,7 @@ def option(default: Any = MISSING, help: str = "", *, factory: Callable | None =
 # --------------------------------------------------------------------------- choices
 
 AMP = ("auto", "off", "bf16", "fp16")
-CACHE = ("auto", "ram", "none")
+CACHE = ("auto", "array", "ram", "none")
 NORMS = ("batch", "group", "layer", "instance")
 FREEZE = ("backbone",)
 READOUTS = ("auto", "layers", "final")
@@ -152,7 +152,12 @@ class TrainConfig:
     patience: int | None = option(None, "early stopping: epochs without val improvement", range=_AT_LEAST_1)
     seed: int = option(0, "random seed (split, initialization, augmentation)")
     workers: int | None = option(None, "data loading workers", range=_NON_NEGATIVE)
-    cache: str = option("auto", "keep decoded images in RAM", choices=CACHE)
+    cache: str = option("auto", "decode once. array: into a memory-mapped file in --cache-dir, reused by later runs"
+                        " on the same files, batches augmented on the training device; ram: into memory, for this"
+                        " run; none: decode every epoch; auto: array for images of at most 64 px, else ram when"
+                        " they fit in 2 GB", choices=CACHE)
+    cache_dir: str | None = option(None, "where --cache array keeps its files (default $IMGCLS_CACHE_DIR, else"
+                                   " ~/.cache/imgcls/arrays)")
     export_onnx: bool = option(True, "", cli=False)
     calibrate: bool = option(True, "fit temperature scaling on val so that probabilities match accuracy"
                              " (calibration.json; --no-calibrate: raw softmax)")
@@ -301,6 +306,14 @@ AUGMENT_FLAGS: dict[str, tuple[dict, Callable[[Any], dict]]] = {
                      lambda v: {"color_jitter": v}),
     "crop_scale": ({"type": float, "help": "smallest area fraction of random resized crops"},
                    lambda v: {"crop_scale": (v, 1.0)}),
+    "crop_padding": ({"type": int, "help": "random crops of the image padded by this many pixels instead of"
+                      " random resized crops (CIFAR style; 0 = resized crops)"},
+                     lambda v: {"crop_padding": v}),
+    "pad_mode": ({"choices": PAD_MODES, "help": "how --crop-padding fills the border"},
+                 lambda v: {"pad_mode": v}),
+    "cutout": ({"type": int, "help": "cutout: one square of this side per training image set to the mean colour,"
+                " 0 = off"},
+               lambda v: {"cutout": v}),
 }
 
 

@@ -39,7 +39,6 @@ import onnx
 import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
-from tqdm.auto import tqdm
 
 from .. import tasks, export, rundir
 from ..data.dataset import base_image
@@ -50,6 +49,7 @@ from ..models.classifier import Classifier
 from ..models.heads import classifier_head, head_prefix
 from ..models.readout import ReadoutNet, readout_taps
 from ..models.registry import model_spec
+from ..progress import bar as progress_bar
 from . import distributed
 from .task_heads import fit_task_head
 from .session import Fit, Session
@@ -215,7 +215,7 @@ def compute_features(engine, dataset, views: int, seed: int = 0, progress: bool 
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(prepare, chunks[0]) if chunks else None
-            for k in tqdm(range(len(chunks)), desc=desc, disable=not progress, unit="batch", leave=False):
+            for k in progress_bar(range(len(chunks)), desc=desc, disable=not progress, unit="batch", leave=False):
                 batch, kept = pending.result()
                 pending = pool.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
                 if batch is None:

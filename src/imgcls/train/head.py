@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from ..progress import bar as progress_bar
 
 # L2 strengths of the residual head weights times the number of training images, strongest first: the
 # best penalty falls as images are added (like 1/C in scikit-learn), so the grid moves with them
@@ -242,7 +243,7 @@ def _fit(feats, y, K, prior, seed, penalties, weight, cv_weight, progress) -> He
     chosen_prior, chosen = prior, None
     if k:
         best_loss = math.inf
-        bar = tqdm(total=len(lambdas) * len(families), desc=f"head cross-validation ({k} folds)",
+        bar = progress_bar(total=len(lambdas) * len(families), desc=f"head cross-validation ({k} folds)",
                    unit="penalty", leave=False, disable=not progress)
         cv_feats = feats[:, :CV_VIEWS]  # a view: each fold's rows are copied out of it anyway
         for family in families:

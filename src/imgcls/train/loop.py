@@ -28,11 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
-from tqdm.auto import tqdm
 
 from .. import rundir, tasks
+from ..data.arraycache import CachedImages
+from ..data.dataset import ArrayLoader
 from ..errors import UserError, first_line
 from ..models.heads import freeze_backbone, param_groups, set_frozen_bn_eval, unfreeze
+from ..progress import bar as progress_bar
 from ..system import default_workers
 from . import distributed
 from .head import class_weights
@@ -54,13 +56,17 @@ def class_balanced_sampler(targets, num_classes: int, generator=None) -> Weighte
 def make_loader(dataset, cfg, shuffle: bool = False, generator=None, workers: int | None = None,
                 sampler=None, batch_size: int | None = None) -> DataLoader:
     """``sampler``: draws the order of an epoch instead of shuffling (``shuffle`` then only drops the
-    last incomplete batch).  ``batch_size``: default ``cfg.batch_size``."""
+    last incomplete batch).  ``batch_size``: default ``cfg.batch_size``.  An array-cached dataset gets its
+    batches read and augmented on the device (``data.dataset.ArrayLoader``), without worker processes."""
+    batch_size = batch_size or cfg.batch_size
+    rows = len(sampler) if sampler is not None else len(dataset)
+    if isinstance(getattr(dataset, "cache", None), CachedImages):
+        return ArrayLoader(dataset, batch_size, shuffle=shuffle, generator=generator, sampler=sampler,
+                           drop_last=shuffle and rows > batch_size)
     if workers is None:
         # decoded images in RAM: augmenting them in-process beats starting worker processes
         cache = getattr(dataset, "dataset", dataset).cache  # a Subset (a rank's share) reads its dataset's
         workers = cfg.workers if cfg.workers is not None else (0 if cache is not None else default_workers())
-    batch_size = batch_size or cfg.batch_size
-    rows = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       generator=generator, num_workers=workers, persistent_workers=False,
                       pin_memory=torch.cuda.is_available(),
@@ -115,7 +121,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_
         set_frozen_bn_eval(distributed.unwrap(model).net)  # a frozen backbone keeps its BatchNorm statistics too
     loss_sum, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=progress_desc, disable=progress_desc is None, unit="batch", leave=False)
+    bar = progress_bar(loader, desc=progress_desc, disable=progress_desc is None, unit="batch", leave=False)
     for images, targets in bar:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)

@@ -13,6 +13,7 @@ import torch
 
 from .. import rundir, tasks
 from ..data.events import EventReport, camera_of, column_report, events_on_both_sides, group_events
+from ..data.arraycache import SMALL_SIDE, CachedImages, decode_side, default_cache_dir, load_or_build
 from ..data.dataset import CACHE_LIMIT_BYTES, ImageDataset, decode_all, estimate_cache_bytes
 from ..data.preprocess import Augment, Preprocess
 from ..data.records import Record
@@ -26,7 +27,7 @@ from ..models.heads import zero_head
 from ..models.pretrained import load_pretrained, locate_source
 from ..models.registry import create_model, default_preprocess, model_spec
 from ..models.weights import load_weights_file
-from ..system import cpu_has_native_bf16, default_workers, resolve_device
+from ..system import configure_threads, cpu_has_native_bf16, default_workers, passive_openmp, resolve_device
 from . import distributed
 from .balance import Balance, resolve_balance, tiny_class_warning
 from .config import TrainConfig, validate
@@ -202,12 +203,14 @@ class ScanResult:
     """The pre-flight scan: the readable records, their decoded pixels when cached, what was skipped."""
 
     splits: dict[str, list[Record]]
-    caches: dict[str, list[np.ndarray] | None]
+    caches: dict[str, list[np.ndarray] | CachedImages | None]
     unreadable: list[tuple[Record, str, str]]  # (record, split, reason)
     duplicates: list[dict]
     ram_cache: bool
     cache_bytes: int
     events: dict | None = None  # data.events.EventReport.to_dict()
+    cache: str = "none"  # array, ram or none: how the pixels were kept
+    array_files: dict[str, dict] | None = None  # split -> {path, reused} of the array cache
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {name: dict(sorted(Counter(label for r in recs for label in r.label_set).items()))
@@ -216,25 +219,50 @@ class ScanResult:
     def to_dict(self) -> dict:
         return {"counts": self.counts(),
                 "unreadable": [{"path": str(r.path), "split": s, "reason": why} for r, s, why in self.unreadable],
-                "duplicates": self.duplicates, "ram_cache": self.ram_cache,
+                "duplicates": self.duplicates, "ram_cache": self.ram_cache, "cache": self.cache,
+                "array_cache": self.array_files,
                 "cache_megabytes": round(self.cache_bytes / 2**20, 1), "events": self.events}
+
+
+def resolve_cache(choice: str, cache_bytes: int, side: int) -> str:
+    """``--cache``: auto is the array cache for small images (at most arraycache.SMALL_SIDE px decoded), else
+    RAM when the images fit in CACHE_LIMIT_BYTES, else decoding every epoch."""
+    if choice != "auto":
+        return choice
+    if side <= SMALL_SIDE:
+        return "array"
+    return "ram" if cache_bytes <= CACHE_LIMIT_BYTES else "none"
 
 
 def scan(cfg: TrainConfig, splits: dict[str, list[Record]], spec: Preprocess, augment: Augment,
          progress: bool) -> ScanResult:
     """Decode every file once; the unreadable ones are left out.  Small datasets keep their
-    decoded pixels (the RAM cache); larger ones are only checked."""
+    decoded pixels (the array cache on disk or the RAM cache); larger ones are only checked."""
     n = sum(len(v) for v in splits.values())
     cache_bytes = estimate_cache_bytes(n, spec, augment)
-    use_cache = cfg.cache == "ram" or (cfg.cache == "auto" and cache_bytes <= CACHE_LIMIT_BYTES)
+    mode = resolve_cache(cfg.cache, cache_bytes, decode_side(spec, augment))
     workers = cfg.workers or default_workers()
     kept: dict[str, list[Record]] = {}
-    caches: dict[str, list[np.ndarray] | None] = {}
+    caches: dict[str, list[np.ndarray] | CachedImages | None] = {}
     unreadable: list[tuple[Record, str, str]] = []
+    files: dict[str, dict] = {}
     for name, records in splits.items():
-        if use_cache:
-            result = decode_all(records, spec, augment if name == "train" else None, workers, progress,
-                                desc=f"decode {name}")
+        split_augment = augment if name == "train" else None
+        if mode == "array":
+            try:
+                array = load_or_build(records, spec, split_augment, cfg.cache_dir, workers, progress,
+                                      desc=f"decode {name}")
+            except OSError as err:  # a full or read-only disk costs the reuse, not the run
+                log.warning("--cache array: cannot write to %s (%s); decoding into RAM instead",
+                            cfg.cache_dir or default_cache_dir(), err)
+                return scan(replace(cfg, cache="ram"), splits, spec, augment, progress)
+            bad = {id(records[i]): reason for i, reason in array.failures.items()}
+            caches[name] = array.view()
+            files[name] = {"path": str(array.path), "reused": array.reused}
+            if array.reused:
+                log.info("decode %s: %d images from the array cache %s", name, len(records), array.path)
+        elif mode == "ram":
+            result = decode_all(records, spec, split_augment, workers, progress, desc=f"decode {name}")
             bad = {id(r): reason for r, reason in result.failures}
             caches[name] = [a for a in result.arrays if a is not None]
         else:
@@ -243,7 +271,8 @@ def scan(cfg: TrainConfig, splits: dict[str, list[Record]], spec: Preprocess, au
             caches[name] = None
         unreadable += [(r, name, bad[id(r)]) for r in records if id(r) in bad]
         kept[name] = [r for r in records if id(r) not in bad]
-    return ScanResult(kept, caches, unreadable, _duplicates(kept, workers), use_cache, cache_bytes)
+    return ScanResult(kept, caches, unreadable, _duplicates(kept, workers), mode != "none", cache_bytes,
+                      cache=mode, array_files=files or None)
 
 
 def _duplicates(splits: dict[str, list[Record]], workers: int) -> list[dict]:
@@ -348,6 +377,9 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     source = resolve_source(cfg)
     device = distributed.place(resolve_device(cfg.device))
     distributed.check(cfg, device)
+    threads = configure_threads(device)  # under --nproc: within this process's share of the cores
+    if device.type == "cpu":
+        log.debug("%d torch thread(s), OpenMP waiting %s", threads, "passively" if passive_openmp() else "actively")
     amp_dtype = resolve_amp(cfg.amp, device)
     distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
     main = distributed.is_main()
@@ -406,8 +438,8 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     if not resume:
         load_source(cfg, source, model.net)
     return Session(cfg, run_dir, classes, splits, scanned.caches, preprocess,
-                   ImageDataset(splits["train"], index, preprocess, augment, scanned.caches["train"]),
-                   ImageDataset(splits["val"], index, preprocess, None, scanned.caches["val"]),
+                   ImageDataset(splits["train"], index, preprocess, augment, scanned.caches["train"], device),
+                   ImageDataset(splits["val"], index, preprocess, None, scanned.caches["val"], device),
                    model.to(device), device, amp_dtype,
                    rundir.model_meta(cfg.model, classes, preprocess, build,
                                      tasks.meta(task.name, cfg.label_sep, heads)),

@@ -31,7 +31,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .. import rundir
 from ..engines import OnnxEngine, TorchEngine
@@ -41,6 +40,7 @@ from ..metrics import compute_metrics
 from ..models.classifier import Classifier
 from ..models.registry import model_spec
 from ..models.tail import split, split_problem
+from ..progress import bar as progress_bar
 from .features import compute_features, load_head, source_prior
 from .head import class_weights, fit_head
 from .loop import class_balanced_sampler
@@ -205,8 +205,8 @@ def fit_tail(s: Session, progress: bool = True) -> Fit:
         tail.train()
         order = torch.tensor(list(draws)) if draws is not None else torch.randperm(len(x), generator=generator)
         loss_sum = hits = 0
-        for k in tqdm(range(steps_per_epoch), desc=f"last stage {epoch + 1}/{epochs}", disable=not progress,
-                      unit="step", leave=False):
+        for k in progress_bar(range(steps_per_epoch), desc=f"last stage {epoch + 1}/{epochs}",
+                              disable=not progress, unit="step", leave=False):
             loss, correct = step(order[k * BATCH:(k + 1) * BATCH])
             loss_sum, hits = loss_sum + loss, hits + correct
             scheduler.step()

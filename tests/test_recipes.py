@@ -270,3 +270,35 @@ def test_eval_tta_flip_scores_the_mean_logits_of_each_image_and_its_mirror(tiny_
     assert main(["eval", str(run), str(tiny_tree), "--tta", "flip", "--backend", backend, "--json",
                  "--no-report"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(metrics.accuracy)
+
+
+def test_the_speed_net_has_its_cost_table_and_airbench94s_budget():
+    from imgcls.models.cost import layer_table
+
+    table = layer_table(create_model("airbench", 10, 32), 32)
+    convs = [r for r in table.rows if r.layer.startswith("conv")]
+    assert len(convs) == 7 and [r.filters for r in convs] == [24, 64, 64, 256, 256, 256, 256]
+    assert table.macs == count_macs(create_model("airbench", 10, 32), 32)
+    # airbench94's budget: about 0.36 PFLOP for its ~10 epochs of 50,000 images, 3 x forward FLOPs per image
+    assert 0.3e15 < 10 * 50_000 * 3 * 2 * table.macs < 0.4e15
+
+
+def test_compile_trains_through_the_compiled_module(tiny_tree, tmp_path, monkeypatch):
+    from imgcls.train import accel
+
+    compiled = []
+    real = torch.compile
+
+    def eager_compile(model, **kwargs):  # dynamo traces the step; the eager backend skips the C++ build
+        compiled.append(model)
+        return real(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(accel.torch, "compile", eager_compile)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    result = imgcls.train(tiny_tree, tmp_path / "run", epochs=1, progress=False, compile=True, **FAST)
+    assert len(compiled) == 1 and isinstance(compiled[0], Classifier)
+    assert counters["stats"]["unique_graphs"] >= 1  # the training steps ran through dynamo
+    assert result.summary["best_val_accuracy"] > 0 and (result.run_dir / rundir.WEIGHTS).exists()
+    assert accel.training_model(compiled[0], False) is compiled[0]

@@ -24,7 +24,7 @@ Usage::
     python benchmarks/cifar10.py --models cifarnet --epochs 5 --train-images 50000
     python benchmarks/cifar10.py --models --recipe cifar10-speed          # the full recipe (an hour+ on 2 cores)
     python benchmarks/cifar10.py --models --recipe cifar10-speed --recipe-train-images 2000 \
-        --recipe-test-images 1000 --recipe-epochs 3                       # a smoke run of it
+        --recipe-test-images 1000 --recipe-epochs 4 --recipe-batch-size 128  # a smoke run of it
 
 Data: ../shared/data/cifar10-jpeg.tar.gz, extracted to /tmp/data (done here if missing).
 """
@@ -155,13 +155,15 @@ def run(model_name: str, data: Path, n_train: int, n_test: int, epochs: int, n_s
             "ratio": statistics.median(ratios), "ratios": [round(x, 3) for x in ratios]}
 
 
-def recipe_curve(name: str, data: Path, n_train: int, n_test: int, epochs: int | None, work: Path) -> dict:
+def recipe_curve(name: str, data: Path, n_train: int, n_test: int, epochs: int | None, work: Path,
+                 batch_size: int | None = None) -> dict:
     """``imgcls train --recipe NAME`` with the test images as validation: test accuracy per epoch against
     the counted training FLOPs, and the final test accuracy with flip TTA."""
     from imgcls.api import evaluate
 
     csv_path = subset_csv(data, n_train, n_test, work / f"recipe-{name}.csv", test_as="val")
-    options = {"epochs": epochs} if epochs else {}
+    # a smoke run on a few thousand images needs a smaller batch for enough steps
+    options = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v}
     t0 = time.perf_counter()
     result = imgcls.train(csv_path, work / f"recipe-{name}", recipe=name, int8="off", progress=False, **options)
     wall = time.perf_counter() - t0
@@ -205,6 +207,7 @@ def main() -> None:
     parser.add_argument("--recipe-train-images", type=int, default=50000)
     parser.add_argument("--recipe-test-images", type=int, default=10000)
     parser.add_argument("--recipe-epochs", type=int, help="epochs of the recipe run (default: the recipe's)")
+    parser.add_argument("--recipe-batch-size", type=int, help="batch size of the recipe run (default: the recipe's)")
     args = parser.parse_args()
     data = ensure_data(args.data, args.archive)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -219,7 +222,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
         curve = recipe_curve(args.recipe, data, args.recipe_train_images, args.recipe_test_images,
-                             args.recipe_epochs, Path(tmp)) if args.recipe else None
+                             args.recipe_epochs, Path(tmp), args.recipe_batch_size) if args.recipe else None
     if rows:
         print()
         print(f"{'model':10} {'train imgs':>10} {'epochs':>6} {'test acc':>8} {'img/s':>6} {'wall s':>6} |"

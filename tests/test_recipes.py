@@ -93,6 +93,30 @@ def test_ema_flag_alone_takes_its_default_decay():
         _config(["--ema", "1.5"])
 
 
+def test_triangle_schedule_rises_over_the_warmup_and_falls_to_zero():
+    from imgcls.train.optim import SCHEDULES
+
+    tri = SCHEDULES["triangle"]
+    values = [tri(s, 100, 20, 10, None) for s in range(101)]
+    assert values[0] == pytest.approx(1 / 20) and values[19] == 1.0 and values[100] == 0.0
+    assert values[60] == pytest.approx(0.5)  # halfway down the 80 decaying steps
+    assert all(a <= b for a, b in zip(values[:20], values[1:20])) and all(a >= b for a, b in zip(values[19:],
+                                                                                                 values[20:]))
+
+
+def test_no_norm_weight_decay_leaves_vectors_undecayed():
+    net = create_model("airbench", 10, 32)
+    cfg = TrainConfig(data="d", out="o", optimizer="sgd", weight_decay=5e-4, norm_weight_decay=False)
+    groups = loop.make_optimizer(net, cfg).param_groups
+    decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    free = [p for g in groups if g["weight_decay"] == 0 for p in g["params"]]
+    bn = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert {id(p) for p in free} == {id(m.weight) for m in bn} | {id(m.bias) for m in bn} | {id(net.fc.bias)}
+    assert all(p.ndim > 1 for p in decayed) and len(decayed) + len(free) == len(list(net.parameters()))
+    cfg.norm_weight_decay = True
+    assert all(g["weight_decay"] == 5e-4 for g in loop.make_optimizer(net, cfg).param_groups)
+
+
 # --------------------------------------------------------------------------- FLOPs
 
 

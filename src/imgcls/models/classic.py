@@ -88,14 +88,19 @@ class AirbenchNet(nn.Module):
     stem: conv 2x2 (24 channels, no padding), BatchNorm, GELU; then three groups of
     conv 3x3, max-pool 2, BatchNorm, GELU, conv 3x3, BatchNorm, GELU (``widths``, 64/256/256 as
     airbench94); a global max-pool and one linear layer.  Convs carry no bias (BatchNorm's does
-    that job).  airbench initializes its stem by whitening the training patches and freezes it;
+    that job).  Both recipes scale the logits down (airbench by 1/9, ResNet-9 by 1/8) so that the
+    high learning rates they train with do not make the head jump; here the pooled features are
+    scaled by ``feature_scale`` before the linear layer, which gives its weights the same logits and
+    the same updates and keeps ``fc`` the layer that produces the logits.  airbench initializes its stem by whitening the training patches and freezes it;
     here the stem is an ordinary learned conv followed by BatchNorm, so the net needs no data to be
     built.  A global max-pool instead of airbench's fixed 3x3 one lets it take other input sizes
     (at 32 px the two agree).
     """
 
-    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256), stem: int = 24):
+    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256), stem: int = 24,
+                 feature_scale: float = 0.125):
         super().__init__()
+        self.feature_scale = feature_scale
 
         def bn_gelu(c):
             return [nn.BatchNorm2d(c), nn.GELU()]
@@ -114,7 +119,7 @@ class AirbenchNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.layers(self.stem(x))))
+        return self.fc(self.pool(self.layers(self.stem(x))) * self.feature_scale)
 
 
 # --- VGG -----------------------------------------------------------------

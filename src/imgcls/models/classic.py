@@ -91,10 +91,10 @@ class AirbenchNet(nn.Module):
     that job).  Both recipes scale the logits down (airbench by 1/9, ResNet-9 by 1/8) so that the
     high learning rates they train with do not make the head jump; here the pooled features are
     scaled by ``feature_scale`` before the linear layer, which gives its weights the same logits and
-    the same updates and keeps ``fc`` the layer that produces the logits.  airbench initializes its stem by whitening the training patches and freezes it;
-    here the stem is an ordinary learned conv followed by BatchNorm, so the net needs no data to be
-    built.  A global max-pool instead of airbench's fixed 3x3 one lets it take other input sizes
-    (at 32 px the two agree).
+    the same updates and keeps ``fc`` the layer that produces the logits.  airbench initializes its
+    stem by whitening the training patches and freezes it; here the stem is an ordinary learned
+    conv followed by BatchNorm, so the net needs no data to be built.  A global max-pool instead of
+    airbench's fixed 3x3 one lets it take other input sizes (at 32 px the two agree).
     """
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256), stem: int = 24,

@@ -63,6 +63,17 @@ def test_a_recipe_fills_the_options_not_given_and_every_given_flag_wins():
     assert _config(["--epochs", "3"]) == TrainConfig(data="d", out="o", epochs=3)
 
 
+def test_a_recipe_trains_end_to_end_from_the_command_line(tiny_tree, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_tree), "--out", str(run), "--recipe", "scratch-small", "--epochs", "3",
+                 "--batch-size", "8", "--workers", "0", "--int8", "off"]) == 0
+    saved = rundir.read_yaml(run / rundir.CONFIG)
+    assert (saved["recipe"], saved["model"], saved["ema"], saved["epochs"]) == ("scratch-small", "airbench", 0.999, 3)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"] == "airbench" and summary["best_val_accuracy"] > 0.5  # 3 classes: chance is 1/3
+    assert "PFLOP" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_every_recipe_names_declared_options_with_valid_values(name):
     options = RECIPES[name].options

@@ -23,7 +23,7 @@ from imgcls.models.classifier import Classifier
 from imgcls.models.cost import count_macs
 from imgcls.models.registry import create_model
 from imgcls.train import loop
-from imgcls.train.accel import WeightEma, memory_format
+from imgcls.train.accel import WeightEma, training_layout
 from imgcls.train.config import TrainConfig, options_from_args, validate
 from imgcls.train.recipes import RECIPES, with_recipe
 from imgcls.tta import TTA, TTAEngine, with_tta
@@ -244,9 +244,9 @@ def test_channels_last_trains_the_same_model():
     for (name, a), b in zip(plain.state_dict().items(), last.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-4), name
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert memory_format("auto", cpu, "cnn") == memory_format("on", cpu, "linear") == torch.channels_last
-    assert memory_format("auto", cpu, "linear") == memory_format("off", gpu, "cnn") == torch.contiguous_format
-    assert memory_format("auto", gpu, "convnext") == torch.channels_last
+    assert training_layout("auto", cpu, "cnn") == training_layout("on", cpu, "linear") == torch.channels_last
+    assert training_layout("auto", cpu, "linear") == training_layout("off", gpu, "cnn") == torch.contiguous_format
+    assert training_layout("auto", gpu, "convnext") == torch.channels_last
 
 
 def test_the_loop_reads_figures_from_the_device_once_per_epoch(monkeypatch):

@@ -22,7 +22,7 @@ CPU_CHANNELS_LAST = {"cnn": True, "resnet": True}
 GPU_CHANNELS_LAST = True
 
 
-def memory_format(setting: str, device: torch.device, family: str) -> torch.memory_format:
+def training_layout(setting: str, device: torch.device, family: str) -> torch.memory_format:
     """The layout of the training model and its input batches for ``--channels-last SETTING``."""
     on = {"on": True, "off": False}.get(setting)
     if on is None:  # auto

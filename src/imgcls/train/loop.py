@@ -29,7 +29,7 @@ from ..errors import UserError, first_line
 from ..models.heads import freeze_backbone, param_groups, set_frozen_bn_eval, unfreeze
 from ..models.registry import model_spec
 from ..system import default_workers
-from .accel import make_ema, memory_format, training_model
+from .accel import make_ema, training_layout, training_model
 from .flops import format_flops, forward_flops, step_flops
 from .head import class_weights
 from .objectives import objective
@@ -164,7 +164,7 @@ def predict_logits(model, loader, device, amp_dtype=None) -> tuple[np.ndarray, n
 def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
     """The ``finetune`` strategy: training by epochs (full fine-tuning, linear probe or two-phase)."""
     cfg, model, run_dir = s.cfg, s.model, s.run_dir
-    layout = memory_format(cfg.channels_last, s.device, model_spec(cfg.model).family)
+    layout = training_layout(cfg.channels_last, s.device, model_spec(cfg.model).family)
     model.to(memory_format=layout)
     optimizer = make_optimizer(model.net, cfg)
     # the schedule counts optimizer steps: one per --accum-steps batches

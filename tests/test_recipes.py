@@ -162,6 +162,15 @@ def test_train_flops_are_the_steps_times_one_counted_step(tiny_tree, tmp_path, c
     assert f"{summary['train_flops'] / 1e15:.3g} PFLOP" in out.splitlines()[0]
 
 
+def test_a_resumed_run_keeps_counting_from_its_checkpoint(tiny_tree, tmp_path):
+    run = tmp_path / "run"
+    first = imgcls.train(tiny_tree, run, epochs=1, progress=False, ema=0.9, **FAST).summary
+    second = imgcls.train(None, run, resume=True, epochs=2, progress=False).summary
+    assert second["train_flops"] == 2 * first["train_flops"] and second["eval_flops"] == 2 * first["eval_flops"]
+    state = loop.load_checkpoint(run / rundir.CHECKPOINT)
+    assert state["flops"]["train"] == second["train_flops"] and state["ema"]["steps"] == 2 * (first["n_train"] // 8)
+
+
 # --------------------------------------------------------------------------- EMA
 
 
@@ -337,3 +346,22 @@ def test_compile_trains_through_the_compiled_module(tiny_tree, tmp_path, monkeyp
     assert counters["stats"]["unique_graphs"] >= 1  # the training steps ran through dynamo
     assert result.summary["best_val_accuracy"] > 0 and (result.run_dir / rundir.WEIGHTS).exists()
     assert accel.training_model(compiled[0], False) is compiled[0]
+
+
+def test_loop_options_on_a_strategy_without_the_loop_are_named_in_a_warning(caplog, monkeypatch):
+    import logging
+    from types import SimpleNamespace
+
+    from imgcls.train.strategies import choose
+
+    cfg = TrainConfig(data="d", out="o", pretrained=True, ema=0.99, accum_steps=2)
+    session = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), balance=None, strategy="")
+    with caplog.at_level(logging.WARNING, logger="imgcls"):
+        choose(session, resume=True)  # resuming: finetune, which runs them
+        assert not caplog.records
+        cfg.strategy = "features"
+        import imgcls.train.features as features
+
+        monkeypatch.setattr(features, "readout_problem", lambda s: None)  # a linear head: no model to build
+        choose(session)
+    assert session.strategy == "features" and "--ema, --accum-steps" in caplog.text

@@ -16,6 +16,7 @@ from .metrics import event_metrics, write_metrics
 from .predict import load
 from .progress import bar as progress_bar
 from .tasks import TASKS, with_label_sets
+from .tta import with_tta
 from .train import train  # noqa: F401 - the API's train (imgcls.train is the same, callable)
 
 log = logging.getLogger("imgcls")
@@ -24,7 +25,7 @@ log = logging.getLogger("imgcls")
 def evaluate(run: str | Path, data: str | Path, split: str | None = None, backend: str = "auto",
              batch_size: int | None = None, write: bool = True, progress: bool = False, events: bool = False,
              aggregate: str = "mean", event_gap: float = DEFAULT_GAP, event_column: str | None = None,
-             keep: list | None = None, precision: str = "auto"):
+             keep: list | None = None, precision: str = "auto", tta: str = "none"):
     """Metrics of a trained model on labelled data (its ``test`` split, else
     ``val``, else everything).  Writes ``eval.json`` and the confusion matrix
     (CSV, PNG) into the run directory when ``run`` is one (:func:`save_evaluation`).
@@ -35,13 +36,16 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
     ``events``: score capture events too (``Metrics.events``): the data's events (a CSV
     ``event_column`` or ``group`` column, COCO sequences), else frames within ``event_gap`` seconds
     per camera by EXIF time; each event's frames aggregated by ``aggregate`` (``mean`` or ``max``).
-    ``precision``: which of the run's ONNX files runs on a CPU (:func:`imgcls.predict.load`)."""
+    ``precision``: which of the run's ONNX files runs on a CPU (:func:`imgcls.predict.load`).
+    ``tta``: test-time augmentation (:data:`imgcls.tta.TTA`; ``flip``: the mean logits of each image
+    and its mirror image), whatever the engine."""
     if events:
         check_aggregate(aggregate)
     if not event_gap > 0:
         raise UserError(f"--event-gap {event_gap} is out of range: it must be > 0 seconds")
     predictor = load(run, backend=backend, precision=precision)
-    log.info("engine: %s", predictor.backend)
+    predictor.engine = with_tta(predictor.engine, tta)
+    log.info("engine: %s%s", predictor.backend, f" (test-time augmentation: {tta})" if tta != "none" else "")
     labels = predictor.labels
     task = TASKS[predictor.task]
     if events and task.row is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .train.config import add_train_arguments
+from .train.recipes import LIST
 
 log = logging.getLogger("imgcls")
 
@@ -40,6 +41,8 @@ def cmd_train(args) -> int | None:
     from .train.config import options_from_args
 
     options = options_from_args(args)
+    if options.get("recipe") == LIST:
+        return cmd_recipes(args)
     if args.resume:
         result = train(None, args.resume, resume=True, progress=not args.quiet, epochs=options.get("epochs"),
                        nproc=options.get("nproc"))
@@ -54,7 +57,8 @@ def cmd_train(args) -> int | None:
         print(f"interrupted; continue with: imgcls train --resume {result.run_dir}")
         return 128 + int(s.get("signal") or signal.SIGINT)
     print(f"best val accuracy {s['best_val_accuracy']:.4f} (epoch {s['best_epoch']}/{s['epochs']}), "
-          f"{s['train_seconds']:.0f} s" + (f", test accuracy {s['test_accuracy']:.4f}" if "test_accuracy" in s else ""))
+          f"{s['train_seconds']:.0f} s" + (f", test accuracy {s['test_accuracy']:.4f}" if "test_accuracy" in s else "")
+          + (f", {s['train_flops'] / 1e15:.3g} PFLOP" if s.get("train_flops") else ""))
     if "val_recall" in s:
         print(f"val balanced accuracy {s['val_balanced_accuracy']:.4f}; recall: "
               + ", ".join(f"{c} {r:.2f}" for c, r in s["val_recall"].items()))
@@ -64,12 +68,18 @@ def cmd_train(args) -> int | None:
     print(f"run directory: {result.run_dir}")
 
 
+def cmd_recipes(args) -> None:
+    from .train.recipes import format_recipes
+
+    print(format_recipes())
+
+
 def cmd_eval(args) -> None:
     from .api import evaluate, save_evaluation
 
     kept = None if args.no_report else []  # per-image predictions for eval_report.html
     metrics = evaluate(args.run, args.data, split=args.split, backend=args.backend, precision=args.precision,
-                       batch_size=args.batch_size,
+                       batch_size=args.batch_size, tta=args.tta,
                        write=False, progress=not (args.json or args.quiet), events=args.events,
                        aggregate=args.aggregate, event_gap=args.event_gap, event_column=args.event_column,
                        keep=kept)
@@ -244,6 +254,7 @@ def _add_declared(parser: argparse.ArgumentParser, *names: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .aggregate import AGGREGATES  # NumPy only, as the parser's other imports
+    from .tta import TTA
 
     parser = argparse.ArgumentParser(prog="imgcls", description="Train, evaluate and apply image classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -271,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
     _add_precision(p)
     p.add_argument("--batch-size", type=int, help="images per engine call (default: 8 on a CPU, 32 on a GPU)")
+    p.add_argument("--tta", choices=list(TTA), default="none",
+                   help="test-time augmentation: flip averages the logits of each image and its mirror image"
+                        " (twice the compute)")
     p.add_argument("--events", action="store_true",
                    help="score capture events too: the data's events (an event/group column, COCO sequences),"
                         " else frames within --event-gap per camera by EXIF time")
@@ -365,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=64, help="images are resized to this before counting")
     p.add_argument("--limit", type=int, default=2000, help="at most this many images (evenly spaced)")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("recipes", help="list the training recipes (imgcls train --recipe NAME)")
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("models", help="list the architectures with their size and cost")
     p.set_defaults(func=cmd_models)

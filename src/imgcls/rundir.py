@@ -232,7 +232,8 @@ def read_split(path: str | Path) -> list[dict[str, str]]:
 
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
-                  "epoch_seconds", "images_per_second", "val_map")  # val_map: multi-label runs
+                  "epoch_seconds", "images_per_second", "val_map",  # val_map: multi-label runs
+                  "train_flops")  # counted FLOPs of the training steps so far (train.flops)
 
 
 def truncate_metrics(run_dir: str | Path, epochs: int) -> None:

@@ -2,6 +2,7 @@
 
 * :class:`CifarNet`: the small CIFAR-10 CNN of the PyTorch tutorial.
 * :class:`SoftmaxRegression`: the linear softmax classifier on raw pixels.
+* :class:`AirbenchNet`: the compact VGG-like CNN of the fastest CIFAR-10 recipes.
 * VGG configurations A-LRN and C (Simonyan & Zisserman, 2015, Table 1), built
   with torchvision's own :class:`torchvision.models.VGG` so the layout and the
   state-dict names are exactly those of torchvision's VGGs.
@@ -78,6 +79,47 @@ class SoftmaxRegression(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.flatten(x))
+
+
+class AirbenchNet(nn.Module):
+    """The compact CNN of the fastest CIFAR-10 training recipes: Jordan's airbench94 (2024), a
+    descendant of Page's DAWNBench ResNet-9 (2018).
+
+    stem: conv 2x2 (24 channels, no padding), BatchNorm, GELU; then three groups of
+    conv 3x3, max-pool 2, BatchNorm, GELU, conv 3x3, BatchNorm, GELU (``widths``, 64/256/256 as
+    airbench94); a global max-pool and one linear layer.  Convs carry no bias (BatchNorm's does
+    that job).  Both recipes scale the logits down (airbench by 1/9, ResNet-9 by 1/8) so that the
+    high learning rates they train with do not make the head jump; here the pooled features are
+    scaled by ``feature_scale`` before the linear layer, which gives its weights the same logits and
+    the same updates and keeps ``fc`` the layer that produces the logits.  airbench initializes its
+    stem by whitening the training patches and freezes it; here the stem is an ordinary learned
+    conv followed by BatchNorm, so the net needs no data to be built.  A global max-pool instead of
+    airbench's fixed 3x3 one lets it take other input sizes (at 32 px the two agree).
+    """
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256), stem: int = 24,
+                 feature_scale: float = 0.125):
+        super().__init__()
+        self.feature_scale = feature_scale
+
+        def bn_gelu(c):
+            return [nn.BatchNorm2d(c), nn.GELU()]
+
+        def group(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), *bn_gelu(cout),
+                                 nn.Conv2d(cout, cout, 3, padding=1, bias=False), *bn_gelu(cout))
+
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 2, bias=False), *bn_gelu(stem))
+        channels = (stem, *widths)
+        self.layers = nn.Sequential(*(group(a, b) for a, b in zip(channels, channels[1:])))
+        self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(1))
+        self.fc = nn.Linear(widths[-1], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.layers(self.stem(x))) * self.feature_scale)
 
 
 # --- VGG -----------------------------------------------------------------

@@ -12,6 +12,9 @@ What the ``create_model`` options do, per family:
 ``cifarnet`` (cnn)
     ``norm`` inserts that normalization after each of its two convs (before
     the ReLU).  Any input size: an adaptive max-pool to 5x5 feeds the FCs.
+``airbench`` (cnn)
+    The compact CNN of the fastest CIFAR-10 recipes (:class:`.classic.AirbenchNet`); any input
+    from 16 px (a global max-pool feeds the head).  No options: BatchNorm is part of its design.
 ``softmax`` (linear)
     No options; the Linear layer is built for ``3 * input_size**2`` inputs.
 ``alexnet``
@@ -112,6 +115,10 @@ def _cifarnet(num_classes, input_size, norm, se):
     return classic.CifarNet(num_classes, norm=norm)
 
 
+def _airbench(num_classes, input_size, norm, se):
+    return classic.AirbenchNet(num_classes)
+
+
 def _softmax(num_classes, input_size, norm, se):
     return classic.SoftmaxRegression(num_classes, input_size)
 
@@ -163,6 +170,10 @@ def _timm(timm_name, num_classes, input_size, norm, se):
 
 register(ModelSpec("cifarnet", "cnn", _cifarnet, classifier="classifier.5", preprocess=_SMALL, norms=NORM_KINDS,
                    description="the small CIFAR CNN: conv 6@5x5, pool, conv 16@5x5, pool, fc 120, 84"))
+register(ModelSpec("airbench", "cnn", _airbench, classifier="fc", preprocess=_SMALL, min_input_size=16,
+                   max_input_size=128,
+                   description="the compact CNN of the fastest CIFAR-10 recipes (airbench94): a 2x2 stem, three"
+                               " conv groups of 64/256/256 with BatchNorm and GELU, max-pools"))
 register(ModelSpec("softmax", "linear", _softmax, classifier="fc", preprocess=_SMALL, min_input_size=8,
                    description="linear softmax classifier on raw pixels (flatten -> Linear): the parametric baseline"))
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from .. import rundir
 from ..errors import UserError
 from .config import TrainConfig, with_strategy_defaults
+from .recipes import with_recipe
 from .session import TrainResult
 from .strategies import choose
 
@@ -60,12 +61,13 @@ def run(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainR
         return finalize(session, fit, previous.get("train_seconds", 0.0) + time.perf_counter() - t0)
 
 
-def train(data: str | Path | None, out: str | Path, model: str = "resnet18", resume: bool = False,
+def train(data: str | Path | None, out: str | Path, model: str | None = None, resume: bool = False,
           progress: bool = True, **options) -> TrainResult | None:
     """Train a classifier on a class-folder tree or CSV; returns a :class:`TrainResult`
-    (``.run_dir``, ``.summary``).  ``options`` are :class:`TrainConfig` fields; with
-    ``resume`` the run's saved config is used (``epochs`` may be raised, ``nproc`` changed).
-    Under torchrun, ranks other than 0 return None."""
+    (``.run_dir``, ``.summary``).  ``options`` are :class:`TrainConfig` fields; ``recipe``
+    fills in the ones not given (:mod:`.recipes`); ``model`` defaults to the recipe's, else
+    resnet18.  With ``resume`` the run's saved config is used (``epochs`` may be raised, ``nproc``
+    changed).  Under torchrun, ranks other than 0 return None."""
     if resume:
         if not (Path(out) / rundir.CONFIG).exists():
             raise UserError(f"{out}: nothing to resume (no {rundir.CONFIG})")
@@ -80,8 +82,10 @@ def train(data: str | Path | None, out: str | Path, model: str = "resnet18", res
     if options.get("weights"):
         options["weights"] = os.path.abspath(options["weights"])
     # stored absolute, so that a resume from anywhere (or of a copy) finds the same data
-    cfg = TrainConfig.from_dict({"data": os.path.abspath(data), "out": str(out), "model": model,
-                                 **with_strategy_defaults(options)})
+    if model is not None:
+        options["model"] = model
+    cfg = TrainConfig.from_dict({"data": os.path.abspath(data), "out": str(out),
+                                 **with_strategy_defaults(with_recipe(options))})
     return run(cfg, progress=progress)
 
 

@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..system import resolve_device
 from .balance import BALANCE, SELECT_BY
 from .optim import OPTIMIZERS, SCHEDULES
+from .recipes import LIST, RECIPES
 from ..tasks import TASKS
 from .strategies import STRATEGIES, resolve_strategy
 
@@ -67,13 +68,14 @@ class Option:
     range: Interval | None = None
     nargs: int | None = None
     cli: bool = True
+    const: Any = None  # the value of the flag given without one (``--ema`` alone)
 
 
 def option(default: Any = MISSING, help: str = "", *, factory: Callable | None = None, choices=None,
-           range: Interval | None = None, nargs: int | None = None, cli: bool = True):
+           range: Interval | None = None, nargs: int | None = None, cli: bool = True, const: Any = None):
     """A dataclass field declaring an option; ``choices`` is a table (dict) or a tuple of names."""
     names = (lambda: tuple(choices)) if choices is not None else None
-    meta = {"option": Option(help, names, range, nargs, cli)}
+    meta = {"option": Option(help, names, range, nargs, cli, const)}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -88,6 +90,7 @@ FREEZE = ("backbone",)
 READOUTS = ("auto", "layers", "final")
 GROUP_BY = ("event", "site", "none")
 INT8 = ("auto", "off")
+CHANNELS_LAST = ("auto", "on", "off")
 
 _POSITIVE = Interval(0, None, "neither")
 _NON_NEGATIVE = Interval(0, None)
@@ -105,6 +108,8 @@ class TrainConfig:
 
     data: str = option(help="", cli=False)
     out: str = option(help="", cli=False)
+    recipe: str | None = option(None, "a bundle of proven settings (`imgcls recipes`; list: print them), applied to"
+                                " the options not given: every flag given overrides it", choices=(LIST, *RECIPES))
     model: str = option("resnet18", "architecture name (see `imgcls models`)")
     pretrained: bool = option(False, "start from the model's ImageNet weights (offline)")
     weights: str | None = option(None, "start from a local .safetensors/.pth file or another run directory")
@@ -143,7 +148,18 @@ class TrainConfig:
                           choices=BALANCE)
     select_by: str = option("auto", "what picks the best epoch and the head's penalty (cross-validated loss). "
                             + "; ".join(f"{k}: {v}" for k, v in SELECT_BY.items()), choices=SELECT_BY)
+    norm_weight_decay: bool = option(True, "weight decay on normalization weights and biases too"
+                                     " (--no-norm-weight-decay: on conv and linear weights only)")
     clip_grad: float | None = option(None, "clip the gradient norm to this value", range=_POSITIVE)
+    accum_steps: int = option(1, "gradient accumulation: one optimizer step per this many batches (an effective"
+                              " batch of batch-size x this)", range=_AT_LEAST_1)
+    ema: float | None = option(None, "keep an exponential moving average of the weights with this decay (--ema"
+                               " alone: 0.999, warmed up over the first steps); the average is what is validated"
+                               " and saved", range=_FRACTION, const=0.999)
+    compile: bool = option(False, "torch.compile the training model (a slower start, faster steps; needs a C++"
+                           " compiler on CPUs)")
+    channels_last: str = option("auto", "channels-last memory format for training (auto: where it was measured"
+                                " to help: GPUs, and CNNs on CPUs)", choices=CHANNELS_LAST)
     amp: str = option("auto", "mixed precision (auto: on GPUs; on CPUs only when asked: bf16)", choices=AMP)
     augment: dict = option(help="", factory=lambda: Augment().to_dict(), cli=False)
     mean: list[float] | None = option(None, "normalization mean (R G B, in [0,1])", nargs=3)
@@ -333,6 +349,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                 kwargs["choices"] = opt.choices()
             if opt.nargs:
                 kwargs["nargs"] = opt.nargs
+            if opt.const is not None:
+                kwargs.update(nargs="?", const=opt.const)
         parser.add_argument(flag(f.name), **kwargs)
     for name, (kwargs, _) in AUGMENT_FLAGS.items():
         parser.add_argument(flag(name), default=argparse.SUPPRESS, **kwargs)

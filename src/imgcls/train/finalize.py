@@ -16,6 +16,7 @@ from ..metrics import write_metrics
 from ..html_report import write_run_report
 from ..report import plot_training_curves
 from .calibrate import after_metrics, keep
+from .flops import format_flops
 from .session import Fit, Session, TrainResult
 
 log = logging.getLogger("imgcls")
@@ -108,6 +109,10 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
                "epochs_planned": s.cfg.epochs, "train_seconds": round(train_seconds, 2), "n_train": len(s.train_set),
                "n_val": len(s.val_set), "stopped_early": fit.stopped_early, "interrupted": fit.interrupted, "signal": fit.signal,
                "device": str(s.device), "amp": str(s.amp_dtype).replace("torch.", "") if s.amp_dtype else "off"}
+    if fit.train_flops is not None:  # counted by train.flops: training steps, and the per-epoch validation apart
+        summary.update(train_flops=fit.train_flops, eval_flops=fit.eval_flops)
+        log.info("training: %s counted (forward + backward of every step; per-epoch validation %s more)",
+                 format_flops(fit.train_flops), format_flops(fit.eval_flops))
     if s.source.report is not None:
         summary["initial_weights"] = s.source.report.summary()
     if s.balance is not None:

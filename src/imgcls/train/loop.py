@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import pickle
 import random
 import signal
@@ -34,9 +35,12 @@ from ..data.arraycache import CachedImages
 from ..data.dataset import ArrayLoader
 from ..errors import UserError, first_line
 from ..models.heads import freeze_backbone, param_groups, set_frozen_bn_eval, unfreeze
+from ..models.registry import model_spec
 from ..progress import bar as progress_bar
 from ..system import default_workers
 from . import distributed
+from .accel import make_ema, training_layout, training_model
+from .flops import format_flops, forward_flops, step_flops
 from .head import class_weights
 from .objectives import objective
 from .optim import OPTIMIZERS, SCHEDULES
@@ -109,43 +113,88 @@ def make_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
     lr = cfg.lr if cfg.lr is not None else spec.lr
     wd = cfg.weight_decay if cfg.weight_decay is not None else spec.weight_decay
     extra = {"momentum": cfg.momentum, "nesterov": cfg.momentum > 0} if spec.momentum else {}
-    return getattr(torch.optim, spec.torch_class)(param_groups(net, lr, cfg.backbone_lr_mult), lr=lr,
-                                                  weight_decay=wd, **extra)
+    groups = param_groups(net, lr, cfg.backbone_lr_mult)
+    if not cfg.norm_weight_decay:
+        groups = without_decay_on_1d(groups)
+    return getattr(torch.optim, spec.torch_class)(groups, lr=lr, weight_decay=wd, **extra)
+
+
+def without_decay_on_1d(groups: list[dict]) -> list[dict]:
+    """Each group split in two: its weight matrices and kernels keep the weight decay, its vectors
+    (normalization weights, biases) get none (``--no-norm-weight-decay``)."""
+    out = []
+    for group in groups:
+        matrices = [p for p in group["params"] if p.ndim > 1]
+        vectors = [p for p in group["params"] if p.ndim <= 1]
+        out += [{**group, "params": matrices}] if matrices else []
+        out += [{**group, "params": vectors, "weight_decay": 0.0, "name": f"{group.get('name', '')} no-decay"}] \
+            if vectors else []
+    return out
+
+
+# the progress bar's figures are read back from the device this often (in steps), not every step:
+# each read waits for the queued work, which stalls a GPU
+SYNC_EVERY = 25
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_dtype, clip_grad, scaler,
-                    progress_desc: str | None = None, frozen_backbone: bool = False, hits=None) -> dict:
-    """``hits(logits, targets)``: the right answers of a batch (default: top-1 class)."""
-    model.train()  # model: the Classifier, or its DistributedDataParallel wrapper
-    if frozen_backbone:
-        set_frozen_bn_eval(distributed.unwrap(model).net)  # a frozen backbone keeps its BatchNorm statistics too
-    loss_sum, correct, seen = 0.0, 0, 0
-    start = time.perf_counter()
-    bar = progress_bar(loader, desc=progress_desc, disable=progress_desc is None, unit="batch", leave=False)
-    for images, targets in bar:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)
-            loss = criterion(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+                    progress_desc: str | None = None, frozen_backbone: bool = False, hits=None,
+                    accum_steps: int = 1, ema=None, memory_format=torch.contiguous_format) -> dict:
+    """``hits(logits, targets)``: the right answers of a batch (default: top-1 class).
+
+    ``accum_steps``: one optimizer (and scheduler, and ``ema``) step per this many batches, the
+    loss of each divided by the group's size, so K batches of B make the step of one batch of K x B
+    (the last group of an epoch may be shorter).  Loss and hits add up on the device."""
+    model.train()  # model: the Classifier, or its DistributedDataParallel wrapper (maybe compiled)
+    if frozen_backbone:  # a frozen backbone keeps its BatchNorm statistics too
+        set_frozen_bn_eval(distributed.unwrap(getattr(model, "_orig_mod", model)).net)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    n_batches = len(loader) if hasattr(loader, "__len__") else None  # None: a plain iterable of batches
+    pending = 0  # batches whose gradients wait for the optimizer step
+
+    def step():
         if clip_grad:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
+
+    start = time.perf_counter()
+    bar = progress_bar(loader, desc=progress_desc, disable=progress_desc is None, unit="batch", leave=False)
+    optimizer.zero_grad(set_to_none=True)
+    for i, (images, targets) in enumerate(bar):
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        group = accum_steps if n_batches is None else min(accum_steps, n_batches - i // accum_steps * accum_steps)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images)
+            loss = criterion(logits, targets)
+        scaler.scale(loss / group if group > 1 else loss).backward()
+        pending += 1
+        if pending == group:
+            step()
+            pending = 0
         n = targets.shape[0]
-        loss_sum += loss.item() * n
-        correct += (hits(logits, targets) if hits else (logits.argmax(1) == targets).sum()).item()
+        loss_sum += loss.detach().float() * n
+        correct += hits(logits, targets) if hits else (logits.argmax(1) == targets).sum()
         seen += n
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / elapsed:.0f}")
+        if not bar.disable and (i + 1) % SYNC_EVERY == 0:
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                            img_s=f"{seen / elapsed:.0f}")
+    if pending:  # an iterable of unknown length ended inside a group
+        step()
+    loss_total, correct_total = loss_sum.item(), correct.item()  # the epoch's one wait for the device
     elapsed = time.perf_counter() - start
-    loss_sum, correct, seen = distributed.all_sum(loss_sum, correct, seen)  # over every rank's share
-    return {"train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
-            "images_per_second": seen / max(elapsed, 1e-9)}
+    loss_total, correct_total, seen_total = distributed.all_sum(loss_total, correct_total, seen)  # every rank's share
+    return {"train_loss": loss_total / max(1, seen_total), "train_accuracy": correct_total / max(1, seen_total),
+            "images_per_second": seen_total / max(elapsed, 1e-9), "images": seen_total}
 
 
 @torch.inference_mode()
@@ -167,8 +216,11 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
     main = s.rank == 0  # writes the run directory
     if cfg.sync_bn:
         model.net = distributed.sync_batchnorm(model.net)
+    layout = training_layout(cfg.channels_last, s.device, model_spec(cfg.model).family)
+    model.to(memory_format=layout)
     optimizer = make_optimizer(model.net, cfg)
-    steps = steps_per_epoch(s)
+    # the schedule counts optimizer steps: one per --accum-steps batches
+    steps = math.ceil(steps_per_epoch(s) / cfg.accum_steps)
     if s.world > 1:
         log.info("data-parallel: %d processes, %d images per process and step (--batch-size %d in all)", s.world,
                  cfg.batch_size // s.world, cfg.batch_size)
@@ -185,6 +237,17 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
     criterion = goal.criterion(s.train_set.targets, len(s.classes), s.balance.loss_weights(draws=True),
                                cfg.label_smoothing, meta=s.meta).to(s.device)
     hits = goal.hits or criterion.hits  # multioutput: every labelled head right
+    ema = make_ema(model, cfg.ema)  # validated and saved instead of the raw weights
+    # FLOPs: one full batch's training step, and one image's eval forward pass, counted once
+    size = s.preprocess.input_size
+    batch_flops = step_flops(model, criterion, cfg.batch_size, size, s.train_set.targets[0]) \
+        if len(s.train_set) else None
+    image_eval_flops = forward_flops(model, 1, size)
+    train_flops = 0 if batch_flops is not None else None
+    eval_flops = 0 if image_eval_flops is not None else None
+    if batch_flops is not None:
+        log.info("training step: %s per batch of %d (forward + backward, counted)", format_flops(batch_flops),
+                 cfg.batch_size)
 
     start_epoch, best, best_epoch, bad_epochs = 0, -1.0, 0, 0
     best_accuracy, best_loss = -1.0, float("inf")
@@ -198,6 +261,11 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                                                               state["best_epoch"], state["bad_epochs"])
         best = state.get("best_val_score", best_accuracy)
         best_loss = state.get("best_val_loss", best_loss)
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        flops = state.get("flops") or {}
+        train_flops = flops.get("train", train_flops) if train_flops is not None else None
+        eval_flops = flops.get("eval", eval_flops) if eval_flops is not None else None
         torch.set_rng_state(state["rng"]["torch"])
         if main:
             rundir.truncate_metrics(run_dir, start_epoch)  # rows written after the checkpoint: done again
@@ -212,18 +280,24 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                 frozen = cfg.freeze == "backbone" or epoch < cfg.head_epochs
                 (freeze_backbone if frozen else unfreeze)(model.net)
                 if wrapped is None or wrapped[0] != frozen:
-                    wrapped = frozen, distributed.wrap(model, s.device)
+                    wrapped = frozen, training_model(distributed.wrap(model, s.device), cfg.compile)
                 epoch_start = time.perf_counter()
                 lr_now = optimizer.param_groups[-1]["lr"]
                 loader = epoch_loader(s, epoch)
                 row = train_one_epoch(wrapped[1], loader, criterion, optimizer, scheduler, s.device, s.amp_dtype,
                                       cfg.clip_grad, scaler,
                                       progress_desc=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None,
-                                      frozen_backbone=frozen, hits=hits)
-                logits, targets = validation_logits(model, s)
+                                      frozen_backbone=frozen, hits=hits, accum_steps=cfg.accum_steps,
+                                      ema=ema, memory_format=layout)
+                scored = ema.model if ema is not None else model  # the weights validated and saved
+                logits, targets = validation_logits(scored, s)
                 val = task.metrics(logits, targets, s.classes)
+                if train_flops is not None:
+                    train_flops += batch_flops * row["images"] // cfg.batch_size  # the count is linear in the batch
+                if eval_flops is not None:
+                    eval_flops += image_eval_flops * len(targets)
                 row.update(epoch=epoch + 1, lr=lr_now, **task.epoch_columns(val),
-                           epoch_seconds=time.perf_counter() - epoch_start)
+                           epoch_seconds=time.perf_counter() - epoch_start, train_flops=train_flops)
                 if main:
                     rundir.append_metrics(run_dir, row)
                 score = getattr(val, select)
@@ -233,17 +307,19 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                     best, best_accuracy, best_epoch, bad_epochs = score, val.accuracy, epoch + 1, 0
                     best_loss = val.loss
                     if main:
-                        rundir.save_weights(run_dir / rundir.WEIGHTS, model.net.state_dict(), s.meta)
+                        rundir.save_weights(run_dir / rundir.WEIGHTS, scored.net.state_dict(), s.meta)
                 else:
                     bad_epochs += 1
                 if main:
-                    save_checkpoint(run_dir / rundir.CHECKPOINT, checkpoint_state(
-                        model, optimizer, scheduler, scaler, epoch + 1, best_accuracy, best_epoch, bad_epochs, best,
-                        best_loss))
-                log.info("epoch %d/%d  train loss %.4f acc %.4f  val %s  %.0f img/s", epoch + 1, cfg.epochs,
+                    state = checkpoint_state(model, optimizer, scheduler, scaler, epoch + 1, best_accuracy,
+                                             best_epoch, bad_epochs, best, best_loss)
+                    state.update(ema=ema.state_dict() if ema is not None else None,
+                                 flops={"train": train_flops, "eval": eval_flops})
+                    save_checkpoint(run_dir / rundir.CHECKPOINT, state)
+                log.info("epoch %d/%d  train loss %.4f acc %.4f  val %s  %.0f img/s%s", epoch + 1, cfg.epochs,
                          row["train_loss"], row["train_accuracy"],
                          " ".join(f"{k[4:]} {v:.4f}" for k, v in task.epoch_columns(val).items()),
-                         row["images_per_second"])
+                         row["images_per_second"], f"  {format_flops(train_flops)}" if train_flops else "")
                 epoch += 1
                 if cfg.patience is not None and bad_epochs >= cfg.patience:
                     stopped_early = True
@@ -255,7 +331,8 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
             interrupted = True
             log.warning("training interrupted after epoch %d; continue with: imgcls train --resume %s", epoch, run_dir)
     return Fit(best_accuracy, best_epoch, epoch, stopped_early, interrupted,
-               signal=(interrupt.signum or signal.SIGINT) if interrupted else None)
+               signal=(interrupt.signum or signal.SIGINT) if interrupted else None, train_flops=train_flops,
+               eval_flops=eval_flops)
 
 
 # --------------------------------------------------------------------------- interrupts, checkpoints, seeds

@@ -44,5 +44,12 @@ def _constant(s, total, warm, per_epoch, cfg):
     return _warmup(s, warm)
 
 
+def _triangle(s, total, warm, per_epoch, cfg):
+    # the one-cycle of fast CIFAR recipes: linear up over the warm-up, then linear down to 0 at the last step
+    if s < warm:
+        return _warmup(s, warm)
+    return max(0.0, (total - s) / max(1, total - warm))
+
+
 # name -> learning-rate multiplier(step, total steps, warmup steps, steps per epoch, cfg)
-SCHEDULES = {"cosine": _cosine, "step": _step, "constant": _constant}
+SCHEDULES = {"cosine": _cosine, "step": _step, "constant": _constant, "triangle": _triangle}

@@ -55,6 +55,8 @@ class Fit:
     interrupted: bool = False
     strategy: str = "finetune"
     signal: int | None = None        # the signal that interrupted it (SIGINT, SIGTERM)
+    train_flops: int | None = None   # counted FLOPs of the training steps (train.flops), None: not counted
+    eval_flops: int | None = None    # counted FLOPs of the per-epoch validation passes
 
 
 @dataclass

@@ -71,6 +71,10 @@ STRATEGIES = {
 }
 
 
+# options only the epoch loop (finetune) reads: flag -> (TrainConfig field, its value when not asked for)
+LOOP_ONLY = {"--ema": ("ema", None), "--accum-steps": ("accum_steps", 1), "--compile": ("compile", False)}
+
+
 def resolve_strategy(strategy: str, *, pretrained: bool, weights: str | None, device_type: str,
                      resume: bool = False, freeze: str | None = None, head_epochs: int = 0,
                      backbone_lr_mult: float = 1.0, readout_problem: str | None = None,
@@ -128,6 +132,10 @@ def choose(session, resume: bool = False) -> Strategy:
     if session.world > 1 and STRATEGIES[name].single_process:
         raise UserError(f"the {name} strategy runs in one process: {STRATEGIES[name].single_process}; train it"
                         " without --nproc/torchrun, or use --strategy features or finetune")
+    unused = [flag for flag, (field_name, default) in LOOP_ONLY.items() if getattr(cfg, field_name) != default]
+    if name != "finetune" and unused:
+        log.warning("%s: options of the epoch loop, which the %s strategy does not run (--strategy finetune runs"
+                    " it)", ", ".join(unused), name)
     session.strategy = name
     if session.balance is not None:
         session.balance = session.balance.for_strategy(name)

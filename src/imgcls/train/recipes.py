@@ -1,0 +1,115 @@
+"""Recipes: named bundles of proven training settings, as data (``--recipe NAME``).
+
+A recipe is a table row of :class:`~.config.TrainConfig` option values.  It
+fills in the options the user did not give; every flag given on the command
+line (or keyword given to :func:`imgcls.train`) wins over it.  The recipe's
+name stays in ``config.yaml`` beside the values it resolved to.
+
+``augment`` is merged rather than replaced: a recipe names only the
+augmentation settings it changes, and an augmentation flag (``--no-flip``)
+changes only its own setting.
+
+Torch-free: the command line lists the recipes (``imgcls recipes``,
+``imgcls train --recipe list``) without the training stack.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ..data.preprocess import Augment
+from ..errors import UserError
+
+log = logging.getLogger("imgcls")
+
+LIST = "list"  # --recipe list: print the table instead of training
+
+
+@dataclass(frozen=True)
+class Recipe:
+    description: str
+    options: dict          # TrainConfig field -> value (augment: only the settings it changes)
+    source: str = ""       # where the settings come from
+
+
+RECIPES = {
+    "scratch-small": Recipe(
+        "from scratch on small images (up to about 64 px): the compact airbench net with BatchNorm, SGD with"
+        " Nesterov momentum, a linear warm-up and cosine decay, label smoothing and an EMA of the weights",
+        {"model": "airbench", "optimizer": "sgd", "lr": 0.2, "weight_decay": 5e-4, "momentum": 0.9,
+         "norm_weight_decay": False, "batch_size": 128, "epochs": 30, "schedule": "cosine", "warmup_epochs": 2.0,
+         "label_smoothing": 0.1, "ema": 0.999,
+         "augment": {"crop_scale": [0.35, 1.0], "color_jitter": 0.0}},
+        "the common CIFAR-from-scratch settings (He et al. 2016; timm's train.py) on a small net"),
+    "cifar10-speed": Recipe(
+        "CIFAR-10 in few FLOPs, in the spirit of airbench and the DAWNBench ResNet-9: the airbench net,"
+        " batch 512, a triangular LR (linear up 2 epochs, linear down to 0), SGD Nesterov, no weight decay on"
+        " BatchNorm and biases, label smoothing 0.2, 10 epochs at 32 px; score it with `imgcls eval --tta flip`",
+        {"model": "airbench", "input_size": 32, "optimizer": "sgd", "lr": 0.4, "weight_decay": 5e-4,
+         "momentum": 0.9, "norm_weight_decay": False, "batch_size": 512, "epochs": 10, "schedule": "triangle",
+         "warmup_epochs": 2.0, "label_smoothing": 0.2, "channels_last": "on",
+         "augment": {"crop_scale": [0.6, 1.0], "crop_ratio": [0.8, 1.25], "color_jitter": 0.0}},
+        "Page, How to train your ResNet (2018); Jordan, airbench (2024)"),
+}
+
+
+def recipe(name: str) -> Recipe:
+    if name == LIST:
+        raise UserError("--recipe list prints the recipes (imgcls recipes); give a recipe's name to train with it")
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise UserError(f"unknown --recipe {name!r}; use one of {', '.join(RECIPES)} (imgcls recipes)") from None
+
+
+def with_recipe(options: dict) -> dict:
+    """``options`` + the values of ``options["recipe"]`` for the options not given there.
+
+    Without a recipe: unchanged."""
+    name = options.get("recipe")
+    if name is None:
+        return dict(options)
+    chosen = recipe(name)
+    merged = {**chosen.options, **options}
+    if "augment" in chosen.options:
+        merged["augment"] = _merged_augment(chosen.options["augment"], options.get("augment"))
+    overridden = sorted(k for k in chosen.options if k in options and k != "augment")
+    log.info("recipe %s%s", name, f" (given flags override: {', '.join(overridden)})" if overridden else "")
+    return merged
+
+
+def _merged_augment(recipe_changes: dict, given: dict | None) -> dict:
+    """The recipe's augmentation, then the settings ``given`` changes from the defaults (an augmentation
+    flag arrives as a whole :class:`Augment` dict with its own setting changed)."""
+    default = Augment().to_dict()
+    out = {**default, **recipe_changes}
+    if given:
+        out.update({k: v for k, v in given.items() if default.get(k) != v})
+    return out
+
+
+def format_recipes() -> str:
+    """The recipe table for ``imgcls recipes``: name, what it is for, and its settings as flags."""
+    lines = []
+    for name, entry in RECIPES.items():
+        lines.append(f"{name}\n  {entry.description}")
+        flags = []
+        for key, value in entry.options.items():
+            if key == "augment":
+                flags += [f"augment.{k}={_text(v)}" for k, v in value.items()]
+            elif value is True:
+                flags.append(f"--{key.replace('_', '-')}")
+            elif value is False:
+                flags.append(f"--no-{key.replace('_', '-')}")
+            else:
+                flags.append(f"--{key.replace('_', '-')} {_text(value)}")
+        lines.append("  " + " ".join(flags))
+        if entry.source:
+            lines.append(f"  after: {entry.source}")
+    lines.append("\nimgcls train DATA --out RUN --recipe NAME [flags that override the recipe]")
+    return "\n".join(lines)
+
+
+def _text(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)

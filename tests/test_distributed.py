@@ -90,13 +90,13 @@ EPOCHS = 12
 
 
 def test_torchrun_ctrl_c_then_resume_on_two_processes_finishes_one_run_that_predicts(tree, tmp_path):
-    """`torchrun ... -m imgcls.cli train` (the launcher's variables in the environment), a Ctrl-C to the
+    """`torchrun ... -m imgcls train` (the launcher's variables in the environment), a Ctrl-C to the
     whole process group, then `imgcls train --resume RUN --nproc 2`: the run ends with one set of
     outputs written by rank 0 (no repeated epochs, no stray files), and it predicts."""
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "imgcls.cli", "-q", "train", str(tree), "--out", str(run), "--model", "cifarnet", "--epochs",
+                "-m", "imgcls", "-q", "train", str(tree), "--out", str(run), "--model", "cifarnet", "--epochs",
                 str(EPOCHS), "--batch-size", "8", "--workers", "0", "--int8", "off", "--warmup-epochs", "0"]
     proc = subprocess.Popen(torchrun, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

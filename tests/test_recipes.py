@@ -355,7 +355,7 @@ def test_loop_options_on_a_strategy_without_the_loop_are_named_in_a_warning(capl
     from imgcls.train.strategies import choose
 
     cfg = TrainConfig(data="d", out="o", pretrained=True, ema=0.99, accum_steps=2)
-    session = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), balance=None, strategy="")
+    session = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), balance=None, strategy="", world=1)
     with caplog.at_level(logging.WARNING, logger="imgcls"):
         choose(session, resume=True)  # resuming: finetune, which runs them
         assert not caplog.records

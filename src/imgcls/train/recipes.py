@@ -36,20 +36,22 @@ class Recipe:
 RECIPES = {
     "scratch-small": Recipe(
         "from scratch on small images (up to about 64 px): the compact airbench net with BatchNorm, SGD with"
-        " Nesterov momentum, a linear warm-up and cosine decay, label smoothing and an EMA of the weights",
+        " Nesterov momentum, a linear warm-up and cosine decay, label smoothing, random crops of the image"
+        " padded by 4 px and flips, and an EMA of the weights",
         {"model": "airbench", "optimizer": "sgd", "lr": 0.2, "weight_decay": 5e-4, "momentum": 0.9,
          "norm_weight_decay": False, "batch_size": 128, "epochs": 30, "schedule": "cosine", "warmup_epochs": 2.0,
          "label_smoothing": 0.1, "ema": 0.999,
-         "augment": {"crop_scale": [0.35, 1.0], "color_jitter": 0.0}},
+         "augment": {"crop_padding": 4, "pad_mode": "reflect", "color_jitter": 0.0}},
         "the common CIFAR-from-scratch settings (He et al. 2016; timm's train.py) on a small net"),
     "cifar10-speed": Recipe(
         "CIFAR-10 in few FLOPs, in the spirit of airbench and the DAWNBench ResNet-9: the airbench net,"
         " batch 512, a triangular LR (linear up 2 epochs, linear down to 0), SGD Nesterov, no weight decay on"
-        " BatchNorm and biases, label smoothing 0.2, 10 epochs at 32 px; score it with `imgcls eval --tta flip`",
+        " BatchNorm and biases, label smoothing 0.2, random crops of the image padded by 2 px and flips,"
+        " 10 epochs at 32 px; score it with `imgcls eval --tta flip`",
         {"model": "airbench", "input_size": 32, "optimizer": "sgd", "lr": 0.4, "weight_decay": 5e-4,
          "momentum": 0.9, "norm_weight_decay": False, "batch_size": 512, "epochs": 10, "schedule": "triangle",
          "warmup_epochs": 2.0, "label_smoothing": 0.2, "channels_last": "on",
-         "augment": {"crop_scale": [0.6, 1.0], "crop_ratio": [0.8, 1.25], "color_jitter": 0.0}},
+         "augment": {"crop_padding": 2, "pad_mode": "reflect", "color_jitter": 0.0}},
         "Page, How to train your ResNet (2018); Jordan, airbench (2024)"),
 }
 

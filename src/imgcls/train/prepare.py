@@ -27,7 +27,8 @@ from ..models.heads import zero_head
 from ..models.pretrained import load_pretrained, locate_source
 from ..models.registry import create_model, default_preprocess, model_spec
 from ..models.weights import load_weights_file
-from ..system import configure_threads, cpu_has_native_bf16, default_workers, passive_openmp, resolve_device
+from ..system import (available_cpus, configure_threads, cpu_has_native_bf16, default_workers, passive_openmp,
+                      resolve_device)
 from . import distributed
 from .balance import Balance, resolve_balance, tiny_class_warning
 from .config import TrainConfig, validate
@@ -378,8 +379,13 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     device = distributed.place(resolve_device(cfg.device))
     distributed.check(cfg, device)
     threads = configure_threads(device)  # under --nproc: within this process's share of the cores
-    if device.type == "cpu":
-        log.debug("%d torch thread(s), OpenMP waiting %s", threads, "passively" if passive_openmp() else "actively")
+    if device.type == "cpu" and not passive_openmp() and available_cpus() > 1:
+        log.warning("training on 1 CPU thread: torch's OpenMP threads spin while they wait (torch was imported"
+                    " before imgcls, or OMP_WAIT_POLICY is not PASSIVE), and spinning threads collapse when"
+                    " another program shares the cores; import imgcls before torch, or set"
+                    " OMP_WAIT_POLICY=PASSIVE before starting Python, to train on every core")
+    elif device.type == "cpu":
+        log.debug("%d torch thread(s), OpenMP waiting passively", threads)
     amp_dtype = resolve_amp(cfg.amp, device)
     distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
     main = distributed.is_main()

@@ -22,6 +22,7 @@ tests folder on ``sys.path``).  Everything is deterministic and small.
 from __future__ import annotations
 
 import colorsys
+import csv
 import io
 import os
 import struct
@@ -357,4 +358,14 @@ def write_lying_png(path, width: int, height: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png_bytes(width, height, 8, 0))
+    return path
+
+
+def write_csv(path, header, rows) -> Path:
+    """A CSV of ``header`` and ``rows`` at ``path``; returns the path."""
+    path = Path(path)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
     return path

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from imagezoo import make_class_tree, write_image
+from imagezoo import make_class_tree, write_csv, write_image
 from PIL import Image
 from sklearn.metrics import accuracy_score, average_precision_score, precision_recall_fscore_support
 
@@ -51,12 +51,7 @@ def write_label_set_csv(folder: Path, per_subset: int, seed: int, sep: str = ";"
         for i in range(per_subset):
             path = write_image(folder / "img" / f"{k}_{i}.png", array=label_set_image(subset, rng))
             rows.append((path.relative_to(folder).as_posix(), sep.join(subset)))
-    out = folder / "labels.csv"
-    with out.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label"])
-        writer.writerows(rows)
-    return out
+    return write_csv(folder / "labels.csv", ["path", "label"], rows)
 
 
 @pytest.fixture(scope="module")

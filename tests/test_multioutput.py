@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from imagezoo import write_image
+from imagezoo import write_csv, write_image
 
 from imgcls import rundir
 from imgcls.cli import main
@@ -56,12 +56,7 @@ def write_outputs_csv(folder: Path, per_combination: int, seed: int, empty_every
                     k += 1
                     rows.append((path.relative_to(folder).as_posix(), "" if k % 17 == 3 else species,
                                  "" if k % empty_every == 0 else time, "" if k % empty_every == 1 else count))
-    out = folder / "labels.csv"
-    with out.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", *COLUMNS])
-        writer.writerows(rows)
-    return out
+    return write_csv(folder / "labels.csv", ["path", *COLUMNS], rows)
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ class ArrayLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        n = len(self.dataset)  # the sampler's order may be shorter (a rank's share) or draw with repeats
+        n = len(self.dataset)
         if self.sampler is not None:
             order = torch.as_tensor(list(self.sampler), dtype=torch.int64)
         elif self.shuffle:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from .. import rundir, tasks
 from ..data.arraycache import CachedImages
@@ -69,8 +69,7 @@ def make_loader(dataset, cfg, shuffle: bool = False, generator=None, workers: in
                            drop_last=shuffle and rows > batch_size)
     if workers is None:
         # decoded images in RAM: augmenting them in-process beats starting worker processes
-        cache = getattr(dataset, "dataset", dataset).cache  # a Subset (a rank's share) reads its dataset's
-        workers = cfg.workers if cfg.workers is not None else (0 if cache is not None else default_workers())
+        workers = cfg.workers if cfg.workers is not None else (0 if dataset.cache is not None else default_workers())
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       generator=generator, num_workers=workers, persistent_workers=False,
                       pin_memory=torch.cuda.is_available(),
@@ -101,7 +100,8 @@ def validation_logits(model, s: Session) -> tuple[np.ndarray, np.ndarray]:
     """Logits and targets of the whole val set, in its order, on every rank (each scores its share)."""
     share = distributed.shard(len(s.val_set))
     if len(share):
-        logits, targets = predict_logits(model, make_loader(Subset(s.val_set, share.tolist()), s.cfg), s.device,
+        # the share as the sampler's order: an array-cached val set keeps its batched reads
+        logits, targets = predict_logits(model, make_loader(s.val_set, s.cfg, sampler=share.tolist()), s.device,
                                          s.amp_dtype)
     else:  # fewer val images than processes
         logits, targets = np.zeros((0, 0), np.float32), np.zeros(0, np.int64)

@@ -46,7 +46,7 @@ TIMM = {
     "efficientnet_lite1": "tf_efficientnet_lite1",
     "efficientnet_lite2": "tf_efficientnet_lite2",
 }
-OWN = {"cifarnet", "softmax", "airbench", "vgg11_lrn", "vgg16_c", "vgg16_c_bn", "se_resnet18", "se_resnet50"}
+OWN = {"cifarnet", "softmax", "airbench", "airbench94", "airbench93", "vgg11_lrn", "vgg16_c", "vgg16_c_bn", "se_resnet18", "se_resnet50"}
 PUBLISHED_COUNTS = {"alexnet": 61_100_840, "vgg16": 138_357_544, "resnet50": 25_557_032,
                     "convnext_tiny": 28_589_128}
 REAL_INIT_LIMIT = 30_000_000

@@ -48,13 +48,12 @@ def test_a_recipe_fills_the_options_not_given_and_every_given_flag_wins():
     for key, value in recipe.items():
         if key != "augment":
             assert getattr(speed, key) == value, key
-    assert (speed.model, speed.batch_size, speed.schedule, speed.norm_weight_decay) == ("airbench", 512, "triangle",
-                                                                                       False)
+    assert (speed.model, speed.batch_size, speed.schedule, speed.lookahead) == ("airbench94", 1024, "airbench", True)
     assert speed.model != plain.model and speed.batch_size != plain.batch_size
     # explicit flags override, the rest of the recipe stays
-    given = _config(["--recipe", "cifar10-speed", "--epochs", "3", "--model", "cifarnet", "--norm-weight-decay"])
-    assert (given.epochs, given.model, given.norm_weight_decay) == (3, "cifarnet", True)
-    assert (given.batch_size, given.lr, given.label_smoothing) == (512, recipe["lr"], recipe["label_smoothing"])
+    given = _config(["--recipe", "cifar10-speed", "--epochs", "3", "--model", "cifarnet", "--no-norm-weight-decay"])
+    assert (given.epochs, given.model, given.norm_weight_decay) == (3, "cifarnet", False)
+    assert (given.batch_size, given.lr, given.label_smoothing) == (1024, recipe["lr"], recipe["label_smoothing"])
     # augmentation: the recipe's changes, and an augmentation flag changes only its own setting
     assert speed.augment == {**Augment().to_dict(), **recipe["augment"]}
     flipless = _config(["--recipe", "cifar10-speed", "--no-flip"])
@@ -87,7 +86,7 @@ def test_every_recipe_names_declared_options_with_valid_values(name):
 def test_recipes_are_listed_and_an_unknown_one_is_refused(capsys):
     assert main(["recipes"]) == 0
     listed = capsys.readouterr().out
-    assert all(name in listed for name in RECIPES) and "--batch-size 512" in listed
+    assert all(name in listed for name in RECIPES) and "--batch-size 1024" in listed and "--lookahead" in listed
     assert main(["train", "--recipe", "list"]) == 0  # no data needed to list them
     assert capsys.readouterr().out == listed
     with pytest.raises(SystemExit):
@@ -285,7 +284,7 @@ def test_flip_tta_averages_the_logits_of_an_image_and_its_mirror():
     assert left_minus_right(image).tolist() == [[200.0, 0.0]]
     assert with_tta(left_minus_right, "flip")(image).tolist() == [[100.0, 100.0]]
     assert with_tta(left_minus_right, "none") is left_minus_right
-    assert set(TTA) == {"none", "flip"}
+    assert set(TTA) == {"none", "flip", "flip-shift"}
     with pytest.raises(UserError, match="unknown --tta"):
         with_tta(left_minus_right, "rotate")
 

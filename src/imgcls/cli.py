@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per engine call (default: 8 on a CPU, 32 on a GPU)")
     p.add_argument("--tta", choices=list(TTA), default="none",
                    help="test-time augmentation: flip averages the logits of each image and its mirror image"
-                        " (twice the compute)")
+                        " (twice the compute); flip-shift also those of both moved one pixel up-left and down-right"
+                        " (six views, airbench94's, for small images)")
     p.add_argument("--events", action="store_true",
                    help="score capture events too: the data's events (an event/group column, COCO sequences),"
                         " else frames within --event-gap per camera by EXIF time")

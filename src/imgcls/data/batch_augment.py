@@ -7,7 +7,9 @@ equal squares; this module augments them at once instead of image by image:
   ``input_size`` crop (the CIFAR recipe), one gather for the batch; else a random resized
   crop with ``crop_scale``/``crop_ratio`` (torchvision's sampling of the box), resampled
   by ``torchvision.ops.roi_align``, which averages over each output pixel's area;
-* ``hflip``: half of the images mirrored (folded into the crop's gather);
+* ``hflip``: half of the images mirrored (folded into the crop's gather); with ``alternate_flip``
+  a fixed half of the images (by index) in even epochs and the other half in odd ones, as
+  airbench94 does, so each image is seen both ways in any two epochs in a row;
 * ``color_jitter``: brightness, contrast and saturation factors in [1 - j, 1 + j];
 * ``cutout``: a ``cutout`` x ``cutout`` square (clipped at the border) set to the
   normalization mean, which is 0 after normalization.
@@ -46,6 +48,12 @@ def pad_crop_flip(x: torch.Tensor, size: int, padding: int, mode: str, top: torc
     cols = left.to(x.device)[:, None] + torch.where(flip.to(x.device)[:, None], size - 1 - steps, steps)
     batch = torch.arange(x.shape[0], device=x.device)[:, None, None]
     return x.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def fixed_half(index: torch.Tensor) -> torch.Tensor:
+    """A bit per dataset row that does not change between epochs or runs, true for about half of the rows
+    in any stretch of them (a multiplicative hash: rows in class order are not split by parity)."""
+    return ((index.to(torch.int64) * 2654435761) >> 16) % 2 == 1
 
 
 def resized_crop_boxes(n: int, height: int, width: int, scale, ratio, generator, tries: int = 10) -> torch.Tensor:
@@ -102,10 +110,14 @@ class BatchAugment:
         self.augment = augment
         self.fill = torch.tensor([255.0 * m for m in spec.mean])
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, index: torch.Tensor | None = None,
+                 epoch: int = 0) -> torch.Tensor:
+        """``index``: the images' rows in the dataset and ``epoch``: what alternating flips need."""
         a, n, size = self.augment, x.shape[0], self.size
         x = x.float()
         flip = (torch.rand(n, generator=generator) < 0.5) if a.hflip else torch.zeros(n, dtype=torch.bool)
+        if a.hflip and a.alternate_flip and index is not None:
+            flip = fixed_half(index) ^ bool(epoch % 2)
         if a.crop_padding:
             span = x.shape[-1] + 2 * a.crop_padding - size + 1
             top = torch.randint(0, span, (n,), generator=generator)

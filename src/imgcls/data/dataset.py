@@ -119,11 +119,11 @@ class ArrayLoader:
     ``generator`` draws the order and every augmentation parameter."""
 
     def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool = False, generator=None, sampler=None,
-                 drop_last: bool = False):
+                 drop_last: bool = False, epoch: int = 0):
         if not isinstance(dataset.cache, CachedImages):
             raise TypeError("ArrayLoader reads an ImageDataset whose cache is an array cache")
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
-        self.generator, self.sampler, self.drop_last = generator, sampler, drop_last
+        self.generator, self.sampler, self.drop_last, self.epoch = generator, sampler, drop_last, epoch
         self.augment = BatchAugment(dataset.spec, dataset.augment) if dataset.augment is not None else None
         self.targets = torch.as_tensor(np.asarray(dataset.targets))
 
@@ -148,7 +148,7 @@ class ArrayLoader:
                 host = host.pin_memory()
             images = host.to(device, non_blocking=True).permute(0, 3, 1, 2)
             if self.augment is not None:
-                images = self.augment(images, self.generator)
+                images = self.augment(images, self.generator, index=index, epoch=self.epoch)
             else:
                 images = images.contiguous()
             yield images, self.targets[index]

@@ -217,6 +217,7 @@ class Augment:
     crop_padding: int = 0        # > 0: a random crop of the padded image instead of the resized crop (CIFAR style)
     pad_mode: str = "reflect"    # how that padding is filled: reflect or zero
     cutout: int = 0              # side of one square set to the mean colour per image; 0 = off
+    alternate_flip: bool = False  # hflip: a fixed half of the images in even epochs, the other half in odd ones
 
     def __post_init__(self):
         if self.pad_mode not in PAD_MODES:

@@ -28,7 +28,7 @@ def train_transform(spec: Preprocess, augment: Augment) -> v2.Transform:
         crop = v2.RandomResizedCrop(spec.input_size, scale=augment.crop_scale, ratio=augment.crop_ratio,
                                     interpolation=_MODES[spec.interpolation], antialias=True)
     steps: list = [crop]
-    if augment.hflip:
+    if augment.hflip:  # alternate_flip needs each image's row and the epoch: only data.batch_augment has them
         steps.append(v2.RandomHorizontalFlip())
     if augment.color_jitter > 0:
         j = augment.color_jitter

@@ -91,35 +91,94 @@ class AirbenchNet(nn.Module):
     that job).  Both recipes scale the logits down (airbench by 1/9, ResNet-9 by 1/8) so that the
     high learning rates they train with do not make the head jump; here the pooled features are
     scaled by ``feature_scale`` before the linear layer, which gives its weights the same logits and
-    the same updates and keeps ``fc`` the layer that produces the logits.  airbench initializes its
-    stem by whitening the training patches and freezes it; here the stem is an ordinary learned
-    conv followed by BatchNorm, so the net needs no data to be built.  A global max-pool instead of
-    airbench's fixed 3x3 one lets it take other input sizes (at 32 px the two agree).
+    the same updates and keeps ``fc`` the layer that produces the logits.
+    A global max-pool instead of airbench's fixed 3x3 one lets it take other input sizes (at 32 px
+    the two agree).
+
+    ``whiten=False`` (``airbench``): the stem is an ordinary learned conv followed by BatchNorm, so
+    the net needs no data.  ``whiten=True`` (``airbench94``, the published net): the stem is a
+    :class:`WhiteningConv` set from the training images (:meth:`init_from_data`) and a GELU; every
+    BatchNorm keeps its scale at 1 and trains only its shift (:class:`ShiftOnlyBatchNorm`, eps
+    1e-12, momentum 0.4); the 3x3 convs start as identities on their first channels (Dirac), and
+    the head has no bias, its input scaled by 1/9.
     """
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256), stem: int = 24,
-                 feature_scale: float = 0.125):
+                 feature_scale: float = 0.125, whiten: bool = False):
         super().__init__()
         self.feature_scale = feature_scale
+        self.whiten = whiten
+        norm = ShiftOnlyBatchNorm if whiten else nn.BatchNorm2d
 
         def bn_gelu(c):
-            return [nn.BatchNorm2d(c), nn.GELU()]
+            return [norm(c), nn.GELU()]
 
         def group(cin, cout):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), *bn_gelu(cout),
                                  nn.Conv2d(cout, cout, 3, padding=1, bias=False), *bn_gelu(cout))
 
-        self.stem = nn.Sequential(nn.Conv2d(3, stem, 2, bias=False), *bn_gelu(stem))
+        if whiten:
+            self.stem = nn.Sequential(WhiteningConv(3, 2), nn.GELU())
+            stem = self.stem[0].out_channels
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(3, stem, 2, bias=False), *bn_gelu(stem))
         channels = (stem, *widths)
         self.layers = nn.Sequential(*(group(a, b) for a, b in zip(channels, channels[1:])))
         self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(1))
-        self.fc = nn.Linear(widths[-1], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+        self.fc = nn.Linear(widths[-1], num_classes, bias=not whiten)
+        for m in self.layers.modules():
+            if not isinstance(m, nn.Conv2d):
+                continue
+            if whiten:  # default init plus an identity on the first channels: an implicit residual
+                nn.init.dirac_(m.weight.data[:m.in_channels])
+            else:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if not whiten:
+            nn.init.kaiming_normal_(self.stem[0].weight, mode="fan_out", nonlinearity="relu")
+
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """Data-dependent initialization (the training loop calls it once, from scratch, with a few
+        thousand normalized training images): the whitening stem's filters."""
+        if self.whiten:
+            self.stem[0].init_from_data(images)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.layers(self.stem(x))) * self.feature_scale)
+
+
+class WhiteningConv(nn.Conv2d):
+    """A ``k`` x ``k`` conv whose filters are fixed by the data: the eigenvectors of the training
+    patches' covariance, each scaled by 1 / sqrt(eigenvalue + ``eps``), and their negatives (so a
+    GELU after it keeps both signs), 2 x C x k x k filters in all.  Its output is decorrelated and of
+    unit variance from the first step.  The filters are a buffer (saved, never trained); the bias
+    trains.  Until :meth:`init_from_data` runs they are random (the network still runs)."""
+
+    def __init__(self, in_channels: int = 3, kernel_size: int = 2, eps: float = 5e-4):
+        super().__init__(in_channels, 2 * in_channels * kernel_size ** 2, kernel_size, bias=True)
+        weight = self.weight.detach().clone()
+        del self.weight
+        self.register_buffer("weight", weight)
+        nn.init.zeros_(self.bias)
+        self.eps = eps
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """``images``: normalized training images (N, C, H, W), a few thousand."""
+        c, (h, w) = images.shape[1], self.kernel_size
+        patches = images.float().unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
+        covariance = patches.T @ patches / len(patches)
+        values, vectors = torch.linalg.eigh(covariance)
+        filters = (vectors.T / torch.sqrt(values + self.eps)[:, None]).flip(0).reshape(-1, c, h, w)
+        self.weight.copy_(torch.cat([filters, -filters]).to(self.weight))
+
+
+class ShiftOnlyBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose scale stays 1 (a buffer) and whose shift (bias) trains: airbench94's norm layer."""
+
+    def __init__(self, num_features: int, momentum: float = 0.4, eps: float = 1e-12):
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        del self.weight
+        self.register_buffer("weight", torch.ones(num_features))
 
 
 # --- VGG -----------------------------------------------------------------

@@ -15,6 +15,10 @@ What the ``create_model`` options do, per family:
 ``airbench`` (cnn)
     The compact CNN of the fastest CIFAR-10 recipes (:class:`.classic.AirbenchNet`); any input
     from 16 px (a global max-pool feeds the head).  No options: BatchNorm is part of its design.
+``airbench94`` (cnn)
+    The same net as published (``whiten=True``): a whitening stem the training loop sets from the
+    data (``init_from_data``), shift-only BatchNorm, Dirac-initialized convs.  No options.
+    ``airbench93`` is the same with groups of 64/128/128.
 ``softmax`` (linear)
     No options; the Linear layer is built for ``3 * input_size**2`` inputs.
 ``alexnet``
@@ -119,6 +123,14 @@ def _airbench(num_classes, input_size, norm, se):
     return classic.AirbenchNet(num_classes)
 
 
+def _airbench94(num_classes, input_size, norm, se):
+    return classic.AirbenchNet(num_classes, feature_scale=1 / 9, whiten=True)
+
+
+def _airbench93(num_classes, input_size, norm, se):
+    return classic.AirbenchNet(num_classes, widths=(64, 128, 128), feature_scale=1 / 9, whiten=True)
+
+
 def _softmax(num_classes, input_size, norm, se):
     return classic.SoftmaxRegression(num_classes, input_size)
 
@@ -174,6 +186,13 @@ register(ModelSpec("airbench", "cnn", _airbench, classifier="fc", preprocess=_SM
                    max_input_size=128,
                    description="the compact CNN of the fastest CIFAR-10 recipes (airbench94): a 2x2 stem, three"
                                " conv groups of 64/256/256 with BatchNorm and GELU, max-pools"))
+register(ModelSpec("airbench94", "cnn", _airbench94, classifier="fc", preprocess=_SMALL, min_input_size=16,
+                   max_input_size=128,
+                   description="airbench94 as published: the airbench net with a 2x2 whitening stem set from the"
+                               " training images, BatchNorm shifts only, identity-initialized convs"))
+register(ModelSpec("airbench93", "cnn", _airbench93, classifier="fc", preprocess=_SMALL, min_input_size=16,
+                   max_input_size=128,
+                   description="airbench93: airbench94 with groups of 64/128/128, about a quarter of its FLOPs"))
 register(ModelSpec("softmax", "linear", _softmax, classifier="fc", preprocess=_SMALL, min_input_size=8,
                    description="linear softmax classifier on raw pixels (flatten -> Linear): the parametric baseline"))
 

@@ -1,8 +1,9 @@
-"""Speed options of the epoch loop: memory format, ``torch.compile`` and the EMA of the weights.
+"""Speed options of the epoch loop: memory format, ``torch.compile``, the EMA of the weights and lookahead.
 
-Each is resolved once per run from the config (``--channels-last``, ``--compile``, ``--ema``) and
-handed to :func:`.loop.train_one_epoch`; nothing here changes what a step computes, only how
-fast it runs (the EMA adds a second set of weights that validation and saving read).
+Each is resolved once per run from the config (``--channels-last``, ``--compile``, ``--ema``,
+``--lookahead``) and handed to :func:`.loop.train_one_epoch`.  The first two change only how fast
+a step runs; the EMA adds a second set of weights that validation and saving read; lookahead
+pulls the weights themselves towards a slow average of them.
 """
 
 from __future__ import annotations
@@ -69,3 +70,52 @@ class WeightEma:
 
 def make_ema(model: nn.Module, decay: float | None) -> WeightEma | None:
     return None if decay is None else WeightEma(model, decay)
+
+
+class Lookahead:
+    """airbench94's lookahead (Zhang et al. 2019, with an EMA as the slow weights): from ``START`` of the
+    run's steps on, every ``EVERY`` steps the slow weights (and BatchNorm statistics) move towards the
+    model's, ``slow <- decay * slow + (1 - decay) * fast``, and the model is set to them.  ``decay`` =
+    ``BASE ** EVERY * (step / total) ** POWER`` grows from about 0 to 0.77: the model moves fast early and
+    is averaged strongly at the end.  :meth:`end_epoch` sets the model to the slow weights, so every
+    epoch is validated and saved on them."""
+
+    START, EVERY, BASE, POWER = 0.3, 5, 0.95, 3.0
+
+    def __init__(self, model: nn.Module, total_steps: int):
+        self.source = model
+        self.total = max(1, total_steps)
+        self.steps = 0
+        self.slow: dict[str, torch.Tensor] | None = None
+
+    def update(self) -> None:
+        """After each optimizer step."""
+        self.steps += 1
+        if self.steps < self.START * self.total or self.steps % self.EVERY:
+            return
+        if self.slow is None:
+            self.slow = {k: v.detach().clone() for k, v in self.source.state_dict().items() if v.is_floating_point()}
+            return
+        self._pull(self.BASE ** self.EVERY * (self.steps / self.total) ** self.POWER)
+
+    def end_epoch(self) -> None:
+        if self.slow is not None:
+            self._pull(1.0)
+
+    @torch.no_grad()
+    def _pull(self, decay: float) -> None:
+        state = self.source.state_dict()  # tensors that share the parameters' storage
+        for name, slow in self.slow.items():
+            slow.lerp_(state[name], 1 - decay)
+            state[name].copy_(slow)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "slow": self.slow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self.slow = state["slow"]
+
+
+def make_lookahead(model: nn.Module, on: bool, total_steps: int) -> Lookahead | None:
+    return Lookahead(model, total_steps) if on else None

@@ -139,7 +139,9 @@ class TrainConfig:
     lr: float | None = option(None, "learning rate (default: the optimizer's)", range=_POSITIVE)
     weight_decay: float | None = option(None, "weight decay (default: the optimizer's)", range=_NON_NEGATIVE)
     momentum: float = option(0.9, "SGD momentum (Nesterov when > 0)", range=_UNIT_RIGHT_OPEN)
-    schedule: str = option("cosine", "learning-rate schedule", choices=SCHEDULES)
+    schedule: str = option("cosine", "learning-rate schedule (after the warm-up; triangle: linear down to 0;"
+                           " airbench: up from 0.2 of the peak over the warm-up, then down to 0.07 of it)",
+                           choices=SCHEDULES)
     warmup_epochs: float = option(1.0, "linear warm-up of the learning rate, in epochs", range=_NON_NEGATIVE)
     step_size: int = option(7, "schedule step: decay every this many epochs", range=_AT_LEAST_1)
     gamma: float = option(0.1, "schedule step: decay factor", range=_POSITIVE)
@@ -150,12 +152,18 @@ class TrainConfig:
                             + "; ".join(f"{k}: {v}" for k, v in SELECT_BY.items()), choices=SELECT_BY)
     norm_weight_decay: bool = option(True, "weight decay on normalization weights and biases too"
                                      " (--no-norm-weight-decay: on conv and linear weights only)")
+    norm_lr_mult: float = option(1.0, "learning rate of the normalization layers' parameters = lr x this (their"
+                                 " weight decay divided by it, so each step decays them as much as the rest)",
+                                 range=_POSITIVE)
     clip_grad: float | None = option(None, "clip the gradient norm to this value", range=_POSITIVE)
     accum_steps: int = option(1, "gradient accumulation: one optimizer step per this many batches (an effective"
                               " batch of batch-size x this)", range=_AT_LEAST_1)
     ema: float | None = option(None, "keep an exponential moving average of the weights with this decay (--ema"
                                " alone: 0.999, warmed up over the first steps); the average is what is validated"
                                " and saved", range=_FRACTION, const=0.999)
+    lookahead: bool = option(False, "lookahead (as airbench94): from 30% of the steps on, every 5 steps the weights"
+                             " are pulled to a slow average of themselves, which grows stronger towards the end;"
+                             " each epoch ends on the slow weights")
     compile: bool = option(False, "torch.compile the training model (a slower start, faster steps; needs a C++"
                            " compiler on CPUs)")
     channels_last: str = option("auto", "channels-last memory format for training (auto: where it was measured"
@@ -327,6 +335,10 @@ AUGMENT_FLAGS: dict[str, tuple[dict, Callable[[Any], dict]]] = {
                      lambda v: {"crop_padding": v}),
     "pad_mode": ({"choices": PAD_MODES, "help": "how --crop-padding fills the border"},
                  lambda v: {"pad_mode": v}),
+    "alternate_flip": ({"action": "store_true", "help": "mirror each training image in every other epoch (a"
+                        " fixed half of them in even epochs, the other half in odd ones) instead of at random;"
+                        " where batches are augmented as tensors (--cache array)"},
+                       lambda v: {"alternate_flip": True}),
     "cutout": ({"type": int, "help": "cutout: one square of this side per training image set to the mean colour,"
                 " 0 = off"},
                lambda v: {"cutout": v}),

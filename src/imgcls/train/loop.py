@@ -39,7 +39,7 @@ from ..models.registry import model_spec
 from ..progress import bar as progress_bar
 from ..system import default_workers
 from . import distributed
-from .accel import make_ema, training_layout, training_model
+from .accel import make_ema, make_lookahead, training_layout, training_model
 from .flops import format_flops, forward_flops, step_flops
 from .head import class_weights
 from .objectives import objective
@@ -58,15 +58,16 @@ def class_balanced_sampler(targets, num_classes: int, generator=None) -> Weighte
 
 
 def make_loader(dataset, cfg, shuffle: bool = False, generator=None, workers: int | None = None,
-                sampler=None, batch_size: int | None = None) -> DataLoader:
+                sampler=None, batch_size: int | None = None, epoch: int = 0) -> DataLoader:
     """``sampler``: draws the order of an epoch instead of shuffling (``shuffle`` then only drops the
     last incomplete batch).  ``batch_size``: default ``cfg.batch_size``.  An array-cached dataset gets its
-    batches read and augmented on the device (``data.dataset.ArrayLoader``), without worker processes."""
+    batches read and augmented on the device (``data.dataset.ArrayLoader``, which takes the ``epoch`` for
+    alternating flips), without worker processes."""
     batch_size = batch_size or cfg.batch_size
     rows = len(sampler) if sampler is not None else len(dataset)
     if isinstance(getattr(dataset, "cache", None), CachedImages):
         return ArrayLoader(dataset, batch_size, shuffle=shuffle, generator=generator, sampler=sampler,
-                           drop_last=shuffle and rows > batch_size)
+                           drop_last=shuffle and rows > batch_size, epoch=epoch)
     if workers is None:
         # decoded images in RAM: augmenting them in-process beats starting worker processes
         workers = cfg.workers if cfg.workers is not None else (0 if dataset.cache is not None else default_workers())
@@ -85,7 +86,7 @@ def epoch_loader(s: Session, epoch: int, workers: int | None = None) -> DataLoad
              if s.balance.sampler else None)
     order = distributed.epoch_order(s.train_set, epoch_seed(s.cfg.seed, 0), epoch, draws)
     return make_loader(s.train_set, s.cfg, True, rank_generator(s.cfg.seed, epoch, s.rank), workers, sampler=order,
-                       batch_size=s.cfg.batch_size // s.world)
+                       batch_size=s.cfg.batch_size // s.world, epoch=epoch)
 
 
 def steps_per_epoch(s: Session) -> int:
@@ -114,9 +115,31 @@ def make_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
     wd = cfg.weight_decay if cfg.weight_decay is not None else spec.weight_decay
     extra = {"momentum": cfg.momentum, "nesterov": cfg.momentum > 0} if spec.momentum else {}
     groups = param_groups(net, lr, cfg.backbone_lr_mult)
+    if cfg.norm_lr_mult != 1:
+        groups = with_norm_lr(groups, net, cfg.norm_lr_mult, wd)
     if not cfg.norm_weight_decay:
         groups = without_decay_on_1d(groups)
     return getattr(torch.optim, spec.torch_class)(groups, lr=lr, weight_decay=wd, **extra)
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def with_norm_lr(groups: list[dict], net: nn.Module, mult: float, weight_decay: float) -> list[dict]:
+    """Each group split in two: the normalization layers' parameters at ``mult`` times the group's
+    learning rate and ``weight_decay / mult`` (the same decay per step), the rest unchanged
+    (``--norm-lr-mult``; airbench94 trains its BatchNorm shifts 64x faster)."""
+    norm_ids = {id(p) for m in net.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
+    out = []
+    for group in groups:
+        norms = [p for p in group["params"] if id(p) in norm_ids]
+        rest = [p for p in group["params"] if id(p) not in norm_ids]
+        out += [{**group, "params": rest}] if rest else []
+        if norms:
+            decay = group.get("weight_decay", weight_decay)
+            out.append({**group, "params": norms, "lr": group["lr"] * mult, "weight_decay": decay / mult,
+                        "name": f"{group.get('name', '')} norm"})
+    return out
 
 
 def without_decay_on_1d(groups: list[dict]) -> list[dict]:
@@ -139,12 +162,13 @@ SYNC_EVERY = 25
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_dtype, clip_grad, scaler,
                     progress_desc: str | None = None, frozen_backbone: bool = False, hits=None,
-                    accum_steps: int = 1, ema=None, memory_format=torch.contiguous_format) -> dict:
+                    accum_steps: int = 1, ema=None, memory_format=torch.contiguous_format, lookahead=None) -> dict:
     """``hits(logits, targets)``: the right answers of a batch (default: top-1 class).
 
     ``accum_steps``: one optimizer (and scheduler, and ``ema``) step per this many batches, the
     loss of each divided by the group's size, so K batches of B make the step of one batch of K x B
-    (the last group of an epoch may be shorter).  Loss and hits add up on the device."""
+    (the last group of an epoch may be shorter).  Loss and hits add up on the device.  ``lookahead``
+    (then ``ema``) is updated after each optimizer step."""
     model.train()  # model: the Classifier, or its DistributedDataParallel wrapper (maybe compiled)
     if frozen_backbone:  # a frozen backbone keeps its BatchNorm statistics too
         set_frozen_bn_eval(distributed.unwrap(getattr(model, "_orig_mod", model)).net)
@@ -162,6 +186,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_
         scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if lookahead is not None:
+            lookahead.update()
         if ema is not None:
             ema.update()
 
@@ -237,7 +263,10 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
     criterion = goal.criterion(s.train_set.targets, len(s.classes), s.balance.loss_weights(draws=True),
                                cfg.label_smoothing, meta=s.meta).to(s.device)
     hits = goal.hits or criterion.hits  # multioutput: every labelled head right
+    if not (resume or cfg.pretrained or cfg.weights):
+        init_from_data(model, s)
     ema = make_ema(model, cfg.ema)  # validated and saved instead of the raw weights
+    lookahead = make_lookahead(model, cfg.lookahead, total_steps)
     # FLOPs: one full batch's training step, and one image's eval forward pass, counted once
     size = s.preprocess.input_size
     batch_flops = step_flops(model, criterion, cfg.batch_size, size, s.train_set.targets[0]) \
@@ -263,6 +292,8 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
         best_loss = state.get("best_val_loss", best_loss)
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
+        if lookahead is not None and state.get("lookahead") is not None:
+            lookahead.load_state_dict(state["lookahead"])
         flops = state.get("flops") or {}
         train_flops = flops.get("train", train_flops) if train_flops is not None else None
         eval_flops = flops.get("eval", eval_flops) if eval_flops is not None else None
@@ -288,7 +319,9 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                                       cfg.clip_grad, scaler,
                                       progress_desc=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None,
                                       frozen_backbone=frozen, hits=hits, accum_steps=cfg.accum_steps,
-                                      ema=ema, memory_format=layout)
+                                      ema=ema, memory_format=layout, lookahead=lookahead)
+                if lookahead is not None:
+                    lookahead.end_epoch()
                 scored = ema.model if ema is not None else model  # the weights validated and saved
                 logits, targets = validation_logits(scored, s)
                 val = task.metrics(logits, targets, s.classes)
@@ -314,6 +347,7 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                     state = checkpoint_state(model, optimizer, scheduler, scaler, epoch + 1, best_accuracy,
                                              best_epoch, bad_epochs, best, best_loss)
                     state.update(ema=ema.state_dict() if ema is not None else None,
+                                 lookahead=lookahead.state_dict() if lookahead is not None else None,
                                  flops={"train": train_flops, "eval": eval_flops})
                     save_checkpoint(run_dir / rundir.CHECKPOINT, state)
                 log.info("epoch %d/%d  train loss %.4f acc %.4f  val %s  %.0f img/s%s", epoch + 1, cfg.epochs,
@@ -333,6 +367,27 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
     return Fit(best_accuracy, best_epoch, epoch, stopped_early, interrupted,
                signal=(interrupt.signum or signal.SIGINT) if interrupted else None, train_flops=train_flops,
                eval_flops=eval_flops)
+
+
+INIT_IMAGES = 5000  # images a data-dependent initialization sees (airbench94's whitening: 5,000)
+
+
+def init_from_data(model, s: Session) -> None:
+    """A network with ``init_from_data`` (airbench94's whitening stem) gets it called once, from
+    scratch, on the first ``INIT_IMAGES`` normalized images of epoch 0's training batches.  On several
+    processes rank 0's result reaches the others when DDP wraps the model (it broadcasts the buffers)."""
+    init = getattr(model.net, "init_from_data", None)
+    if init is None or not len(s.train_set):
+        return
+    batches, seen = [], 0
+    for images, _ in epoch_loader(s, 0):
+        batches.append(images)
+        seen += len(images)
+        if seen >= INIT_IMAGES:
+            break
+    with torch.no_grad():
+        init(model.normalize(torch.cat(batches)[:INIT_IMAGES].to(s.device)))
+    log.info("initialized %s from %d training images", model_spec(s.cfg.model).name, min(seen, INIT_IMAGES))
 
 
 # --------------------------------------------------------------------------- interrupts, checkpoints, seeds

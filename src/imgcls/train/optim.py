@@ -51,5 +51,12 @@ def _triangle(s, total, warm, per_epoch, cfg):
     return max(0.0, (total - s) / max(1, total - warm))
 
 
+def _airbench(s, total, warm, per_epoch, cfg, start=0.2, end=0.07):
+    # airbench94's triangle: from 0.2 of the peak at step 0, up to it at the warm-up's end, down to 0.07
+    if s < warm:
+        return start + (1 - start) * s / warm
+    return end + (1 - end) * max(0.0, (total - s) / max(1, total - warm))
+
+
 # name -> learning-rate multiplier(step, total steps, warmup steps, steps per epoch, cfg)
-SCHEDULES = {"cosine": _cosine, "step": _step, "constant": _constant, "triangle": _triangle}
+SCHEDULES = {"cosine": _cosine, "step": _step, "constant": _constant, "triangle": _triangle, "airbench": _airbench}

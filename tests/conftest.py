@@ -1,3 +1,5 @@
+import csv
+
 import pytest
 import torch
 from imagezoo import make_class_tree
@@ -33,3 +35,15 @@ def tiny_tree(tmp_path_factory):
 # most tests skip the ONNX export at the end of training; tests of predict/export turn it on
 FAST = dict(model="cifarnet", batch_size=8, workers=0, lr=3e-3, warmup_epochs=0, label_smoothing=0.0,
             export_onnx=False, int8="off")
+
+
+def predict_rows_by_backend(run, images, tmp_path) -> dict[str, list[dict]]:
+    """``imgcls predict RUN IMAGES`` over ONNX Runtime and over torch: each backend's CSV rows."""
+    from imgcls.cli import main
+
+    rows = {}
+    for backend in ("onnx", "torch"):
+        out = tmp_path / f"{backend}.csv"
+        assert main(["-q", "predict", str(run), str(images), "--out", str(out), "--backend", backend]) == 0
+        rows[backend] = list(csv.DictReader(out.open()))
+    return rows

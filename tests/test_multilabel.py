@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import predict_rows_by_backend
 from imagezoo import make_class_tree, write_csv, write_image
 from PIL import Image
 from sklearn.metrics import accuracy_score, average_precision_score, precision_recall_fscore_support
@@ -196,11 +197,8 @@ def test_multilabel_eval_scores_label_sets(multilabel_run, capsys):
 def test_multilabel_predict_onnx_matches_torch_and_uses_the_thresholds(multilabel_run, tmp_path):
     _, run, _, unseen = multilabel_run
     images = unseen.parent / "img"
-    out = {}
-    for backend in ("onnx", "torch"):
-        out[backend] = tmp_path / f"{backend}.csv"
-        assert main(["-q", "predict", str(run), str(images), "--out", str(out[backend]), "--backend", backend]) == 0
-    onnx_rows, torch_rows = (list(csv.DictReader(out[b].open())) for b in ("onnx", "torch"))
+    by_backend = predict_rows_by_backend(run, images, tmp_path)
+    onnx_rows, torch_rows = by_backend["onnx"], by_backend["torch"]
     assert list(onnx_rows[0]) == ["path", *(f"prob_{x}" for x in LABELS), "labels", "error"]
     thresholds = load_thresholds(run)
     for a, b in zip(onnx_rows, torch_rows):
@@ -225,7 +223,7 @@ def test_multilabel_predict_onnx_matches_torch_and_uses_the_thresholds(multilabe
     assert all(r["labels"] == "deer;fox;owl" for r in rows)
     assert [r["prob_fox"] for r in rows] == [r["prob_fox"] for r in onnx_rows]
     # resume recognises the label-set header
-    assert main(["-q", "predict", str(run), str(images), "--out", str(out["onnx"]), "--resume"]) == 0
+    assert main(["-q", "predict", str(run), str(images), "--out", str(tmp_path / "onnx.csv"), "--resume"]) == 0
 
 
 def test_multilabel_export_command_keeps_the_task(multilabel_run, tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import predict_rows_by_backend
 from imagezoo import write_csv, write_image
 
 from imgcls import rundir
@@ -237,11 +238,8 @@ def test_multioutput_eval_scores_each_head(outputs_run, capsys):
 def test_multioutput_predict_writes_a_class_per_head(outputs_run, tmp_path, capsys):
     _, run, _, unseen = outputs_run
     images = unseen.parent / "img"
-    out = {}
-    for backend in ("onnx", "torch"):
-        out[backend] = tmp_path / f"{backend}.csv"
-        assert main(["-q", "predict", str(run), str(images), "--out", str(out[backend]), "--backend", backend]) == 0
-    onnx_rows, torch_rows = (list(csv.DictReader(out[b].open())) for b in ("onnx", "torch"))
+    by_backend = predict_rows_by_backend(run, images, tmp_path)
+    onnx_rows, torch_rows = by_backend["onnx"], by_backend["torch"]
     assert list(onnx_rows[0]) == ["path", "species", "species_prob", "time", "time_prob", "count", "count_prob",
                                   *(f"prob_{x}" for x in LABELS), "error"]
     for a, b in zip(onnx_rows, torch_rows):
@@ -259,7 +257,7 @@ def test_multioutput_predict_writes_a_class_per_head(outputs_run, tmp_path, caps
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert [r["species"] for r in rows] == [r["species"] for r in onnx_rows]
     # resume recognises the header
-    assert main(["-q", "predict", str(run), str(images), "--out", str(out["onnx"]), "--resume"]) == 0
+    assert main(["-q", "predict", str(run), str(images), "--out", str(tmp_path / "onnx.csv"), "--resume"]) == 0
     # formats that take one class per image are refused with the way out
     for extra in (["--out", str(tmp_path / "md.json")], ["--out", str(tmp_path / "e.csv"), "--events"],
                   ["--out", str(tmp_path / "t.csv"), "--threshold", "0.5"]):

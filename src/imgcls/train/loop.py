@@ -130,28 +130,26 @@ def with_norm_lr(groups: list[dict], net: nn.Module, mult: float, weight_decay: 
     learning rate and ``weight_decay / mult`` (the same decay per step), the rest unchanged
     (``--norm-lr-mult``; airbench94 trains its BatchNorm shifts 64x faster)."""
     norm_ids = {id(p) for m in net.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
-    out = []
-    for group in groups:
-        norms = [p for p in group["params"] if id(p) in norm_ids]
-        rest = [p for p in group["params"] if id(p) not in norm_ids]
-        out += [{**group, "params": rest}] if rest else []
-        if norms:
-            decay = group.get("weight_decay", weight_decay)
-            out.append({**group, "params": norms, "lr": group["lr"] * mult, "weight_decay": decay / mult,
-                        "name": f"{group.get('name', '')} norm"})
-    return out
+    return split_groups(groups, lambda p: id(p) in norm_ids, "norm",
+                        lambda g: {"lr": g["lr"] * mult, "weight_decay": g.get("weight_decay", weight_decay) / mult})
 
 
 def without_decay_on_1d(groups: list[dict]) -> list[dict]:
     """Each group split in two: its weight matrices and kernels keep the weight decay, its vectors
     (normalization weights, biases) get none (``--no-norm-weight-decay``)."""
+    return split_groups(groups, lambda p: p.ndim <= 1, "no-decay", lambda g: {"weight_decay": 0.0})
+
+
+def split_groups(groups: list[dict], chosen, suffix: str, changes) -> list[dict]:
+    """Each group split in two: the parameters ``chosen`` leaves out, unchanged, then those it picks,
+    with the settings ``changes(group)`` gives and ``suffix`` added to the group's name; empty halves dropped."""
     out = []
     for group in groups:
-        matrices = [p for p in group["params"] if p.ndim > 1]
-        vectors = [p for p in group["params"] if p.ndim <= 1]
-        out += [{**group, "params": matrices}] if matrices else []
-        out += [{**group, "params": vectors, "weight_decay": 0.0, "name": f"{group.get('name', '')} no-decay"}] \
-            if vectors else []
+        rest = [p for p in group["params"] if not chosen(p)]
+        picked = [p for p in group["params"] if chosen(p)]
+        out += [{**group, "params": rest}] if rest else []
+        out += [{**group, "params": picked, **changes(group), "name": f"{group.get('name', '')} {suffix}"}] \
+            if picked else []
     return out
 
 

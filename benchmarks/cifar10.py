@@ -18,7 +18,9 @@ far (``train_flops`` of metrics.csv), then the final test accuracy with ``imgcls
 ``--tta flip`` and ``--tta flip-shift`` (airbench94's six views).  A shorter run
 (``--recipe-epochs``) keeps the recipe's warm-up as the same share of it.  For the curve the CIFAR
 test images are the run's validation split, so each epoch's validation is the test accuracy (the
-triangular schedule's last epoch is its best; nothing is tuned on it).
+triangular schedule's last epoch is its best; nothing is tuned on it).  ``--reference`` also trains
+airbench94 as published (``benchmarks/airbench_reference.py``, plain PyTorch, no imgcls code) on the
+same images for the same epochs, and prints its curve beside imgcls's.
 
 Usage::
 
@@ -26,6 +28,7 @@ Usage::
     python benchmarks/cifar10.py --models cifarnet --epochs 5 --train-images 50000
     python benchmarks/cifar10.py --models --recipe cifar10-speed          # the full recipe (an hour+ on 2 cores)
     python benchmarks/cifar10.py --models --recipe cifar10-quick          # 0.143 PFLOP (30 min on 2 cores)
+    python benchmarks/cifar10.py --models --recipe cifar10-speed --recipe-epochs 4 --reference  # beside airbench94
     python benchmarks/cifar10.py --models --recipe cifar10-speed --recipe-train-images 2000 \
         --recipe-test-images 1000 --recipe-epochs 4 --recipe-batch-size 128  # a smoke run of it
 
@@ -43,12 +46,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import imgcls  # before torch, as the command line imports it: its OpenMP defaults apply to this process
+
 import torch
 from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-import imgcls
 from imgcls import rundir
 from imgcls.models.registry import create_model
 
@@ -158,8 +162,12 @@ def run(model_name: str, data: Path, n_train: int, n_test: int, epochs: int, n_s
             "ratio": statistics.median(ratios), "ratios": [round(x, 3) for x in ratios]}
 
 
+# the recipes' nets as airbench_reference.py builds them (groups' widths)
+REFERENCE_WIDTHS = {"airbench94": (64, 256, 256), "airbench93": (64, 128, 128)}
+
+
 def recipe_curve(name: str, data: Path, n_train: int, n_test: int, epochs: int | None, work: Path,
-                 batch_size: int | None = None) -> dict:
+                 batch_size: int | None = None, reference: bool = False) -> dict:
     """``imgcls train --recipe NAME`` with the test images as validation: test accuracy per epoch against
     the counted training FLOPs, and the final test accuracy without and with TTA."""
     from imgcls.api import evaluate
@@ -179,9 +187,15 @@ def recipe_curve(name: str, data: Path, n_train: int, n_test: int, epochs: int |
              for r in rows]
     plain, flip, shift = (evaluate(result.run_dir, csv_path, split="val", tta=t, write=False).accuracy
                           for t in ("none", "flip", "flip-shift"))
-    return {"recipe": name, "train_images": result.summary["n_train"], "test_images": result.summary["n_val"],
-            "curve": curve, "train_pflop": result.summary["train_flops"] / 1e15, "test_accuracy": plain,
-            "test_accuracy_tta_flip": flip, "test_accuracy_tta_flip_shift": shift, "wall_seconds": wall}
+    out = {"recipe": name, "train_images": result.summary["n_train"], "test_images": result.summary["n_val"],
+           "curve": curve, "train_pflop": result.summary["train_flops"] / 1e15, "test_accuracy": plain,
+           "test_accuracy_tta_flip": flip, "test_accuracy_tta_flip_shift": shift, "wall_seconds": wall}
+    if reference:
+        from airbench_reference import load_csv, train_reference
+
+        out["reference"] = train_reference(*load_csv(csv_path, "val"), epochs or recipe["epochs"],
+                                           REFERENCE_WIDTHS[recipe["model"]], batch_size or recipe["batch_size"])
+    return out
 
 
 def print_curve(r: dict) -> None:
@@ -196,6 +210,12 @@ def print_curve(r: dict) -> None:
     final = max(r["test_accuracy"], r["test_accuracy_tta_flip"], r["test_accuracy_tta_flip_shift"])
     within = [acc for _, pflop, acc, _ in r["curve"] if pflop <= 0.15] + ([final] if r["train_pflop"] <= 0.15 else [])
     under = [a for _, p, a, _ in r["curve"] if p <= 1] + ([final] if r["train_pflop"] <= 1 else [])
+    if "reference" in r:
+        ref = r["reference"]
+        print("airbench94 as published (airbench_reference.py), same images and epochs: per epoch "
+              + ", ".join(f"{acc:.4f}" for _, acc in ref["curve"])
+              + f"; final {ref['tta0']:.4f}, mirror {ref['tta1']:.4f}, mirror + shifts {ref['tta2']:.4f}"
+              f" ({ref['seconds']:.0f} s)")
     print(f"bars: >= 0.90 within 0.15 PFLOP: {max(within, default=0):.4f}; >= 0.94 within 1 PFLOP:"
           f" {max(under, default=0):.4f}")
 
@@ -219,6 +239,8 @@ def main() -> None:
     parser.add_argument("--recipe-test-images", type=int, default=10000)
     parser.add_argument("--recipe-epochs", type=int, help="epochs of the recipe run (default: the recipe's)")
     parser.add_argument("--recipe-batch-size", type=int, help="batch size of the recipe run (default: the recipe's)")
+    parser.add_argument("--reference", action="store_true",
+                        help="also train airbench94 as published (airbench_reference.py) on the recipe's images")
     args = parser.parse_args()
     data = ensure_data(args.data, args.archive)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -233,7 +255,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
         curve = recipe_curve(args.recipe, data, args.recipe_train_images, args.recipe_test_images,
-                             args.recipe_epochs, Path(tmp), args.recipe_batch_size) if args.recipe else None
+                             args.recipe_epochs, Path(tmp), args.recipe_batch_size, args.reference) if args.recipe else None
     if rows:
         print()
         print(f"{'model':10} {'train imgs':>10} {'epochs':>6} {'test acc':>8} {'img/s':>6} {'wall s':>6} |"

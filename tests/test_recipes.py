@@ -103,6 +103,18 @@ def test_ema_flag_alone_takes_its_default_decay():
         _config(["--ema", "1.5"])
 
 
+def test_ema_alone_before_the_data_leaves_the_data_positional():
+    from imgcls.train.config import complete_optional_values
+
+    argv = ["train", "--ema", "my_images", "--out", "run", "--ema", "0.99", "--ema"]
+    assert complete_optional_values(argv) == ["train", "--ema", "0.999", "my_images", "--out", "run", "--ema", "0.99",
+                                              "--ema"]
+    args = build_parser().parse_args(complete_optional_values(["train", "--ema", "my_images", "--out", "run"]))
+    assert args.data == "my_images" and args.ema == 0.999
+    with pytest.raises(SystemExit):  # what argparse alone does with it
+        build_parser().parse_args(["train", "--ema", "my_images", "--out", "run"])
+
+
 def test_triangle_schedule_rises_over_the_warmup_and_falls_to_zero():
     from imgcls.train.optim import SCHEDULES
 

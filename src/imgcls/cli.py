@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from .errors import UserError
-from .train.config import add_train_arguments
+from .train.config import add_train_arguments, complete_optional_values
 from .train.recipes import LIST
 
 log = logging.getLogger("imgcls")
@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(complete_optional_values(sys.argv[1:] if argv is None else argv))
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
     for name in ("onnx_ir", "onnxscript"):  # the ONNX exporter logs ~80 INFO lines per export

@@ -370,6 +370,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag(name), default=argparse.SUPPRESS, choices=tuple(alias.values), help=alias.help)
 
 
+def complete_optional_values(argv: list[str]) -> list[str]:
+    """``argv`` with the value of a flag whose value is optional (``--ema``) written out where the word
+    after it is not a value of its type: argparse would take ``imgcls train --ema DATA`` as ``--ema=DATA``
+    and refuse it, where the user meant ``--ema`` alone and DATA as the data."""
+    consts = {flag(f.name): (_scalar_type(f), opt.const) for f, opt in declared()
+              if opt.cli and opt.const is not None}
+    out = []
+    for token, following in zip(argv, [*argv[1:], None]):
+        out.append(token)
+        if token in consts and following is not None and not following.startswith("-"):
+            kind, const = consts[token]
+            try:
+                kind(following)
+            except ValueError:
+                out.append(str(const))
+    return out
+
+
 def options_from_args(args: argparse.Namespace) -> dict:
     """The TrainConfig fields a command line set (augmentation flags folded into ``augment``)."""
     given = vars(args)

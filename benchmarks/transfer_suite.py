@@ -5,6 +5,7 @@
     python benchmarks/transfer_suite.py --sets brain_mri neu --json results.json
     python benchmarks/transfer_suite.py --extra-args "--time-budget 120"   # flags added to the default's train
     python benchmarks/transfer_suite.py --sets combined3k --rows default     # the ~3,000-image timing (~25 min)
+    python benchmarks/transfer_suite.py --tta flip                   # the default row also scored with eval --tta
 
 Issue 11's yardstick.  Data: ``../shared/data/devsuite.tar`` (five sets from
 domains unlike ImageNet: eurosat5, brain_mri, food10, neu,
@@ -111,7 +112,16 @@ def scores(y_true: list[str], y_pred: list[str]) -> dict:
 # --------------------------------------------------------------------------- rows
 
 
-def run_default(name: str, data: Path, work: Path, src: Path | None, extra: list[str], row: str) -> dict:
+def evaluate(out: Path, data: Path, env: dict, row: str, name: str, tta: str = "none") -> dict:
+    evaluated = subprocess.run([sys.executable, "-m", "imgcls.cli", "-q", "eval", str(out), str(data), "--split", "val",
+                                "--json", "--tta", tta], capture_output=True, text=True, env=env)
+    if evaluated.returncode:
+        sys.exit(f"{row} on {name}: imgcls eval failed:\n{evaluated.stderr[-3000:]}")
+    return json.loads(evaluated.stdout)
+
+
+def run_default(name: str, data: Path, work: Path, src: Path | None, extra: list[str], row: str,
+                ttas: list[str] = ()) -> dict:
     out = work / f"{row}-{name}"
     env = dict(os.environ)
     if src is not None:
@@ -124,17 +134,16 @@ def run_default(name: str, data: Path, work: Path, src: Path | None, extra: list
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"{row} on {name}: imgcls train failed:\n{proc.stderr[-3000:]}")
-    evaluated = subprocess.run([sys.executable, "-m", "imgcls.cli", "-q", "eval", str(out), str(data), "--split", "val",
-                                "--json"], capture_output=True, text=True, env=env)
-    if evaluated.returncode:
-        sys.exit(f"{row} on {name}: imgcls eval failed:\n{evaluated.stderr[-3000:]}")
-    metrics = json.loads(evaluated.stdout)
+    metrics = evaluate(out, data, env, row, name)
+    with_tta = {t: evaluate(out, data, env, row, name, t) for t in (ttas if row == "default" else ())}
     summary = json.loads((out / "summary.json").read_text())
     fitted = json.loads((out / "features.json").read_text()) if (out / "features.json").exists() else {}
     phases = {k: fitted[k] for k in ("feature_seconds", "head_seconds", "seconds") if k in fitted}
     return {"row": row, "set": name, "accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
             "recall": {r["label"]: r["recall"] for r in metrics["per_class"]}, "wall_seconds": round(wall, 1),
-            "strategy": summary.get("strategy"), "phases": phases, "load_before": before, "load_after": load()}
+            "strategy": summary.get("strategy"), "phases": phases, "load_before": before, "load_after": load(),
+            "tta": {t: {"accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"]}
+                    for t, m in with_tta.items()}}
 
 
 def probe_worker(data: str) -> None:
@@ -215,6 +224,8 @@ def report(results: list[dict], sets: list[str]) -> None:
         recall = " ".join(f"{c}={v:.2f}" for c, v in r["recall"].items())
         print(f"{r['set']:<22}{r['row']:<10}{r['accuracy']:>7.3f}{r['balanced_accuracy']:>7.3f}"
               f"{r['wall_seconds']:>8.0f}  {recall}   [{r['load_before']}]")
+        for t, m in r.get("tta", {}).items():
+            print(f"{'':<22}{'+ ' + t:<10}{m['accuracy']:>7.3f}{m['balanced_accuracy']:>7.3f}")
     by = {(r["row"], r["set"]): r for r in results}
     suite = [s for s in sets if s in SUITE]
     rows = sorted({r["row"] for r in results}, key=["default", "probe", "before"].index)
@@ -224,6 +235,10 @@ def report(results: list[dict], sets: list[str]) -> None:
             acc = sum(by[row, s]["accuracy"] for s in suite) / len(suite)
             bal = sum(by[row, s]["balanced_accuracy"] for s in suite) / len(suite)
             print(f"  {row:<10} accuracy {acc:.3f}  balanced {bal:.3f}")
+            for t in by[row, suite[0]].get("tta", {}):
+                acc = sum(by[row, s]["tta"][t]["accuracy"] for s in suite) / len(suite)
+                bal = sum(by[row, s]["tta"][t]["balanced_accuracy"] for s in suite) / len(suite)
+                print(f"  {row + ' + ' + t:<10} accuracy {acc:.3f}  balanced {bal:.3f}")
     if "default" in rows and "probe" in rows:
         print("\nchecks (issue 11):")
         for s in sets:
@@ -258,6 +273,7 @@ def main() -> None:
     parser.add_argument("--extra-args", default="", help="flags added to the default row's imgcls train")
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--json", type=Path, help="write every row here")
+    parser.add_argument("--tta", nargs="+", default=[], help="also score the default row with imgcls eval --tta T")
     parser.add_argument("--probe-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_worker:
@@ -272,7 +288,7 @@ def main() -> None:
                     result = run_probe(name, data)
                 else:
                     result = run_default(name, data, Path(tmp), before_src if row == "before" else None,
-                                         shlex.split(args.extra_args), row)
+                                         shlex.split(args.extra_args), row, args.tta)
                 print(json.dumps(result), flush=True)
                 results.append(result)
     report(results, args.sets)

@@ -11,7 +11,7 @@ from .aggregate import check_aggregate
 from .data.events import DEFAULT_GAP, group_events
 from .data.records import heads_of
 from .data.sources import load_dataset
-from .errors import UserError
+from .errors import UserError, listing
 from .metrics import event_metrics, write_metrics
 from .predict import load
 from .progress import bar as progress_bar
@@ -146,7 +146,7 @@ def choose_thresholds(run: str | Path, data: str | Path, label: str, target_reca
                         " and stored them in thresholds.json; `imgcls thresholds` chooses one class of a multiclass"
                         " model. Use --threshold P with predict for one threshold for every label")
     if label not in predictor.labels:
-        raise UserError(f"--class {label}: not a class of this model ({', '.join(predictor.labels)})")
+        raise UserError(f"--class {label}: not a class of this model ({listing(predictor.labels)})")
     records = _labelled_records(predictor, data, split)
     probs, truth = [], []
     index = {name: i for i, name in enumerate(predictor.labels)}
@@ -183,8 +183,8 @@ def _labelled_records(predictor, data, split, event_column: str | None = None, e
     records = with_label_sets(dataset.splits[split], {"task": predictor.task, "label_sep": predictor.label_sep})
     unknown = sorted({label for r in records for label in r.label_set} - set(predictor.labels))
     if unknown:
-        raise UserError(f"{data}: class(es) {', '.join(unknown)} are not among the model's classes"
-                        f" ({', '.join(predictor.labels)})")
+        raise UserError(f"{data}: class(es) {listing(unknown)} are not among the model's classes"
+                        f" ({listing(predictor.labels)}); evaluate a model trained on these classes")
     return records
 
 

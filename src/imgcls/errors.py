@@ -12,6 +12,14 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     return text.splitlines()[0][:limit] if text else type(err).__name__
 
 
+def listing(names, limit: int = 12) -> str:
+    """``names`` joined for a message, the first ``limit`` of a long list and how many there are
+    (a model with the 1,000 ImageNet classes must not print all of them)."""
+    names = list(names)
+    shown = ", ".join(str(n) for n in names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
+
+
 class UserError(Exception):
     """A problem with the user's input, with a message saying what to do."""
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 
 from .aggregate import aggregate_probs, event_label
-from .errors import UserError
+from .errors import UserError, listing
 from .report import plot_confusion
 from .rundir import atomic_write, metrics_files, write_json
 from .softmax import log_softmax, softmax
@@ -143,7 +143,7 @@ def metrics_of_stream(stream: Iterable[tuple[Record, np.ndarray | None, str]],
             continue
         if record.label not in index:
             raise UserError(f"{record.path}: class {record.label!r} is not among the model's classes"
-                            f" ({', '.join(labels)})")
+                            f" ({listing(labels)})")
         rows.append(logits)
         targets.append(index[record.label])
     if not rows:

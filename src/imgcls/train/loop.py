@@ -234,6 +234,11 @@ def predict_logits(model, loader, device, amp_dtype=None) -> tuple[np.ndarray, n
     return torch.cat(all_logits).numpy(), torch.cat(all_targets).numpy()
 
 
+def _trained(model: nn.Module) -> int:
+    """How many parameter tensors train now (the key of a step's FLOP count)."""
+    return sum(p.requires_grad for p in model.parameters())
+
+
 def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
     """The ``finetune`` strategy: training by epochs (full fine-tuning, linear probe or two-phase)."""
     cfg, model, run_dir = s.cfg, s.model, s.run_dir
@@ -271,6 +276,8 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
         if len(s.train_set) else None
     image_eval_flops = forward_flops(model, 1, size)
     train_flops = 0 if batch_flops is not None else None
+    # one count per set of trained parameters: a frozen backbone's epochs run no backward through it
+    step_counts = {_trained(model): batch_flops}
     eval_flops = 0 if image_eval_flops is not None else None
     if batch_flops is not None:
         log.info("training step: %s per batch of %d (forward + backward, counted)", format_flops(batch_flops),
@@ -308,6 +315,9 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
             for epoch in range(start_epoch, cfg.epochs):
                 frozen = cfg.freeze == "backbone" or epoch < cfg.head_epochs
                 (freeze_backbone if frozen else unfreeze)(model.net)
+                if train_flops is not None and _trained(model) not in step_counts:
+                    step_counts[_trained(model)] = step_flops(model, criterion, cfg.batch_size, size,
+                                                              s.train_set.targets[0])
                 if wrapped is None or wrapped[0] != frozen:
                     wrapped = frozen, training_model(distributed.wrap(model, s.device), cfg.compile)
                 epoch_start = time.perf_counter()
@@ -324,7 +334,8 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                 logits, targets = validation_logits(scored, s)
                 val = task.metrics(logits, targets, s.classes)
                 if train_flops is not None:
-                    train_flops += batch_flops * row["images"] // cfg.batch_size  # the count is linear in the batch
+                    # the count is linear in the batch
+                    train_flops += (step_counts[_trained(model)] or 0) * row["images"] // cfg.batch_size
                 if eval_flops is not None:
                     eval_flops += image_eval_flops * len(targets)
                 row.update(epoch=epoch + 1, lr=lr_now, **task.epoch_columns(val),

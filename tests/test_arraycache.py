@@ -56,6 +56,35 @@ def test_cache_is_built_once_and_reused(tree, tmp_path, count_decodes):
                                                                              first.path.stem + ".json"])
 
 
+def test_under_several_processes_the_first_of_each_machine_decodes_and_the_others_map_its_entry(
+        tree, tmp_path, count_decodes, monkeypatch):
+    """Local rank 0 decodes before the barrier; every other rank waits at it and then maps the entry
+    (it decodes nothing). A rank 0 that cannot write still meets the others at the barrier, then raises."""
+    from imgcls.train import distributed, prepare
+    _, records = tree
+    seen = []  # decodes done when each barrier is reached
+    monkeypatch.setattr(distributed, "barrier", lambda: seen.append(len(count_decodes)))
+    arrays = {}
+    for local in (0, 1):
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        arrays[local] = prepare._array_cache(records, SPEC, None, tmp_path / "cache", 2, False, "decode train")
+    assert seen == [12, 12] and len(count_decodes) == 12
+    assert not arrays[0].reused and arrays[1].reused
+    assert np.array_equal(np.asarray(arrays[1].images), np.asarray(arrays[0].images))
+    # a later rank waits first: with nothing written by then it decodes after the barrier, not before
+    prepare._array_cache(records, SPEC, None, tmp_path / "other", 2, False, "decode train")
+    assert seen[-1] == 12 and len(count_decodes) == 24
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepare, "load_or_build", full_disk)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(OSError, match="No space"):
+        prepare._array_cache(records, SPEC, None, tmp_path / "full", 2, False, "decode train")
+    assert len(seen) == 4
+
+
 def test_entries_unused_for_a_month_and_old_temp_files_are_pruned(tree, tmp_path):
     _, records = tree
     folder = tmp_path / "cache"

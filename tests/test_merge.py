@@ -88,8 +88,10 @@ def test_merged_jsonl_megadetector_and_camtrapdp_shards_are_the_unsharded_output
             for row in a + b:
                 row.pop("classificationTimestamp")
             assert a == b and len(a) == 31
-            assert json.loads((merged / "datapackage.json").read_text())["resources"] == \
-                json.loads((whole / "datapackage.json").read_text())["resources"]
+            assert (merged / "deployments.csv").read_bytes() == (whole / "deployments.csv").read_bytes()
+            a, b = (json.loads((folder / "datapackage.json").read_text()) for folder in (merged, whole))
+            for key in ("resources", "temporal", "taxonomic"):
+                assert a[key] == b[key], key
 
 
 def test_merge_refuses_parts_of_another_model_naming_it(trained, tmp_path, capsys):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from imagezoo import make_class_tree
 
 import imgcls
 from imgcls.cli import main
-from imgcls.outputs import OBSERVATION_COLUMNS
+from imgcls.outputs import DEPLOYMENT_COLUMNS, OBSERVATION_COLUMNS
 
 LABELS = ["empty", "deer", "fox"]
 
@@ -139,15 +140,33 @@ def test_megadetector_file_passes_the_validator_rules_and_says_what_the_csv_says
 
 def test_camtrapdp_package_holds_media_and_observations(every_format):
     package = every_format["camtrapdp"]
-    assert sorted(os.listdir(package)) == ["datapackage.json", "media.csv", "observations.csv"]
+    assert sorted(os.listdir(package)) == ["datapackage.json", "deployments.csv", "media.csv", "observations.csv"]
     meta = json.loads((package / "datapackage.json").read_text())
-    assert [r["path"] for r in meta["resources"]] == ["media.csv", "observations.csv"]
+    assert [r["path"] for r in meta["resources"]] == ["deployments.csv", "media.csv", "observations.csv"]
     assert "camtrap-dp/1.0" in meta["profile"]
     with open(package / "observations.csv", newline="") as handle:
         assert next(csv.reader(handle)) == OBSERVATION_COLUMNS
     observations, media = csv_rows(package / "observations.csv"), csv_rows(package / "media.csv")
     reference = csv_rows(every_format["csv"])
     assert len(observations) == len(media) == len(reference)  # no events: media-level rows only
+    # one deployment per camera folder, from its first to its last image; where it stood is left to the user
+    deployments = csv_rows(package / "deployments.csv")
+    with open(package / "deployments.csv", newline="") as handle:
+        assert next(csv.reader(handle)) == DEPLOYMENT_COLUMNS
+    spans = {}
+    for medium in media:
+        spans.setdefault(medium["deploymentID"], []).append(datetime.fromisoformat(medium["timestamp"]))
+    assert [d["deploymentID"] for d in deployments] == sorted(spans)
+    for d in deployments:
+        assert datetime.fromisoformat(d["deploymentStart"]) == min(spans[d["deploymentID"]])
+        assert datetime.fromisoformat(d["deploymentEnd"]) == max(spans[d["deploymentID"]])
+        assert d["latitude"] == d["longitude"] == ""
+    every_time = [t for times in spans.values() for t in times]
+    assert meta["temporal"] == {"start": min(every_time).date().isoformat(), "end": max(every_time).date().isoformat()}
+    labels = meta["imgcls"]["labels"]
+    assert "empty" in labels and meta["taxonomic"] == [{"scientificName": label} for label in labels
+                                                       if label != "empty"]  # the empty class is no taxon
+    assert any("latitude" in item for item in meta["imgcls"]["to_complete"])
     for obs, medium, row in zip(observations, media, reference):
         assert obs["mediaID"] == medium["mediaID"] and obs["observationLevel"] == "media"
         assert medium["filePath"] == row["path"] and medium["fileMediatype"] == "image/png"

@@ -158,6 +158,13 @@ def test_camtrapdp_has_media_and_event_observations_timed_by_exif(setup, tmp_pat
         assert obs["observationType"] == ("blank" if event["label"] == "empty" else "animal")
         assert obs["scientificName"] == (event["label"] if obs["observationType"] == "animal" else "")
     assert len({o["observationID"] for o in observations}) == len(observations)
+    # each camera a deployment, from its first frame's EXIF time to its last's
+    deployments = rows_of(tmp_path / "package" / "deployments.csv")
+    assert [(d["deploymentID"], d["deploymentStart"], d["deploymentEnd"]) for d in deployments] == \
+        [(camera, iso(frames[0][0]), iso(frames[-1][0])) for camera, frames in FRAMES.items()]
+    package = json.loads((tmp_path / "package" / "datapackage.json").read_text())
+    assert package["temporal"] == {"start": "2024-05-01", "end": "2024-05-01"}
+    assert package["taxonomic"] == [{"scientificName": "deer"}, {"scientificName": "fox"}]
 
 
 def test_camtrapdp_reuses_the_ids_of_a_given_media_csv(setup, tmp_path):
@@ -175,6 +182,24 @@ def test_camtrapdp_reuses_the_ids_of_a_given_media_csv(setup, tmp_path):
         _predict(run, photos, tmp_path / "package", "--events", "--media", given)
         observations = rows_of(tmp_path / "package" / "observations.csv")
         assert (tmp_path / "package" / "media.csv").read_bytes() == given.read_bytes()  # theirs, unchanged
+        # no deployments.csv beside theirs: one made from their deployment IDs and times
+        deployments = rows_of(tmp_path / "package" / "deployments.csv")
+        assert [(d["deploymentID"], d["deploymentStart"], d["deploymentEnd"]) for d in deployments] == \
+            [("DEP-cam1", "2024-05-01T12:00:00+02:00", "2024-05-01T12:00:04+02:00"),
+             ("DEP-cam2", "2024-05-01T12:00:05+02:00", "2024-05-01T12:00:07+02:00")]
+        theirs = photos / "deployments.csv"  # with one beside it, that one is the package's, unchanged
+        text = ("deploymentID,latitude,longitude,deploymentStart,deploymentEnd\r\n"
+                "DEP-cam1,52.1,5.8,2024-04-01T00:00:00Z,2024-06-01T00:00:00Z\r\n"
+                "DEP-cam2,52.2,5.9,2024-04-02T00:00:00Z,2024-06-30T00:00:00Z\r\n")
+        theirs.write_bytes(text.encode())
+        try:
+            _predict(run, photos, tmp_path / "carried", "--events", "--media", given)
+        finally:
+            theirs.unlink()
+        assert (tmp_path / "carried" / "deployments.csv").read_bytes() == text.encode()
+        package = json.loads((tmp_path / "carried" / "datapackage.json").read_text())
+        assert package["temporal"] == {"start": "2024-04-01", "end": "2024-06-30"}
+        assert not any("latitude" in item for item in package["imgcls"]["to_complete"])
         at_media = [o for o in observations if o["observationLevel"] == "media"]
         assert sorted(o["mediaID"] for o in at_media) == sorted(f"M{i}" for i in range(len(names)))
         for obs in at_media:

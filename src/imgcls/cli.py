@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                         " / .jsonl, or event observations in Camtrap DP")
     p.add_argument("--media", metavar="MEDIA_CSV",
                    help="Camtrap DP: an existing media.csv; images are matched by filePath and keep its mediaID"
-                        " and deploymentID")
+                        " and deploymentID; a deployments.csv beside it goes into the package as it is")
     p.add_argument("--sort-into", metavar="DIR",
                    help="afterwards, put every image into DIR/<decision or label>/ (DIR/_failed/ for unreadable"
                         " ones); the originals stay where they are")

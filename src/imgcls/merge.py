@@ -218,6 +218,20 @@ def _csv_dicts(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def _merged_deployments(parts: list[Path]) -> list[dict]:
+    """Each deployment once, from the first start to the last end over the parts (a part written before
+    imgcls wrote deployments.csv gives its media rows instead)."""
+    spans = []
+    for part in parts:
+        if (part / "deployments.csv").exists():
+            for row in _csv_dicts(part / "deployments.csv"):
+                spans += [{"deploymentID": row["deploymentID"], "timestamp": row.get(key, "")}
+                          for key in ("deploymentStart", "deploymentEnd")]
+        else:
+            spans += _csv_dicts(part / "media.csv")
+    return outputs.deployment_rows(spans)
+
+
 def _merge_camtrapdp(parts: list[Path], out: Path, metas: list[dict]) -> int:
     """media.csv and observations.csv of every part: the media IDs imgcls made (m000001, ...) and the
     observation IDs are numbered again over the merged media, in path order; a --media table's IDs stay."""
@@ -248,6 +262,13 @@ def _merge_camtrapdp(parts: list[Path], out: Path, metas: list[dict]) -> int:
         outputs.csv_text(outputs.MEDIA_COLUMNS, media_rows)
     rundir.atomic_write(out / "media.csv", media_text)
     package = json.loads((parts[0] / "datapackage.json").read_text(encoding="utf-8"))
+    deployments = _merged_deployments(parts)
+    carried = package["imgcls"].get("deployments") == "deployments.csv beside --media"
+    rundir.atomic_write(out / "deployments.csv", (parts[0] / "deployments.csv").read_bytes().decode(
+        "utf-8", "surrogateescape") if carried else outputs.csv_text(outputs.DEPLOYMENT_COLUMNS, deployments))
+    package["resources"] = outputs.package_resources()  # parts written before deployments.csv lack it
+    outputs.package_extent(package, _csv_dicts(parts[0] / "deployments.csv") if carried else deployments,
+                           package["imgcls"]["labels"])
     package["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     package["name"] = out.name.lower() or package["name"]
     package["imgcls"]["merged_from"] = [str(p) for p in parts]

@@ -224,16 +224,25 @@ OBSERVATION_COLUMNS = [
     "observationTags", "observationComments"]
 MEDIA_COLUMNS = ["mediaID", "deploymentID", "captureMethod", "timestamp", "filePath", "filePublic", "fileName",
                  "fileMediatype", "exifData", "favorite", "mediaComments"]
+DEPLOYMENT_COLUMNS = [
+    "deploymentID", "locationID", "locationName", "latitude", "longitude", "coordinateUncertainty",
+    "deploymentStart", "deploymentEnd", "setupBy", "cameraID", "cameraModel", "cameraDelay", "cameraHeight",
+    "cameraDepth", "cameraTilt", "cameraHeading", "detectionDistance", "timestampIssues", "baitUse", "featureType",
+    "habitat", "deploymentGroups", "deploymentTags", "deploymentComments"]
+# what a package needs that only the user knows: named in datapackage.json for them to fill in
+TO_COMPLETE = ("latitude and longitude of each deployment (deployments.csv)", "contributors", "project", "spatial")
 
 
 @dataclass
 class MediaTable:
     """A user's Camtrap DP ``media.csv`` (``--media``): its text, kept as the package's media resource,
-    and per input its row (mediaID, deploymentID, timestamp)."""
+    per input its row (mediaID, deploymentID, timestamp), and the ``deployments.csv`` beside it, if any,
+    kept as the package's deployments resource."""
 
     path: Path
     text: str
     rows: list[dict]
+    deployments: str | None = None
 
 
 def read_media(path: str | Path, records: list[Record]) -> MediaTable:
@@ -262,7 +271,9 @@ def read_media(path: str | Path, records: list[Record]) -> MediaTable:
     if lacking:
         raise UserError(f"--media {path}: {len(lacking)} input image(s) have no row there (by filePath), e.g."
                         f" {', '.join(lacking[:3])}; add them to it or leave them out of the inputs")
-    return MediaTable(path, path.read_bytes().decode("utf-8", "surrogateescape"), matched)
+    beside = path.with_name("deployments.csv")
+    deployments = beside.read_bytes().decode("utf-8", "surrogateescape") if beside.is_file() else None
+    return MediaTable(path, path.read_bytes().decode("utf-8", "surrogateescape"), matched, deployments)
 
 
 def _iso(seconds: float | None) -> str:
@@ -307,6 +318,47 @@ def camtrap_tables(job: Job, rows: list[dict], times: list[float | None]) -> tup
     return media, observations
 
 
+def _instant(stamp: str) -> float:
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except ValueError:  # not ISO 8601: sorts last, kept as written
+        return float("inf")
+
+
+def deployment_rows(media: list[dict]) -> list[dict]:
+    """One row per ``deploymentID`` of the media rows, by ID (so shards merge to the same table): its start and
+    end are its first and last media timestamps. Where the camera stood is not in the images: left empty."""
+    stamps: dict[str, list[str]] = {}
+    for medium in media:
+        stamps.setdefault(medium["deploymentID"], []).extend([medium["timestamp"]] if medium.get("timestamp") else [])
+    rows = []
+    for deployment, times in sorted(stamps.items()):
+        times.sort(key=_instant)
+        row = dict.fromkeys(DEPLOYMENT_COLUMNS, "")
+        row.update(deploymentID=deployment, deploymentStart=times[0] if times else "",
+                   deploymentEnd=times[-1] if times else "")
+        rows.append(row)
+    return rows
+
+
+def temporal(deployments: list[dict]) -> dict | None:
+    """The package's ``temporal`` metadata (first and last day) from the deployments' spans."""
+    times = sorted((t for d in deployments for t in (d.get("deploymentStart"), d.get("deploymentEnd"))
+                    if t and _instant(t) != float("inf")), key=_instant)
+    return {"start": times[0][:10], "end": times[-1][:10]} if times else None
+
+
+def package_extent(package: dict, deployments: list[dict], labels: list[str]) -> dict:
+    """``package`` with the metadata imgcls can fill in: ``temporal`` and ``taxonomic`` (the model's classes
+    other than the empty one)."""
+    span = temporal(deployments)
+    if span:
+        package["temporal"] = span
+    empty = empty_label(labels)
+    package["taxonomic"] = [{"scientificName": label} for label in labels if label != empty]
+    return package
+
+
 def _observation(job, empty, obs_id, deployment, media_id, event, start, end, level, label, prob, decision, error):
     kind = _observation_type(label, decision, empty)
     comments = f"unreadable: {error}" if error else f"uncertain: {label} {prob}" if decision == UNCERTAIN else ""
@@ -327,29 +379,46 @@ def csv_text(columns: list[str], rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def package_resources() -> list[dict]:
+    """The three tables of a Camtrap DP 1.0 package, as ``datapackage.json`` lists them."""
+    table = "https://raw.githubusercontent.com/tdwg/camtrap-dp/1.0/{}-table-schema.json"
+    return [{"name": name, "path": f"{name}.csv", "profile": "tabular-data-resource", "format": "csv",
+             "mediatype": "text/csv", "encoding": "utf-8", "schema": table.format(name)}
+            for name in ("deployments", "media", "observations")]
+
+
+def csv_dicts(text: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(text, newline="")))
+
+
 def _write_camtrapdp(job: Job, rows: list[dict]) -> list[Path]:
     """``observations.csv``, ``media.csv`` (the ``--media`` file as given, else one row per image with the
     image's folder as its deployment) and ``datapackage.json``, each written atomically."""
     with ThreadPoolExecutor(max_workers=8) as pool:  # the EXIF header only
         times = [t for t, _ in pool.map(lambda r: capture_time(r.path), job.records)]
     media, observations = camtrap_tables(job, rows, times)
+    if job.media:  # the deployments of the given table's rows for these inputs
+        media = [{"deploymentID": m["deploymentID"], "timestamp": m.get("timestamp") or ""} for m in job.media.rows]
+    deployments = deployment_rows(media)
     folder = job.out
     folder.mkdir(parents=True, exist_ok=True)
     rundir.atomic_write(folder / "observations.csv", csv_text(OBSERVATION_COLUMNS, observations))
     rundir.atomic_write(folder / "media.csv", job.media.text if job.media else csv_text(MEDIA_COLUMNS, media))
-    table = "https://raw.githubusercontent.com/tdwg/camtrap-dp/1.0/{}-table-schema.json"
+    given = job.media.deployments if job.media else None
+    rundir.atomic_write(folder / "deployments.csv", given or csv_text(DEPLOYMENT_COLUMNS, deployments))
     package = {
         "profile": CAMTRAP_PROFILE, "name": folder.name.lower() or "imgcls-predictions", "created": job.finished,
-        "resources": [{"name": name, "path": f"{name}.csv", "profile": "tabular-data-resource", "format": "csv",
-                       "mediatype": "text/csv", "encoding": "utf-8", "schema": table.format(name)}
-                      for name in ("media", "observations")],
+        "resources": package_resources(),
         "imgcls": {"version": job.version, "model": job.model, "labels": job.labels,
                    "media": str(job.media.path) if job.media else None,
-                   "deployments": "given by --media" if job.media else "the folder name of each image (its camera)",
+                   "deployments": ("deployments.csv beside --media" if given else "given by --media" if job.media
+                                   else "the folder name of each image (its camera)"),
+                   "to_complete": list(TO_COMPLETE[1:] if given else TO_COMPLETE),
                    "aggregate": job.aggregate, "fingerprint": job.fingerprint},
     }
+    package_extent(package, csv_dicts(given) if given else deployments, job.labels)
     rundir.atomic_write(folder / "datapackage.json", json.dumps(package, indent=2, ensure_ascii=False))
-    return [folder / "observations.csv", folder / "media.csv", folder / "datapackage.json"]
+    return [folder / name for name in ("observations.csv", "media.csv", "deployments.csv", "datapackage.json")]
 
 
 def _check_camtrapdp(out: Path, count: Callable[[], int]) -> bool:

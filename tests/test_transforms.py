@@ -72,3 +72,36 @@ def test_spec_round_trip_and_validation(tmp_path):
         Preprocess(interpolation="lanczos7")
     with pytest.raises(UserError, match="std"):
         Preprocess(std=(0.1, 0.0, 0.1))
+
+
+def test_colour_jitter_takes_one_strength_or_three_and_both_forms_jitter_alike():
+    """One number jitters brightness, contrast and saturation alike; three set each (timm's convention). The
+    per-image transform and the batched one on tensors draw from the same ranges: with saturation alone, a
+    grey image comes back unchanged from both, and with brightness alone each image is one factor of itself."""
+    from imgcls.data.batch_augment import jitter
+
+    assert Augment(color_jitter=0.3).jitter == (0.3, 0.3, 0.3)
+    three = Augment(color_jitter=[0.5, 0.5, 0.1])
+    assert three.color_jitter == (0.5, 0.5, 0.1) and three.jitter == (0.5, 0.5, 0.1)
+    assert three.to_dict()["color_jitter"] == [0.5, 0.5, 0.1] and Augment.from_dict(three.to_dict()) == three
+    for bad in (-0.1, (0.1, 0.2), (0.1, -1, 0.1), "0.2", True):
+        with pytest.raises(UserError, match="color_jitter"):
+            Augment(color_jitter=bad)
+
+    rng = np.random.default_rng(0)
+    grey = np.repeat(rng.integers(0, 256, (1, 40, 40), dtype=np.uint8), 3, axis=0)
+    spec = Preprocess(input_size=40, resize="squash", crop_pct=1.0)
+    only_saturation = Augment(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False, color_jitter=(0, 0, 0.9))
+    colour_jitters = [t for t in train_transform(spec, only_saturation).transforms if "ColorJitter" in type(t).__name__]
+    assert [(j.brightness, j.contrast, j.saturation) for j in colour_jitters] == [(None, None, pytest.approx((0.1, 1.9)))]
+    out = train_transform(spec, only_saturation)(torch.from_numpy(grey)).int()
+    assert (out - torch.from_numpy(grey).int()).abs().max() <= 1  # torchvision's uint8 grey rounds down
+
+    batch = torch.from_numpy(np.stack([grey, rng.integers(0, 256, (3, 40, 40), dtype=np.uint8)])).float()
+    generator = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(jitter(batch[:1], (0.0, 0.0, 0.9), generator), batch[:1])
+    brighter = jitter(batch, (0.4, 0.0, 0.0), generator)
+    for image, out in zip(batch, brighter):
+        unclipped = out < 255
+        factor = (out[unclipped] / image[unclipped].clamp(min=1e-6))[image[unclipped] > 0]
+        assert 0.6 <= factor.min() and factor.max() <= 1.4 and factor.max() - factor.min() < 1e-4

@@ -10,7 +10,7 @@ equal squares; this module augments them at once instead of image by image:
 * ``hflip``: half of the images mirrored (folded into the crop's gather); with ``alternate_flip``
   a fixed half of the images (by index) in even epochs and the other half in odd ones, as
   airbench94 does, so each image is seen both ways in any two epochs in a row;
-* ``color_jitter``: brightness, contrast and saturation factors in [1 - j, 1 + j];
+* ``color_jitter``: brightness, contrast and saturation factors in [1 - j, 1 + j], a j each;
 * ``cutout``: a ``cutout`` x ``cutout`` square (clipped at the border) set to the
   normalization mean, which is 0 after normalization.
 
@@ -77,11 +77,10 @@ def resized_crop_boxes(n: int, height: int, width: int, scale, ratio, generator,
     return torch.stack([x0, y0, x0 + w, y0 + h], 1)
 
 
-def jitter(x: torch.Tensor, strength: float, generator) -> torch.Tensor:
-    """Brightness, contrast, then saturation, each by its own factor per image in [1 - s, 1 + s]."""
+def jitter(x: torch.Tensor, strengths: tuple[float, float, float], generator) -> torch.Tensor:
+    """Brightness, contrast, then saturation, each by its own factor per image in [1 - j, 1 + j], j its strength."""
     n = x.shape[0]
-    b, c, s = (_uniform(n, max(0.0, 1 - strength), 1 + strength, generator).to(x.device).view(n, 1, 1, 1)
-               for _ in range(3))
+    b, c, s = (_uniform(n, max(0.0, 1 - j), 1 + j, generator).to(x.device).view(n, 1, 1, 1) for j in strengths)
     x = (x * b).clamp(0, 255)
     weights = torch.tensor(_GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     gray_mean = (x * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
@@ -130,8 +129,8 @@ class BatchAugment:
             rois = torch.cat([torch.arange(n, dtype=boxes.dtype)[:, None], boxes], 1).to(x.device)
             x = roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
             x = torch.where(flip.to(x.device).view(n, 1, 1, 1), x.flip(3), x)
-        if a.color_jitter > 0:
-            x = jitter(x, a.color_jitter, generator)
+        if any(a.jitter):
+            x = jitter(x, a.jitter, generator)
         if a.cutout:
             cy = torch.randint(0, size, (n,), generator=generator)
             cx = torch.randint(0, size, (n,), generator=generator)

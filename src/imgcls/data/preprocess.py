@@ -212,7 +212,8 @@ class Augment:
     crop_scale: tuple[float, float] = (0.08, 1.0)   # RandomResizedCrop area range
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
-    color_jitter: float = 0.2                       # brightness/contrast/saturation; 0 = off
+    # brightness, contrast, saturation factors in [1 - j, 1 + j]: one j for all three, or three; 0 = off
+    color_jitter: float | tuple[float, float, float] = 0.2
     enabled: bool = True
     crop_padding: int = 0        # > 0: a random crop of the padded image instead of the resized crop (CIFAR style)
     pad_mode: str = "reflect"    # how that padding is filled: reflect or zero
@@ -220,6 +221,14 @@ class Augment:
     alternate_flip: bool = False  # hflip: a fixed half of the images in even epochs, the other half in odd ones
 
     def __post_init__(self):
+        jitter = self.color_jitter
+        if isinstance(jitter, (list, tuple)):
+            object.__setattr__(self, "color_jitter", jitter := tuple(jitter))
+        values = jitter if isinstance(jitter, tuple) else (jitter,)
+        if (len(values) not in (1, 3) or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
+                                             for v in values)):
+            raise SpecError(f"color_jitter must be a number >= 0 or three of them (brightness, contrast,"
+                            f" saturation), not {jitter!r}")
         if self.pad_mode not in PAD_MODES:
             raise SpecError(f"unknown pad mode {self.pad_mode!r}; use one of {', '.join(PAD_MODES)}")
         for name in ("crop_padding", "cutout"):
@@ -231,10 +240,29 @@ class Augment:
     def off(cls) -> "Augment":
         return cls(enabled=False)
 
+    @classmethod
+    def merged(cls, changes: dict, given: dict | None) -> dict:
+        """The defaults with ``changes`` (a recipe's or a strategy's), then the settings ``given`` changes from
+        the defaults: an augmentation flag arrives as a whole dict with its own setting changed, so a given
+        setting equal to its default cannot be told from one not given."""
+        default = cls().to_dict()
+        out = {**default, **changes}
+        if given:
+            out.update({k: v for k, v in given.items() if default.get(k) != v})
+        return out
+
+    @property
+    def jitter(self) -> tuple[float, float, float]:
+        """(brightness, contrast, saturation) strengths."""
+        j = self.color_jitter
+        return tuple(map(float, j)) if isinstance(j, tuple) else (float(j),) * 3
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["crop_scale"] = list(self.crop_scale)
         data["crop_ratio"] = list(self.crop_ratio)
+        if isinstance(self.color_jitter, tuple):
+            data["color_jitter"] = list(self.color_jitter)
         return data
 
     @classmethod

@@ -30,9 +30,9 @@ def train_transform(spec: Preprocess, augment: Augment) -> v2.Transform:
     steps: list = [crop]
     if augment.hflip:  # alternate_flip needs each image's row and the epoch: only data.batch_augment has them
         steps.append(v2.RandomHorizontalFlip())
-    if augment.color_jitter > 0:
-        j = augment.color_jitter
-        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+    if any(augment.jitter):
+        brightness, contrast, saturation = augment.jitter
+        steps.append(v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation))
     if augment.cutout:
         steps.append(Cutout(augment.cutout, spec.mean))
     return v2.Compose(steps)

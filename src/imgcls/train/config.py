@@ -320,13 +320,26 @@ def _scalar_type(f) -> type:
     return base
 
 
+def _jitter(text: str) -> float | list[float]:
+    """``--color-jitter 0.4`` or ``--color-jitter 0.5,0.5,0.2`` (brightness, contrast, saturation)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 3) or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0 or three of them (B,C,S)")
+    return values[0] if len(values) == 1 else values
+
+
 # augmentation flags: each turns the parsed value into changes of Augment (stored as cfg.augment)
 AUGMENT_FLAGS: dict[str, tuple[dict, Callable[[Any], dict]]] = {
     "no_augment": ({"action": "store_true", "help": "no augmentation (eval transform for training)"},
                    lambda v: Augment.off().to_dict()),
     "no_flip": ({"action": "store_true", "help": "no horizontal flips (text, digits, asymmetric objects)"},
                 lambda v: {"hflip": False}),
-    "color_jitter": ({"type": float, "help": "brightness/contrast/saturation jitter, 0 = off"},
+    "color_jitter": ({"type": _jitter, "metavar": "J or B,C,S",
+                      "help": "colour jitter: brightness, contrast and saturation factors drawn in [1 - J, 1 + J]"
+                      " (one J for all three, or B,C,S each), 0 = off"},
                      lambda v: {"color_jitter": v}),
     "crop_scale": ({"type": float, "help": "smallest area fraction of random resized crops"},
                    lambda v: {"crop_scale": (v, 1.0)}),
@@ -352,7 +365,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         if not opt.cli:
             continue
         kind = _scalar_type(f)
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": opt.help or None}
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _help_text(opt.help)}
         if kind is bool:  # an option on by default gets its --no- form
             kwargs["action"] = argparse.BooleanOptionalAction if f.default is True else "store_true"
         else:
@@ -365,9 +378,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                 kwargs.update(nargs="?", const=opt.const)
         parser.add_argument(flag(f.name), **kwargs)
     for name, (kwargs, _) in AUGMENT_FLAGS.items():
-        parser.add_argument(flag(name), default=argparse.SUPPRESS, **kwargs)
+        parser.add_argument(flag(name), default=argparse.SUPPRESS, **{**kwargs, "help": _help_text(kwargs["help"])})
     for name, alias in ALIASES.items():
-        parser.add_argument(flag(name), default=argparse.SUPPRESS, choices=tuple(alias.values), help=alias.help)
+        parser.add_argument(flag(name), default=argparse.SUPPRESS, choices=tuple(alias.values),
+                            help=_help_text(alias.help))
+
+
+def _help_text(text: str | None) -> str | None:
+    """argparse formats help with %: a literal one ("30% of the steps") must be doubled."""
+    return text.replace("%", "%%") if text else None
 
 
 def complete_optional_values(argv: list[str]) -> list[str]:
@@ -419,4 +438,8 @@ def with_strategy_defaults(options: dict) -> dict:
                                device_type=resolve_device(options.get("device", "auto")).type,
                                freeze=merged["freeze"], head_epochs=merged["head_epochs"],
                                backbone_lr_mult=merged["backbone_lr_mult"])
-    return {**STRATEGIES[name].defaults, **options}
+    defaults = STRATEGIES[name].defaults
+    out = {**defaults, **options}
+    if "augment" in defaults:  # merged as a recipe's: the settings given win, the others are the strategy's
+        out["augment"] = Augment.merged(defaults["augment"], options.get("augment"))
+    return out

@@ -87,20 +87,10 @@ def with_recipe(options: dict) -> dict:
     chosen = recipe(name)
     merged = {**chosen.options, **options}
     if "augment" in chosen.options:
-        merged["augment"] = _merged_augment(chosen.options["augment"], options.get("augment"))
+        merged["augment"] = Augment.merged(chosen.options["augment"], options.get("augment"))
     overridden = sorted(k for k in chosen.options if k in options and k != "augment")
     log.info("recipe %s%s", name, f" (given flags override: {', '.join(overridden)})" if overridden else "")
     return merged
-
-
-def _merged_augment(recipe_changes: dict, given: dict | None) -> dict:
-    """The recipe's augmentation, then the settings ``given`` changes from the defaults (an augmentation
-    flag arrives as a whole :class:`Augment` dict with its own setting changed)."""
-    default = Augment().to_dict()
-    out = {**default, **recipe_changes}
-    if given:
-        out.update({k: v for k, v in given.items() if default.get(k) != v})
-    return out
 
 
 def format_recipes() -> str:

@@ -393,7 +393,8 @@ def csv_dicts(text: str) -> list[dict]:
 
 def _write_camtrapdp(job: Job, rows: list[dict]) -> list[Path]:
     """``observations.csv``, ``media.csv`` (the ``--media`` file as given, else one row per image with the
-    image's folder as its deployment) and ``datapackage.json``, each written atomically."""
+    image's folder as its deployment), ``deployments.csv`` (the one beside ``--media`` as given, else one row
+    per deployment) and ``datapackage.json``, each written atomically."""
     with ThreadPoolExecutor(max_workers=8) as pool:  # the EXIF header only
         times = [t for t, _ in pool.map(lambda r: capture_time(r.path), job.records)]
     media, observations = camtrap_tables(job, rows, times)

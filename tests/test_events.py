@@ -3,14 +3,13 @@
 import csv
 import json
 import os
-from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import imgcls
-from imgcls.data.events import (MAX_MTIME_FRAMES, camera_of, capture_time, events_on_both_sides,
+from imgcls.data.events import (MAX_MTIME_FRAMES, cameras, capture_time, events_on_both_sides,
                                 group_events)
 from imgcls.data.records import Record
 from imgcls.errors import UserError
@@ -68,13 +67,31 @@ def test_frames_group_into_events_per_camera(tmp_path):
     assert len({r.group for r in out[:5]}) == 1 and report.events == 3
 
 
+def test_memory_card_folders_named_alike_are_different_cameras(tmp_path):
+    """Cards name their folders alike (100RECNX): site1/100RECNX and site2/100RECNX, triggered in the same
+    seconds, are two cameras, so two events, not one; a folder named like no other keeps its own name."""
+    records = []
+    for site in ("site1", "site2"):
+        for k in range(3):
+            records.append(Record(_jpeg(tmp_path / site / "100RECNX" / f"IMG_{k:04d}.JPG",
+                                        f"2024:05:01 10:00:0{k}", k), "deer"))
+    records.append(Record(_jpeg(tmp_path / "site3" / "cam" / "IMG_0000.JPG", "2024:05:01 10:00:00"), "fox"))
+    assert cameras(records) == ["site1/100RECNX"] * 3 + ["site2/100RECNX"] * 3 + ["cam"]
+    out, report = group_events(records, gap=10)
+    assert len({r.group for r in out[:3]}) == len({r.group for r in out[3:6]}) == 1
+    assert len({r.group for r in out}) == report.events == 3
+    assert all(r.group.startswith("site1/100RECNX/") for r in out[:3])
+    given = [Record(r.path, r.label, camera="C1") for r in records]  # a camera column wins over folders
+    assert cameras(given) == ["C1"] * 7
+
+
 def test_copied_files_are_not_one_event(tmp_path):
     records = [Record(_jpeg(tmp_path / "fox" / f"{k}.jpg", None, k), "fox") for k in range(12)]
     for r in records:
         os.utime(r.path, (1_650_000_000, 1_650_000_000))  # one copy time for the whole folder
     out, report = group_events(records)
     assert len({r.group for r in out}) == 12 and report.mtime_split == 12
-    assert camera_of(records[0]) == "fox"  # no camera column: the folder
+    assert cameras(records)[0] == "fox"  # no camera column: the folder
     assert MAX_MTIME_FRAMES >= 10
 
 

@@ -224,3 +224,24 @@ def test_megadetector_with_events_stays_per_image(setup, tmp_path):
     (cut,) = [im for im in d["images"] if im.get("failure")]
     assert cut["file"] == "cam2/f2.jpg" and cut["detections"] is None
     assert not (tmp_path / "md.events.json").exists()
+
+
+def test_two_sites_memory_card_folders_named_alike_are_two_deployments(setup, tmp_path):
+    """site1/100RECNX and site2/100RECNX hold frames of the same seconds: two deployments in Camtrap DP, and
+    their frames never share an event."""
+    import shutil
+
+    run, photos = setup
+    cards = tmp_path / "cards"
+    for site, camera in (("site1", "cam1"), ("site2", "cam1")):
+        shutil.copytree(photos / camera, cards / site / "100RECNX")
+    _predict(run, cards, tmp_path / "package", "--aggregate", "max")
+    media = rows_of(tmp_path / "package" / "media.csv")
+    assert {m["deploymentID"] for m in media} == {"site1/100RECNX", "site2/100RECNX"}
+    for m in media:
+        assert m["deploymentID"] == os.path.relpath(os.path.dirname(m["filePath"]), cards)
+    deployments = rows_of(tmp_path / "package" / "deployments.csv")
+    assert [d["deploymentID"] for d in deployments] == ["site1/100RECNX", "site2/100RECNX"]
+    events = [o for o in rows_of(tmp_path / "package" / "observations.csv") if o["observationLevel"] == "event"]
+    assert len(events) == 4 and sorted(o["deploymentID"] for o in events) == ["site1/100RECNX"] * 2 + \
+        ["site2/100RECNX"] * 2  # cam1's two bursts at each site

@@ -47,7 +47,7 @@ import numpy as np
 
 from . import rundir
 from .aggregate import aggregate_probs
-from .data.events import camera_of, capture_time
+from .data.events import cameras, capture_time
 from .data.records import Record
 from .errors import UserError
 from .rowfiles import CsvRows, JsonlRows
@@ -291,10 +291,10 @@ def camtrap_tables(job: Job, rows: list[dict], times: list[float | None]) -> tup
     and with events one event-level observation per event (the aggregated probabilities)."""
     empty = empty_label(job.labels)
     media, observations, by_event = [], [], {}
-    for i, (record, row) in enumerate(zip(job.records, rows)):
+    for i, (camera, row) in enumerate(zip(cameras(job.records), rows)):
         given = job.media.rows[i] if job.media else None
         media_id = given["mediaID"] if given else f"m{i + 1:06d}"
-        deployment = given["deploymentID"] if given else camera_of(record)
+        deployment = given["deploymentID"] if given else camera
         stamp = (given.get("timestamp") or "") if given else ""
         stamp = stamp or _iso(times[i])
         if not given:

@@ -88,9 +88,25 @@ def capture_time(path: str | Path) -> tuple[float | None, str]:
         return None, "none"
 
 
-def camera_of(record: Record) -> str:
-    """The camera a record came from: its ``camera`` field, else its folder's name."""
-    return record.camera or Path(record.path).parent.name
+def cameras(records: list[Record]) -> list[str]:
+    """The camera each record came from: its ``camera`` field, else its folder, named by the fewest trailing
+    folder names that tell it from the other folders: memory cards name their folders alike (``100RECNX``,
+    ``DCIM/100MEDIA``), so ``site1/100RECNX`` and ``site2/100RECNX`` are two cameras, and ``cam1`` stays
+    ``cam1`` when no other folder is called so."""
+    folders = {os.path.dirname(os.path.abspath(r.path)) for r in records if not r.camera}
+    parts = {folder: Path(folder).parts for folder in folders}
+    names: dict[str, str] = {}
+    pending, depth = set(folders), 1
+    while pending:  # lengthen the names still shared; a folder out of names to add is named by its whole path
+        by_name: dict[str, list[str]] = defaultdict(list)
+        for folder in pending:
+            by_name[folder if depth >= len(parts[folder]) else "/".join(parts[folder][-depth:])].append(folder)
+        for name, same in by_name.items():
+            if len(same) == 1:
+                names[same[0]] = name
+                pending.discard(same[0])
+        depth += 1
+    return [r.camera or names[os.path.dirname(os.path.abspath(r.path))] for r in records]
 
 
 @dataclass
@@ -139,8 +155,8 @@ def group_events(records: list[Record], gap: float = DEFAULT_GAP, workers: int =
     report.from_exif, report.from_mtime, report.without_time = sources["exif"], sources["mtime"], sources["none"]
     report.given_times = sources["given"]
     by_camera: dict[str, list[int]] = defaultdict(list)
-    for i, record in enumerate(records):
-        by_camera[camera_of(record)].append(i)
+    for i, camera in enumerate(cameras(records)):
+        by_camera[camera].append(i)
     groups: list[str | None] = [None] * len(records)
     for camera, members in by_camera.items():
         timed = sorted((i for i in members if times[i][0] is not None), key=lambda i: times[i][0])

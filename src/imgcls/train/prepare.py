@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .. import rundir, tasks
-from ..data.events import EventReport, camera_of, column_report, events_on_both_sides, group_events
+from ..data.events import EventReport, cameras, column_report, events_on_both_sides, group_events
 from ..data.arraycache import SMALL_SIDE, CachedImages, decode_side, default_cache_dir, load_or_build
 from ..data.dataset import CACHE_LIMIT_BYTES, ImageDataset, decode_all, estimate_cache_bytes
 from ..data.preprocess import Augment, Preprocess
@@ -135,7 +135,7 @@ def assign_groups(cfg: TrainConfig, splits: dict[str, list[Record]]) -> tuple[di
     if cfg.group_by == "none":
         records, report = [replace(r, group=None) for r in records], EventReport("none")
     elif cfg.group_by == "site":
-        records = [replace(r, group=f"site:{camera_of(r)}") for r in records]
+        records = [replace(r, group=f"site:{camera}") for r, camera in zip(records, cameras(records))]
         report = column_report(records)
         report.source = "site"
     elif any(r.group is not None for r in records):

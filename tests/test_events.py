@@ -83,6 +83,12 @@ def test_memory_card_folders_named_alike_are_different_cameras(tmp_path):
     assert all(r.group.startswith("site1/100RECNX/") for r in out[:3])
     given = [Record(r.path, r.label, camera="C1") for r in records]  # a camera column wins over folders
     assert cameras(given) == ["C1"] * 7
+    # split folders are not cameras: a burst cut between train/deer and val/deer is still one event
+    cut = [Record(_jpeg(tmp_path / "data" / split / "deer" / f"{k}.jpg", f"2024:05:01 11:00:0{k}", k), "deer")
+           for k, split in enumerate(("train", "train", "Val"))]
+    assert cameras(cut) == ["deer"] * 3
+    out, _ = group_events(cut, gap=10)
+    assert len({r.group for r in out}) == 1
 
 
 def test_copied_files_are_not_one_event(tmp_path):

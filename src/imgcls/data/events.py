@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .records import Record
+from .records import SPLIT_NAMES, Record
 
 log = logging.getLogger("imgcls")
 
@@ -88,25 +88,30 @@ def capture_time(path: str | Path) -> tuple[float | None, str]:
         return None, "none"
 
 
+def _folder(path) -> tuple[str, ...]:
+    """An image's folder as path parts, less split folders: ``train/deer`` and ``val/deer`` hold parts of one
+    collection, so a burst cut between them still reads as one event (and is reported)."""
+    return tuple(p for p in Path(os.path.abspath(path)).parent.parts if p.lower() not in SPLIT_NAMES)
+
+
 def cameras(records: list[Record]) -> list[str]:
     """The camera each record came from: its ``camera`` field, else its folder, named by the fewest trailing
     folder names that tell it from the other folders: memory cards name their folders alike (``100RECNX``,
     ``DCIM/100MEDIA``), so ``site1/100RECNX`` and ``site2/100RECNX`` are two cameras, and ``cam1`` stays
     ``cam1`` when no other folder is called so."""
-    folders = {os.path.dirname(os.path.abspath(r.path)) for r in records if not r.camera}
-    parts = {folder: Path(folder).parts for folder in folders}
-    names: dict[str, str] = {}
-    pending, depth = set(folders), 1
+    folders = [None if r.camera else _folder(r.path) for r in records]
+    names: dict[tuple[str, ...], str] = {}
+    pending, depth = {f for f in folders if f is not None}, 1
     while pending:  # lengthen the names still shared; a folder out of names to add is named by its whole path
-        by_name: dict[str, list[str]] = defaultdict(list)
-        for folder in pending:
-            by_name[folder if depth >= len(parts[folder]) else "/".join(parts[folder][-depth:])].append(folder)
+        by_name: dict[str, list[tuple[str, ...]]] = defaultdict(list)
+        for parts in pending:
+            by_name[os.path.join(*parts) if depth >= len(parts) else "/".join(parts[-depth:])].append(parts)
         for name, same in by_name.items():
             if len(same) == 1:
                 names[same[0]] = name
                 pending.discard(same[0])
         depth += 1
-    return [r.camera or names[os.path.dirname(os.path.abspath(r.path))] for r in records]
+    return [r.camera or names[folder] for r, folder in zip(records, folders)]
 
 
 @dataclass

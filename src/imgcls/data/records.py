@@ -9,6 +9,8 @@ from pathlib import Path
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                             # listed so the scan reports them (unsupported) instead of ignoring them silently
                             ".heic", ".heif", ".avif"})
+# a split's folder name (any case) or CSV value -> the split it means
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
 @dataclass(frozen=True)

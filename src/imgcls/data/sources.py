@@ -34,11 +34,10 @@ from typing import Iterator
 from ..errors import UserError
 from .decode import open_regular
 from .events import DEFAULT_GAP, group_events, parse_time
-from .records import IMAGE_SUFFIXES, OUTPUT_SEP, Record
+from .records import IMAGE_SUFFIXES, OUTPUT_SEP, SPLIT_NAMES, Record
 
 log = logging.getLogger("imgcls")
 
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 DELIMITERS = ",;\t|"
 
 

@@ -217,7 +217,7 @@ def load_csv(csv_path: Path, test_split: str) -> tuple[torch.Tensor, ...]:
 
 
 def main() -> None:
-    from cifar10 import ARCHIVE, ensure_data, subset_csv
+    from cifar10_data import ARCHIVE, ensure_data, subset_csv
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("/tmp/data"))

@@ -41,7 +41,6 @@ import argparse
 import csv
 import random
 import statistics
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -53,37 +52,12 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
+from cifar10_data import ARCHIVE, ensure_data, subset_csv
 from imgcls import rundir
 from imgcls.models.registry import create_model
 
-ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 AUGMENT = {"crop_scale": (0.35, 1.0), "crop_ratio": (3 / 4, 4 / 3), "hflip": True, "color_jitter": 0.0,
            "enabled": True}
-
-
-def ensure_data(root: Path, archive: Path = ARCHIVE) -> Path:
-    if not (root / "cifar10" / "train").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(root, filter="data")
-    return root / "cifar10"
-
-
-def subset_csv(data: Path, n_train: int, n_test: int, out: Path, seed: int = 0, test_as: str = "test") -> Path:
-    """A CSV with a split column: n_train train images (stratified), n_test test images (in split ``test_as``)."""
-    rng = random.Random(seed)
-    rows = []
-    for split, n in (("train", n_train), ("test", n_test)):
-        classes = sorted(p.name for p in (data / split).iterdir())
-        for c in classes:
-            files = sorted((data / split / c).glob("*.jpg"))
-            rng.shuffle(files)
-            rows += [(str(f), c, test_as if split == "test" else split) for f in files[: n // len(classes)]]
-    with out.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split"])
-        writer.writerows(rows)
-    return out
 
 
 class PlainDataset(torch.utils.data.Dataset):

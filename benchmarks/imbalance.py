@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import ensure_data  # noqa: E402
+from cifar10_data import ensure_data  # noqa: E402
 
 import imgcls  # noqa: E402
 

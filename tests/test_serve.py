@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 import socket
@@ -16,7 +15,6 @@ import numpy as np
 import pytest
 from conftest import FAST
 from imagezoo import write_bad_file_zoo, write_image
-from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

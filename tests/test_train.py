@@ -5,8 +5,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -61,7 +59,7 @@ def _interrupt_when(path, rows):
 
 
 def test_ctrl_c_keeps_a_checkpoint_and_resume_is_bit_exact(tiny_tree, tmp_path):
-    full = imgcls.train(tiny_tree, tmp_path / "full", epochs=3, progress=False, **FAST)
+    imgcls.train(tiny_tree, tmp_path / "full", epochs=3, progress=False, **FAST)  # the uninterrupted reference
     watcher = _interrupt_when(tmp_path / "cut" / "metrics.csv", 1)
     cut = imgcls.train(tiny_tree, tmp_path / "cut", epochs=3, progress=False, **FAST)
     watcher.join()

@@ -86,9 +86,16 @@ def test_memory_card_folders_named_alike_are_different_cameras(tmp_path):
     # split folders are not cameras: a burst cut between train/deer and val/deer is still one event
     cut = [Record(_jpeg(tmp_path / "data" / split / "deer" / f"{k}.jpg", f"2024:05:01 11:00:0{k}", k), "deer")
            for k, split in enumerate(("train", "train", "Val"))]
-    assert cameras(cut) == ["deer"] * 3
+    assert len(set(cameras(cut))) == 1
     out, _ = group_events(cut, gap=10)
     assert len({r.group for r in out}) == 1
+    # nor are class folders: images sorted by species, then by site, keep a burst whose animal walks out whole
+    walked = [Record(_jpeg(tmp_path / "sorted" / label / "site1" / f"{k}.jpg", f"2024:05:01 12:00:0{k}", k), label)
+              for k, label in enumerate(("deer", "deer", "empty"))]
+    walked.append(Record(_jpeg(tmp_path / "sorted" / "deer" / "site2" / "9.jpg", "2024:05:01 12:00:01", 9), "deer"))
+    assert cameras(walked) == ["site1"] * 3 + ["site2"]
+    out, _ = group_events(walked, gap=10)
+    assert len({r.group for r in out[:3]}) == 1 and out[3].group != out[0].group
 
 
 def test_copied_files_are_not_one_event(tmp_path):
@@ -97,7 +104,8 @@ def test_copied_files_are_not_one_event(tmp_path):
         os.utime(r.path, (1_650_000_000, 1_650_000_000))  # one copy time for the whole folder
     out, report = group_events(records)
     assert len({r.group for r in out}) == 12 and report.mtime_split == 12
-    assert cameras(records)[0] == "fox"  # no camera column: the folder
+    # no camera column: the folder, less the class folder; unlabelled, the folder itself
+    assert cameras(records)[0] == tmp_path.name and cameras([Record(records[0].path)]) == ["fox"]
     assert MAX_MTIME_FRAMES >= 10
 
 

@@ -88,18 +88,21 @@ def capture_time(path: str | Path) -> tuple[float | None, str]:
         return None, "none"
 
 
-def _folder(path) -> tuple[str, ...]:
-    """An image's folder as path parts, less split folders: ``train/deer`` and ``val/deer`` hold parts of one
-    collection, so a burst cut between them still reads as one event (and is reported)."""
-    return tuple(p for p in Path(os.path.abspath(path)).parent.parts if p.lower() not in SPLIT_NAMES)
+def _folder(path, labels: set) -> tuple[str, ...]:
+    """An image's folder as path parts, less the folders people sort images into: splits' (``train/``,
+    ``val/``) and classes' (``labels``). ``train/deer`` and ``val/deer``, or ``deer/site1`` and
+    ``empty/site1``, hold frames of one camera, so a burst cut between them still reads as one event."""
+    parts = Path(os.path.abspath(path)).parent.parts
+    return tuple(p for p in parts if p.lower() not in SPLIT_NAMES and p not in labels)
 
 
 def cameras(records: list[Record]) -> list[str]:
-    """The camera each record came from: its ``camera`` field, else its folder, named by the fewest trailing
-    folder names that tell it from the other folders: memory cards name their folders alike (``100RECNX``,
-    ``DCIM/100MEDIA``), so ``site1/100RECNX`` and ``site2/100RECNX`` are two cameras, and ``cam1`` stays
-    ``cam1`` when no other folder is called so."""
-    folders = [None if r.camera else _folder(r.path) for r in records]
+    """The camera each record came from: its ``camera`` field, else its folder (:func:`_folder`), named by the
+    fewest trailing folder names that tell it from the other folders: memory cards name their folders alike
+    (``100RECNX``, ``DCIM/100MEDIA``), so ``site1/100RECNX`` and ``site2/100RECNX`` are two cameras, and
+    ``cam1`` stays ``cam1`` when no other folder is called so."""
+    labels = {r.label for r in records if r.label is not None}
+    folders = [None if r.camera else _folder(r.path, labels) for r in records]
     names: dict[tuple[str, ...], str] = {}
     pending, depth = {f for f in folders if f is not None}, 1
     while pending:  # lengthen the names still shared; a folder out of names to add is named by its whole path

@@ -214,8 +214,7 @@ def _merge_megadetector(parts: list[Path], out: Path, metas: list[dict]) -> int:
 
 
 def _csv_dicts(path: Path) -> list[dict]:
-    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        return list(csv.DictReader(handle))
+    return outputs.csv_dicts(path.read_bytes().decode("utf-8", "surrogateescape"))
 
 
 def _merged_deployments(parts: list[Path]) -> list[dict]:
@@ -262,13 +261,15 @@ def _merge_camtrapdp(parts: list[Path], out: Path, metas: list[dict]) -> int:
         outputs.csv_text(outputs.MEDIA_COLUMNS, media_rows)
     rundir.atomic_write(out / "media.csv", media_text)
     package = json.loads((parts[0] / "datapackage.json").read_text(encoding="utf-8"))
-    deployments = _merged_deployments(parts)
-    carried = package["imgcls"].get("deployments") == "deployments.csv beside --media"
-    rundir.atomic_write(out / "deployments.csv", (parts[0] / "deployments.csv").read_bytes().decode(
-        "utf-8", "surrogateescape") if carried else outputs.csv_text(outputs.DEPLOYMENT_COLUMNS, deployments))
+    if package["imgcls"].get("deployments") == "deployments.csv beside --media":  # the user's, as every part has it
+        text = (parts[0] / "deployments.csv").read_bytes().decode("utf-8", "surrogateescape")
+        deployments = outputs.csv_dicts(text)
+    else:
+        deployments = _merged_deployments(parts)
+        text = outputs.csv_text(outputs.DEPLOYMENT_COLUMNS, deployments)
+    rundir.atomic_write(out / "deployments.csv", text)
     package["resources"] = outputs.package_resources()  # parts written before deployments.csv lack it
-    outputs.package_extent(package, _csv_dicts(parts[0] / "deployments.csv") if carried else deployments,
-                           package["imgcls"]["labels"])
+    outputs.package_extent(package, deployments, package["imgcls"]["labels"])
     package["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     package["name"] = out.name.lower() or package["name"]
     package["imgcls"]["merged_from"] = [str(p) for p in parts]

@@ -88,12 +88,11 @@ def capture_time(path: str | Path) -> tuple[float | None, str]:
         return None, "none"
 
 
-def _folder(path, labels: set) -> tuple[str, ...]:
-    """An image's folder as path parts, less the folders people sort images into: splits' (``train/``,
+def _folder(folder: str, labels: set) -> tuple[str, ...]:
+    """An absolute folder as path parts, less the folders people sort images into: splits' (``train/``,
     ``val/``) and classes' (``labels``). ``train/deer`` and ``val/deer``, or ``deer/site1`` and
     ``empty/site1``, hold frames of one camera, so a burst cut between them still reads as one event."""
-    parts = Path(os.path.abspath(path)).parent.parts
-    return tuple(p for p in parts if p.lower() not in SPLIT_NAMES and p not in labels)
+    return tuple(p for p in Path(folder).parts if p.lower() not in SPLIT_NAMES and p not in labels)
 
 
 def cameras(records: list[Record]) -> list[str]:
@@ -102,7 +101,13 @@ def cameras(records: list[Record]) -> list[str]:
     (``100RECNX``, ``DCIM/100MEDIA``), so ``site1/100RECNX`` and ``site2/100RECNX`` are two cameras, and
     ``cam1`` stays ``cam1`` when no other folder is called so."""
     labels = {r.label for r in records if r.label is not None}
-    folders = [None if r.camera else _folder(r.path, labels) for r in records]
+    parts_of: dict[str, tuple[str, ...]] = {}  # per folder, not per image: a job may hold millions of images
+    folders = []
+    for r in records:
+        folder = None if r.camera else os.path.dirname(os.path.abspath(r.path))
+        if folder is not None and folder not in parts_of:
+            parts_of[folder] = _folder(folder, labels)
+        folders.append(None if folder is None else parts_of[folder])
     names: dict[tuple[str, ...], str] = {}
     pending, depth = {f for f in folders if f is not None}, 1
     while pending:  # lengthen the names still shared; a folder out of names to add is named by its whole path

@@ -66,8 +66,8 @@ class Strategy:
 STRATEGIES = {
     "tail": Strategy(_fit_tail, single_process="its last-stage epochs run on one cached set of maps, not sharded"
                                                " between processes"),
-    # stronger brightness/contrast for the views, saturation as before: +0.6 points on the development suite
-    # (grey sets gain, colour ones keep what saturation jitter beyond 0.2 took from them; docs/decisions.md)
+    # the views: more brightness/contrast variety (helps grey and shifted sets), saturation kept low since
+    # colour is information on colour sets (measured: docs/decisions.md, sessions 12-13)
     "features": Strategy(_fit_features, {"augment": {"color_jitter": [0.5, 0.5, 0.2]}}),
     "finetune": Strategy(_fit_epochs, {"head_epochs": 1, "backbone_lr_mult": 0.1, "epochs": 10}),
 }

@@ -321,6 +321,9 @@ def test_channels_last_trains_the_same_model():
     assert training_layout("auto", cpu, "cnn") == training_layout("on", cpu, "linear") == torch.channels_last
     assert training_layout("auto", cpu, "linear") == training_layout("off", gpu, "cnn") == torch.contiguous_format
     assert training_layout("auto", gpu, "convnext") == torch.channels_last
+    # measured per family on CPUs (benchmarks/layout.py): EfficientNet's depthwise convs gain, ConvNeXt does not
+    assert training_layout("auto", cpu, "efficientnet") == torch.channels_last
+    assert training_layout("auto", cpu, "convnext") == torch.contiguous_format
 
 
 def test_the_loop_reads_figures_from_the_device_once_per_epoch(monkeypatch):

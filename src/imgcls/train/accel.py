@@ -18,7 +18,7 @@ log = logging.getLogger("imgcls")
 
 # --channels-last auto on a CPU, by model family: where training steps were measured faster
 # with it (docs/decisions.md); families not listed keep the default layout there.
-CPU_CHANNELS_LAST = {"cnn": True, "resnet": True}
+CPU_CHANNELS_LAST = {"cnn": True, "resnet": True, "efficientnet": True}
 # on GPUs channels-last is what cuDNN's tensor-core convolutions want
 GPU_CHANNELS_LAST = True
 

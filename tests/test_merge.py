@@ -166,3 +166,26 @@ def test_an_empty_shard_is_an_output_too_and_merges(trained, tmp_path):
     assert predict(run, new, "--out", tmp_path / "whole.jsonl") == 0
     assert merge(*parts, "--out", tmp_path / "all.jsonl") == 0
     assert (tmp_path / "all.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+
+
+def test_card_folders_named_alike_in_other_shards_stay_apart_when_merged(trained, tmp_path):
+    """site0/100RECNX ... site3/100RECNX: each shard sees some of them, yet names each camera as the unsharded
+    run does (among every folder of the inputs), so the merged deployments and events are the unsharded ones."""
+    run, _ = trained
+    cards = tmp_path / "cards"
+    make_class_tree(tmp_path / "flat", {f"site{i}": 4 for i in range(4)}, size=(32, 32), seed=5)
+    for i in range(4):
+        (cards / f"site{i}").mkdir(parents=True)
+        (tmp_path / "flat" / f"site{i}").rename(cards / f"site{i}" / "100RECNX")
+    options = ("--format", "camtrapdp", "--events")
+    assert predict(run, cards, "--out", tmp_path / "whole", *options) == 0
+    parts = _shards(run, cards, tmp_path / "parts", "part_{k}", *options, by="folder")
+    seen = [{row["deploymentID"] for row in csv_rows(p / "deployments.csv")} for p in parts]
+    assert sum(1 for s in seen if s) >= 2  # the cards are spread over the shards
+    assert merge(*parts, "--out", tmp_path / "all") == 0
+    merged, whole = csv_rows(tmp_path / "all" / "deployments.csv"), csv_rows(tmp_path / "whole" / "deployments.csv")
+    assert merged == whole and sorted(r["deploymentID"] for r in whole) == [f"site{i}/100RECNX" for i in range(4)]
+    a, b = csv_rows(tmp_path / "all" / "observations.csv"), csv_rows(tmp_path / "whole" / "observations.csv")
+    for row in a + b:
+        row.pop("classificationTimestamp")
+    assert a == b

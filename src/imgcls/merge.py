@@ -233,7 +233,8 @@ def _merged_deployments(parts: list[Path]) -> list[dict]:
 
 def _merge_camtrapdp(parts: list[Path], out: Path, metas: list[dict]) -> int:
     """media.csv and observations.csv of every part: the media IDs imgcls made (m000001, ...) and the
-    observation IDs are numbered again over the merged media, in path order; a --media table's IDs stay."""
+    observation IDs are numbered again over the merged media, in path order, the event observations in
+    the order their events first appear there; a --media table's IDs stay."""
     given_media = metas[0]["options"].get("media")
     media, events = [], []
     for part in parts:
@@ -253,6 +254,10 @@ def _merge_camtrapdp(parts: list[Path], out: Path, metas: list[dict]) -> int:
             media_rows.append({**row, "mediaID": media_id})
             obs = {**obs, "mediaID": media_id, "observationID": f"obs-{media_id}"}
         obs_rows.append(obs)
+    first: dict[str, int] = {}  # the unsharded run lists events as they first appear among the media
+    for i, obs in enumerate(obs_rows):
+        first.setdefault(obs["eventID"], i)
+    events.sort(key=lambda obs: first.get(obs["eventID"], len(obs_rows)))
     for k, obs in enumerate(events, start=1):
         obs_rows.append({**obs, "observationID": f"obs-event-{k:06d}"})
     out.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,7 @@ class Job:
     base: Path | None = None                # MegaDetector paths are relative to this folder
     version: str = ""
     fingerprint: dict | None = None         # the sidecar's fingerprints (imgcls.fingerprint), in the final files
+    folders: set[str] = field(default_factory=set)  # every input's folders: a shard names cameras among them all
     finished: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def decision(self, label: str | None, prob: float | None) -> str | None:
@@ -291,7 +292,7 @@ def camtrap_tables(job: Job, rows: list[dict], times: list[float | None]) -> tup
     and with events one event-level observation per event (the aggregated probabilities)."""
     empty = empty_label(job.labels)
     media, observations, by_event = [], [], {}
-    for i, (camera, row) in enumerate(zip(cameras(job.records), rows)):
+    for i, (camera, row) in enumerate(zip(cameras(job.records, job.folders), rows)):
         given = job.media.rows[i] if job.media else None
         media_id = given["mediaID"] if given else f"m{i + 1:06d}"
         deployment = given["deploymentID"] if given else camera

@@ -23,6 +23,7 @@ from a ``model.onnx`` file works with the runtime install alone.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from itertools import chain
@@ -229,14 +230,15 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
     if events and shard is not None and shard.by != "folder":
         log.warning("--shard %s by path may put the frames of one capture event in two shards; --shard-by folder"
                     " keeps each camera folder (and its events) in one shard", shard)
-    records, total = _inputs(inputs, shard)
+    folders: set[str] = set()  # every folder of the inputs, this shard's or not, once the walk is done
+    records, total = _inputs(inputs, shard, folders)
     table = None
     if events or media is not None:  # both need every input at once: one list
         records = list(records)
         total = (lambda n: lambda: n)(len(records))
         table = outputs.read_media(media, records) if media is not None else None
         if events:
-            records, report = group_events(records, event_gap)
+            records, report = group_events(records, event_gap, others=folders)
             log.info("capture events: %d in %d images (%d frames timed by EXIF, %d by file time)", report.events,
                      len(records), report.from_exif, report.from_mtime)
         records = iter(records)
@@ -258,7 +260,7 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
         [str(f) for f in outputs.output_files(out, fmt, aggregate)])
     single = Path(inputs[0]) if len(inputs) == 1 and Path(inputs[0]).is_dir() else None
     job = outputs.Job(out, fmt, list(labels), predictor.classifier_name(), dict(predictor.thresholds), [],
-                      aggregate, table, single, __version__, fingerprint=meta["fingerprint"])
+                      aggregate, table, single, __version__, fingerprint=meta["fingerprint"], folders=folders)
     batch_size = predictor.batch_size if batch_size is None else batch_size
     result = {"images": 0, "errors": 0, "kept": 0, "out": str(out), "format": fmt.name, "files": [], "sorted": None,
               "meta": str(fingerprint.meta_path(out)), "shard": str(shard) if shard else None}
@@ -295,14 +297,25 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
     return result
 
 
-def _inputs(inputs: list, shard: Shard | None):
+def _inputs(inputs: list, shard: Shard | None, folders: set[str]):
     """(a lazy iterator of the records to predict, a function counting them by a second walk); a
-    UserError when the inputs hold no image at all (an empty shard is a legitimate, empty output)."""
+    UserError when the inputs hold no image at all (an empty shard is a legitimate, empty output).
+    ``folders`` fills with the folder of every input image as the walk passes it, in a shard or not."""
     keyed = keyed_inputs(inputs)
     head = next(keyed, None)
     if head is None:
         raise UserError(f"no images found in {', '.join(map(str, inputs))}")
-    records = select(chain([head], keyed), shard)
+
+    def noted(pairs):
+        last = None
+        for record, key in pairs:
+            folder = os.path.dirname(os.path.abspath(record.path))
+            if folder != last:  # a folder's files come together: one set lookup per folder, not per file
+                folders.add(folder)
+                last = folder
+            yield record, key
+
+    records = select(noted(chain([head], keyed)), shard)
     return records, lambda: sum(1 for _ in select(keyed_inputs(inputs), shard))
 
 

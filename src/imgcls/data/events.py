@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterable
 
 from .records import SPLIT_NAMES, Record
 
@@ -95,11 +96,15 @@ def _folder(folder: str, labels: set) -> tuple[str, ...]:
     return tuple(p for p in Path(folder).parts if p.lower() not in SPLIT_NAMES and p not in labels)
 
 
-def cameras(records: list[Record]) -> list[str]:
+def cameras(records: list[Record], others: Iterable[str] = ()) -> list[str]:
     """The camera each record came from: its ``camera`` field, else its folder (:func:`_folder`), named by the
     fewest trailing folder names that tell it from the other folders: memory cards name their folders alike
     (``100RECNX``, ``DCIM/100MEDIA``), so ``site1/100RECNX`` and ``site2/100RECNX`` are two cameras, and
-    ``cam1`` stays ``cam1`` when no other folder is called so."""
+    ``cam1`` stays ``cam1`` when no other folder is called so.
+
+    ``others``: more folders (absolute) the names must tell apart, though none of ``records`` is in them: a
+    shard's records are named among every folder of the job's inputs, as the unsharded run names them, so
+    the shards' deployments and events merge into that run's."""
     labels = {r.label for r in records if r.label is not None}
     parts_of: dict[str, tuple[str, ...]] = {}  # per folder, not per image: a job may hold millions of images
     folders = []
@@ -109,7 +114,8 @@ def cameras(records: list[Record]) -> list[str]:
             parts_of[folder] = _folder(folder, labels)
         folders.append(None if folder is None else parts_of[folder])
     names: dict[tuple[str, ...], str] = {}
-    pending, depth = {f for f in folders if f is not None}, 1
+    pending = {f for f in folders if f is not None} | {_folder(f, labels) for f in others}
+    depth = 1
     while pending:  # lengthen the names still shared; a folder out of names to add is named by its whole path
         by_name: dict[str, list[tuple[str, ...]]] = defaultdict(list)
         for parts in pending:
@@ -149,11 +155,12 @@ class EventReport:
 
 
 def group_events(records: list[Record], gap: float = DEFAULT_GAP, workers: int = 8,
-                 times: list[float | None] | None = None) -> tuple[list[Record], EventReport]:
+                 times: list[float | None] | None = None, others: Iterable[str] = ()) -> tuple[list[Record], EventReport]:
     """The records with ``group`` set to their capture event, and a report.
 
     ``times``: one capture time (seconds) per record that the data already gives, e.g. a COCO
-    ``datetime`` (:func:`parse_time`); a None in it, or no list, means the file's own time."""
+    ``datetime`` (:func:`parse_time`); a None in it, or no list, means the file's own time.
+    ``others``: as for :func:`cameras`, which names the events' cameras."""
     given = list(times) if times is not None else [None] * len(records)
     if len(given) != len(records):
         raise ValueError(f"{len(given)} times for {len(records)} records")
@@ -168,7 +175,7 @@ def group_events(records: list[Record], gap: float = DEFAULT_GAP, workers: int =
     report.from_exif, report.from_mtime, report.without_time = sources["exif"], sources["mtime"], sources["none"]
     report.given_times = sources["given"]
     by_camera: dict[str, list[int]] = defaultdict(list)
-    for i, camera in enumerate(cameras(records)):
+    for i, camera in enumerate(cameras(records, others)):
         by_camera[camera].append(i)
     groups: list[str | None] = [None] * len(records)
     for camera, members in by_camera.items():

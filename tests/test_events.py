@@ -192,3 +192,25 @@ def test_train_records_events_in_split_csv_and_scan_json(tmp_path):
     assert all(len(s) == 1 for s in by_group.values())
     events = json.loads((result.run_dir / "scan.json").read_text())["events"]
     assert events["source"] == "exif" and events["events"] == 8 and events["mean_frames"] == 3.0
+
+
+def test_data_in_bursts_gets_the_strategy_s_milder_crops_unless_crops_were_given():
+    from imgcls.data.events import EventReport
+    from imgcls.data.preprocess import Augment
+    from imgcls.train.config import with_strategy_defaults
+    from imgcls.train.prepare import with_bursts
+
+    features = with_strategy_defaults({"pretrained": True, "device": "cpu"})
+    assert features["burst_augment"] == {"crop_scale": [0.35, 1.0]}
+    given = with_strategy_defaults({"pretrained": True, "device": "cpu", "augment": {"crop_scale": (0.2, 1.0)}})
+    assert "burst_augment" not in given and given["augment"]["crop_scale"] == (0.2, 1.0)
+    assert "burst_augment" not in with_strategy_defaults({"pretrained": True, "device": "cpu", "strategy": "finetune"})
+
+    augment = Augment.from_dict(features["augment"])
+    bursts = EventReport("exif", events=8, frames=24)            # 3 frames an event: camera-trap bursts
+    assert with_bursts(augment, features["burst_augment"], bursts).crop_scale == (0.35, 1.0)
+    assert with_bursts(augment, features["burst_augment"], bursts).jitter == augment.jitter  # the rest stays
+    singles = EventReport("exif", events=24, frames=24)          # photos: one frame an event
+    by_site = EventReport("site", events=2, frames=24)           # whole cameras are no bursts
+    for report, changes in [(singles, features["burst_augment"]), (by_site, features["burst_augment"]), (bursts, {})]:
+        assert with_bursts(augment, changes, report).crop_scale == augment.crop_scale == (0.08, 1.0)

@@ -265,7 +265,8 @@ def test_recipe_defaults_fill_only_what_was_not_set():
     assert mine["head_epochs"] == 0 and mine["epochs"] == 3 and mine["backbone_lr_mult"] == 0.1
     features = with_strategy_defaults({"pretrained": True, "device": "cpu"})
     jitter = STRATEGIES["features"].defaults["augment"]["color_jitter"]
-    assert features == {"pretrained": True, "device": "cpu", "augment": {**Augment().to_dict(), "color_jitter": jitter}}
+    assert features == {"pretrained": True, "device": "cpu", "augment": {**Augment().to_dict(), "color_jitter": jitter},
+                        "burst_augment": STRATEGIES["features"].bursts}
     # an augmentation flag keeps the strategy's other settings; a jitter given is the user's
     flipless = with_strategy_defaults({"pretrained": True, "device": "cpu",
                                        "augment": {**Augment().to_dict(), "hflip": False}})

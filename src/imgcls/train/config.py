@@ -170,6 +170,8 @@ class TrainConfig:
                                 " to help: GPUs; on CPUs the small CNNs, ResNet and EfficientNet)", choices=CHANNELS_LAST)
     amp: str = option("auto", "mixed precision (auto: on GPUs; on CPUs only when asked: bf16)", choices=AMP)
     augment: dict = option(help="", factory=lambda: Augment().to_dict(), cli=False)
+    # the strategy's augmentation settings for data in capture bursts, less those given (train.prepare)
+    burst_augment: dict = option(help="", factory=dict, cli=False)
     mean: list[float] | None = option(None, "normalization mean (R G B, in [0,1])", nargs=3)
     std: list[float] | None = option(None, "normalization std (R G B)", nargs=3)
     val_fraction: float = option(0.2, "held-out share when the data has no val split", range=_FRACTION)
@@ -442,4 +444,8 @@ def with_strategy_defaults(options: dict) -> dict:
     out = {**defaults, **options}
     if "augment" in defaults:  # merged as a recipe's: the settings given win, the others are the strategy's
         out["augment"] = Augment.merged(defaults["augment"], options.get("augment"))
+    given, default = Augment.merged({}, options.get("augment")), Augment().to_dict()
+    bursts = {k: v for k, v in STRATEGIES[name].bursts.items() if given[k] == default[k]}
+    if bursts and "burst_augment" not in options:
+        out["burst_augment"] = bursts
     return out

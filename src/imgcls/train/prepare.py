@@ -36,6 +36,8 @@ from .session import Session, WeightSource
 
 log = logging.getLogger("imgcls")
 
+BURST_FRAMES = 2.0  # frames per capture event on average from which the training data counts as bursts
+
 
 # --------------------------------------------------------------------------- weights
 
@@ -146,6 +148,17 @@ def assign_groups(cfg: TrainConfig, splits: dict[str, list[Record]]) -> tuple[di
     for name in names:
         out[name], start = records[start:start + len(splits[name])], start + len(splits[name])
     return out, report
+
+
+def with_bursts(augment: Augment, changes: dict, events: EventReport) -> Augment:
+    """``augment`` with the strategy's settings for data in capture bursts (``changes``) when the images come
+    in bursts: events found by time or given by a column, of ``BURST_FRAMES`` frames or more on average."""
+    if not changes or events.source not in ("exif", "column") or events.mean_frames < BURST_FRAMES:
+        return augment
+    log.info("capture bursts (%.1f frames per event): the training views use %s, for camera-trap frames (%s)",
+             events.mean_frames, ", ".join(f"{k} {v}" for k, v in changes.items()),
+             ", ".join(f"--{k.replace('_', '-')}" for k in changes) + " to choose")
+    return Augment.from_dict({**augment.to_dict(), **changes})
 
 
 def _log_events(report: EventReport, cfg: TrainConfig) -> None:
@@ -414,6 +427,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     torch.manual_seed(cfg.seed)
 
     splits, classes, events = split_dataset(cfg)
+    augment = with_bursts(augment, cfg.burst_augment, events)
     task = tasks.TASKS[tasks.resolve(cfg.task, cfg.label_sep, [r for rs in splits.values() for r in rs], len(classes))]
     if task.name != tasks.DEFAULT:
         log.info("task %s: %d labels, %d logits", task.name, len(classes), task.outputs(len(classes)))

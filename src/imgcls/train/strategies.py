@@ -61,6 +61,8 @@ class Strategy:
     defaults: dict = field(default_factory=dict)
     # why it cannot share its work between processes (train.distributed), or None: it can
     single_process: str | None = None
+    # augmentation settings for training images that come in capture bursts (camera traps), where not given
+    bursts: dict = field(default_factory=dict)
 
 
 STRATEGIES = {
@@ -68,7 +70,10 @@ STRATEGIES = {
                                                " between processes"),
     # the views: more brightness/contrast variety (helps grey and shifted sets), saturation kept low since
     # colour is information on colour sets (measured: docs/decisions.md, sessions 12-13)
-    "features": Strategy(_fit_features, {"augment": {"color_jitter": [0.5, 0.5, 0.2]}}),
+    # in bursts, milder crops: a frame is a wide scene whose animal a crop of 8% of it mostly misses
+    # (measured: docs/decisions.md, session 14)
+    "features": Strategy(_fit_features, {"augment": {"color_jitter": [0.5, 0.5, 0.2]}},
+                         bursts={"crop_scale": [0.35, 1.0]}),
     "finetune": Strategy(_fit_epochs, {"head_epochs": 1, "backbone_lr_mult": 0.1, "epochs": 10}),
 }
 

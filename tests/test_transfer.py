@@ -377,6 +377,9 @@ def test_near_copy_share_tells_bursts_from_distinct_images():
     mixed = np.concatenate([distinct[:150], bursts[:50]])
     assert features.near_copy_share(mixed, block=16) == pytest.approx(0.25)  # blocks give the same answer
     assert features.near_copy_share(distinct[:1]) == 0.0
+    # a sample of the images looked up among all of them: bursts stay bursts, the share is estimated
+    assert features.near_copy_share(bursts, sample=40) == 1.0 and features.near_copy_share(distinct, sample=40) == 0.0
+    assert features.near_copy_share(mixed, block=16, sample=120) == pytest.approx(0.25, abs=0.1)
 
 
 @needs_lite0

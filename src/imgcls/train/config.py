@@ -343,7 +343,8 @@ AUGMENT_FLAGS: dict[str, tuple[dict, Callable[[Any], dict]]] = {
                       "help": "colour jitter: brightness, contrast and saturation factors drawn in [1 - J, 1 + J]"
                       " (one J for all three, or B,C,S each), 0 = off"},
                      lambda v: {"color_jitter": v}),
-    "crop_scale": ({"type": float, "help": "smallest area fraction of random resized crops"},
+    "crop_scale": ({"type": float, "help": "smallest area fraction of random resized crops (default 0.08; the"
+                                           " features strategy on frames in capture bursts: 0.35)"},
                    lambda v: {"crop_scale": (v, 1.0)}),
     "crop_padding": ({"type": int, "help": "random crops of the image padded by this many pixels instead of"
                       " random resized crops (CIFAR style; 0 = resized crops)"},

@@ -114,7 +114,7 @@ def cameras(records: list[Record], others: Iterable[str] = ()) -> list[str]:
             parts_of[folder] = _folder(folder, labels)
         folders.append(None if folder is None else parts_of[folder])
     names: dict[tuple[str, ...], str] = {}
-    pending = {f for f in folders if f is not None} | {_folder(f, labels) for f in others}
+    pending = {f for f in folders if f is not None} | {parts_of.get(f) or _folder(f, labels) for f in others}
     depth = 1
     while pending:  # lengthen the names still shared; a folder out of names to add is named by its whole path
         by_name: dict[str, list[tuple[str, ...]]] = defaultdict(list)

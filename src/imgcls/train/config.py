@@ -445,8 +445,8 @@ def with_strategy_defaults(options: dict) -> dict:
     out = {**defaults, **options}
     if "augment" in defaults:  # merged as a recipe's: the settings given win, the others are the strategy's
         out["augment"] = Augment.merged(defaults["augment"], options.get("augment"))
-    given, default = Augment.merged({}, options.get("augment")), Augment().to_dict()
-    bursts = {k: v for k, v in STRATEGIES[name].bursts.items() if given[k] == default[k]}
+    given, default = options.get("augment") or {}, Augment().to_dict()
+    bursts = {k: v for k, v in STRATEGIES[name].bursts.items() if given.get(k, default[k]) == default[k]}
     if bursts and "burst_augment" not in options:
         out["burst_augment"] = bursts
     return out

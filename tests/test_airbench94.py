@@ -211,3 +211,30 @@ def test_the_speed_recipe_trains_whitens_exports_and_scores_with_six_views(tiny_
         scores[backend] = json.loads(capsys.readouterr().out)
     assert scores["onnx"]["accuracy"] == pytest.approx(scores["torch"]["accuracy"])
     assert scores["onnx"]["loss"] == pytest.approx(scores["torch"]["loss"], abs=1e-3)
+
+
+def test_the_whitening_bias_trains_in_the_first_three_epochs_only_and_its_gradient_is_then_not_counted(
+        tiny_tree, tmp_path):
+    net = create_model("airbench94", 3, 32)
+    bias = net.stem[0].bias
+    for epoch, trains in ((0, True), (2, True), (3, False), (9, False)):
+        net.start_epoch(epoch)
+        assert bias.requires_grad is trains
+    # frozen, an SGD step with weight decay leaves it as it is, while the rest of the net moves
+    before, conv = bias.detach().clone(), net.layers[0][0].weight.detach().clone()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    F.cross_entropy(net(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
+    optimizer.step()
+    assert torch.equal(bias, before) and not torch.equal(net.layers[0][0].weight, conv)
+    # a run: the 4th epoch runs no gradient into the stem, and its step counts fewer FLOPs
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_tree), "--out", str(run), "--model", "airbench94", "--epochs", "4",
+                 "--batch-size", "8", "--workers", "0", "--int8", "off", "--no-calibrate"]) == 0
+    rows = [line.split(",") for line in (run / "metrics.csv").read_text().splitlines()]
+    column = rows[0].index("train_flops")
+    totals = [0] + [int(r[column]) for r in rows[1:]]
+    per_epoch = [b - a for a, b in zip(totals, totals[1:])]
+    assert per_epoch[0] == per_epoch[1] == per_epoch[2] > per_epoch[3]
+    # what the 4th epoch spares: the first group's input gradient, 24 -> 64 channels on 31 x 31 maps
+    images = json.loads((run / "summary.json").read_text())["n_train"] // 8 * 8  # full batches
+    assert per_epoch[2] - per_epoch[3] == 2 * 24 * 64 * 9 * 31 * 31 * images

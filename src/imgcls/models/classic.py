@@ -81,6 +81,9 @@ class SoftmaxRegression(nn.Module):
         return self.fc(self.flatten(x))
 
 
+WHITEN_BIAS_EPOCHS = 3  # airbench94's whiten_bias_epochs
+
+
 class AirbenchNet(nn.Module):
     """The compact CNN of the fastest CIFAR-10 training recipes: Jordan's airbench94 (2024), a
     descendant of Page's DAWNBench ResNet-9 (2018).
@@ -100,7 +103,8 @@ class AirbenchNet(nn.Module):
     :class:`WhiteningConv` set from the training images (:meth:`init_from_data`) and a GELU; every
     BatchNorm keeps its scale at 1 and trains only its shift (:class:`ShiftOnlyBatchNorm`, eps
     1e-12, momentum 0.4); the 3x3 convs start as identities on their first channels (Dirac), and
-    the head has no bias, its input scaled by 1/9.
+    the head has no bias, its input scaled by 1/9.  The stem's bias trains in the first three epochs
+    only (:meth:`start_epoch`).
     """
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256), stem: int = 24,
@@ -141,6 +145,13 @@ class AirbenchNet(nn.Module):
         thousand normalized training images): the whitening stem's filters."""
         if self.whiten:
             self.stem[0].init_from_data(images)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the training loop before each (0-based) epoch: the whitening stem's bias trains in
+        the first ``WHITEN_BIAS_EPOCHS`` only, as airbench94 does; after them the first group's input
+        gradient is no longer computed."""
+        if self.whiten:
+            self.stem[0].bias.requires_grad_(epoch < WHITEN_BIAS_EPOCHS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.layers(self.stem(x))) * self.feature_scale)

@@ -164,6 +164,10 @@ class TrainConfig:
     lookahead: bool = option(False, "lookahead (as airbench94): from 30% of the steps on, every 5 steps the weights"
                              " are pulled to a slow average of themselves, which grows stronger towards the end;"
                              " each epoch ends on the slow weights")
+    progressive: list[float] | None = option(None, "progressive resizing: the first epochs train on smaller inputs"
+                                              ", the side growing from MIN_PX to the input size at SHARE of the"
+                                              " epochs (e.g. 24 0.7); val and export at the full size",
+                                              nargs=2)
     compile: bool = option(False, "torch.compile the training model (a slower start, faster steps; needs a C++"
                            " compiler on CPUs)")
     channels_last: str = option("auto", "channels-last memory format for training (auto: where it was measured"

@@ -38,7 +38,7 @@ from ..models.heads import freeze_backbone, param_groups, set_frozen_bn_eval, un
 from ..models.registry import model_spec
 from ..progress import bar as progress_bar
 from ..system import default_workers
-from . import distributed
+from . import distributed, progressive
 from .accel import make_ema, make_lookahead, training_layout, training_model
 from .flops import format_flops, forward_flops, step_flops
 from .head import class_weights
@@ -160,13 +160,15 @@ SYNC_EVERY = 25
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_dtype, clip_grad, scaler,
                     progress_desc: str | None = None, frozen_backbone: bool = False, hits=None,
-                    accum_steps: int = 1, ema=None, memory_format=torch.contiguous_format, lookahead=None) -> dict:
+                    accum_steps: int = 1, ema=None, memory_format=torch.contiguous_format, lookahead=None,
+                    input_size: int | None = None) -> dict:
     """``hits(logits, targets)``: the right answers of a batch (default: top-1 class).
 
     ``accum_steps``: one optimizer (and scheduler, and ``ema``) step per this many batches, the
     loss of each divided by the group's size, so K batches of B make the step of one batch of K x B
     (the last group of an epoch may be shorter).  Loss and hits add up on the device.  ``lookahead``
-    (then ``ema``) is updated after each optimizer step."""
+    (then ``ema``) is updated after each optimizer step.  ``input_size``: batches are shrunk to it
+    (progressive resizing) when they come larger."""
     model.train()  # model: the Classifier, or its DistributedDataParallel wrapper (maybe compiled)
     if frozen_backbone:  # a frozen backbone keeps its BatchNorm statistics too
         set_frozen_bn_eval(distributed.unwrap(getattr(model, "_orig_mod", model)).net)
@@ -193,7 +195,10 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_
     bar = progress_bar(loader, desc=progress_desc, disable=progress_desc is None, unit="batch", leave=False)
     optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(bar):
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        images = images.to(device, non_blocking=True)
+        if input_size is not None:
+            images = progressive.shrink(images, input_size)
+        images = images.contiguous(memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         group = accum_steps if n_batches is None else min(accum_steps, n_batches - i // accum_steps * accum_steps)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -276,8 +281,9 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
         if len(s.train_set) else None
     image_eval_flops = forward_flops(model, 1, size)
     train_flops = 0 if batch_flops is not None else None
-    # one count per set of trained parameters: a frozen backbone's epochs run no backward through it
-    step_counts = {_trained(model): batch_flops}
+    # one count per set of trained parameters and input size: a frozen backbone's epochs run no backward through
+    # it, and progressive resizing's early epochs run on fewer pixels
+    step_counts = {(_trained(model), size): batch_flops}
     eval_flops = 0 if image_eval_flops is not None else None
     if batch_flops is not None:
         log.info("training step: %s per batch of %d (forward + backward, counted)", format_flops(batch_flops),
@@ -309,17 +315,21 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
 
     stopped_early = interrupted = False
     epoch = start_epoch
-    wrapped = None  # (frozen, the model under DDP): wrapped again when the trained parameters change
+    wrapped = None  # (trained parameters, the model under DDP): wrapped again when they change
     with GracefulInterrupt() as interrupt:
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 frozen = cfg.freeze == "backbone" or epoch < cfg.head_epochs
                 (freeze_backbone if frozen else unfreeze)(model.net)
-                if train_flops is not None and _trained(model) not in step_counts:
-                    step_counts[_trained(model)] = step_flops(model, criterion, cfg.batch_size, size,
-                                                              s.train_set.targets[0])
-                if wrapped is None or wrapped[0] != frozen:
-                    wrapped = frozen, training_model(distributed.wrap(model, s.device), cfg.compile)
+                if hasattr(model.net, "start_epoch"):  # a net that trains parts of itself in some epochs only
+                    model.net.start_epoch(epoch)
+                epoch_size = progressive.epoch_size(size, cfg.progressive, epoch, cfg.epochs)
+                counted = _trained(model), epoch_size
+                if train_flops is not None and counted not in step_counts:
+                    step_counts[counted] = step_flops(model, criterion, cfg.batch_size, epoch_size,
+                                                      s.train_set.targets[0])
+                if wrapped is None or wrapped[0] != counted[0]:  # DDP holds the set of trained parameters
+                    wrapped = counted[0], training_model(distributed.wrap(model, s.device), cfg.compile)
                 epoch_start = time.perf_counter()
                 lr_now = optimizer.param_groups[-1]["lr"]
                 loader = epoch_loader(s, epoch)
@@ -327,7 +337,8 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                                       cfg.clip_grad, scaler,
                                       progress_desc=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None,
                                       frozen_backbone=frozen, hits=hits, accum_steps=cfg.accum_steps,
-                                      ema=ema, memory_format=layout, lookahead=lookahead)
+                                      ema=ema, memory_format=layout, lookahead=lookahead,
+                                      input_size=epoch_size if epoch_size != size else None)
                 if lookahead is not None:
                     lookahead.end_epoch()
                 scored = ema.model if ema is not None else model  # the weights validated and saved
@@ -335,7 +346,7 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                 val = task.metrics(logits, targets, s.classes)
                 if train_flops is not None:
                     # the count is linear in the batch
-                    train_flops += (step_counts[_trained(model)] or 0) * row["images"] // cfg.batch_size
+                    train_flops += (step_counts[counted] or 0) * row["images"] // cfg.batch_size
                 if eval_flops is not None:
                     eval_flops += image_eval_flops * len(targets)
                 row.update(epoch=epoch + 1, lr=lr_now, **task.epoch_columns(val),
@@ -359,8 +370,8 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                                  lookahead=lookahead.state_dict() if lookahead is not None else None,
                                  flops={"train": train_flops, "eval": eval_flops})
                     save_checkpoint(run_dir / rundir.CHECKPOINT, state)
-                log.info("epoch %d/%d  train loss %.4f acc %.4f  val %s  %.0f img/s%s", epoch + 1, cfg.epochs,
-                         row["train_loss"], row["train_accuracy"],
+                log.info("epoch %d/%d%s  train loss %.4f acc %.4f  val %s  %.0f img/s%s", epoch + 1, cfg.epochs,
+                         f" at {epoch_size} px" if epoch_size != size else "", row["train_loss"], row["train_accuracy"],
                          " ".join(f"{k[4:]} {v:.4f}" for k, v in task.epoch_columns(val).items()),
                          row["images_per_second"], f"  {format_flops(train_flops)}" if train_flops else "")
                 epoch += 1

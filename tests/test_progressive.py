@@ -77,3 +77,22 @@ def test_progressive_below_the_model_s_smallest_input_stops_before_training(tiny
         imgcls.train(tiny_tree, tmp_path / "run", epochs=2, progressive=[8, 0.5], progress=False,
                      **{**FAST, "model": "airbench"})
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_the_flag_takes_a_side_and_a_share_and_the_quick_recipe_brings_its_own():
+    from imgcls.cli import build_parser
+    from imgcls.train.config import TrainConfig, options_from_args, validate
+    from imgcls.train.recipes import with_recipe
+
+    def config(argv):
+        options = options_from_args(build_parser().parse_args(["train", "d", "--out", "o", *argv]))
+        cfg = TrainConfig.from_dict({"data": "d", "out": "o", **with_recipe(options)})
+        validate(cfg)
+        return cfg
+
+    assert config(["--progressive", "24", "0.7"]).progressive == [24.0, 0.7]
+    assert config([]).progressive is None
+    assert config(["--recipe", "cifar10-quick"]).progressive == [24, 0.7]
+    assert config(["--recipe", "cifar10-quick", "--progressive", "16", "0.5"]).progressive == [16.0, 0.5]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "d", "--progressive", "24"])

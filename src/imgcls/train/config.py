@@ -69,13 +69,15 @@ class Option:
     nargs: int | None = None
     cli: bool = True
     const: Any = None  # the value of the flag given without one (``--ema`` alone)
+    metavar: tuple | None = None  # the names of a flag's values in --help
 
 
 def option(default: Any = MISSING, help: str = "", *, factory: Callable | None = None, choices=None,
-           range: Interval | None = None, nargs: int | None = None, cli: bool = True, const: Any = None):
+           range: Interval | None = None, nargs: int | None = None, cli: bool = True, const: Any = None,
+           metavar: tuple | None = None):
     """A dataclass field declaring an option; ``choices`` is a table (dict) or a tuple of names."""
     names = (lambda: tuple(choices)) if choices is not None else None
-    meta = {"option": Option(help, names, range, nargs, cli, const)}
+    meta = {"option": Option(help, names, range, nargs, cli, const, metavar)}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -167,7 +169,7 @@ class TrainConfig:
     progressive: list[float] | None = option(None, "progressive resizing: the first epochs train on smaller inputs"
                                               ", the side growing from MIN_PX to the input size at SHARE of the"
                                               " epochs (e.g. 24 0.7); val and export at the full size",
-                                              nargs=2)
+                                              nargs=2, metavar=("MIN_PX", "SHARE"))
     compile: bool = option(False, "torch.compile the training model (a slower start, faster steps; needs a C++"
                            " compiler on CPUs)")
     channels_last: str = option("auto", "channels-last memory format for training (auto: where it was measured"
@@ -381,6 +383,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                 kwargs["choices"] = opt.choices()
             if opt.nargs:
                 kwargs["nargs"] = opt.nargs
+            if opt.metavar:
+                kwargs["metavar"] = opt.metavar
             if opt.const is not None:
                 kwargs.update(nargs="?", const=opt.const)
         parser.add_argument(flag(f.name), **kwargs)

@@ -36,7 +36,7 @@ Data: ../shared/data/cifar10-jpeg.tar.gz, extracted to /tmp/data (done here if m
 
 Measured (2 cores, CIFAR-10 as JPEG q75; docs/decisions.md, session 15): ``cifar10-quick`` (airbench93, 13
 epochs from 24 px, the stem bias frozen after 3) 0.8807 / 0.8926 flip / 0.8950 flip-shift at 0.1436 PFLOP,
-where its 9 epochs at 32 px gave 0.879 / 0.888 / 0.889 at 0.143 PFLOP.
+(seed 1: 0.8794 / 0.8900 / 0.8905), where its 9 epochs at 32 px gave 0.879 / 0.888 / 0.889 at 0.143 PFLOP.
 """
 
 from __future__ import annotations

@@ -220,6 +220,10 @@ def test_the_whitening_bias_trains_in_the_first_three_epochs_only_and_its_gradie
     for epoch, trains in ((0, True), (2, True), (3, False), (9, False)):
         net.start_epoch(epoch)
         assert bias.requires_grad is trains
+    # it only freezes: a backbone frozen by the loop stays frozen in the first epochs
+    bias.requires_grad_(False)
+    net.start_epoch(0)
+    assert not bias.requires_grad
     # frozen, an SGD step with weight decay leaves it as it is, while the rest of the net moves
     before, conv = bias.detach().clone(), net.layers[0][0].weight.detach().clone()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)

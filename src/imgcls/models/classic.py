@@ -147,11 +147,12 @@ class AirbenchNet(nn.Module):
             self.stem[0].init_from_data(images)
 
     def start_epoch(self, epoch: int) -> None:
-        """Called by the training loop before each (0-based) epoch: the whitening stem's bias trains in
-        the first ``WHITEN_BIAS_EPOCHS`` only, as airbench94 does; after them the first group's input
-        gradient is no longer computed."""
-        if self.whiten:
-            self.stem[0].bias.requires_grad_(epoch < WHITEN_BIAS_EPOCHS)
+        """Called by the training loop before each (0-based) epoch, after it has set which parameters
+        train: the whitening stem's bias trains in the first ``WHITEN_BIAS_EPOCHS`` only, as airbench94
+        does, and after them the first group's input gradient is no longer computed.  It only ever
+        freezes, so a frozen backbone stays frozen."""
+        if self.whiten and epoch >= WHITEN_BIAS_EPOCHS:
+            self.stem[0].bias.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.layers(self.stem(x))) * self.feature_scale)

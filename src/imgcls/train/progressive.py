@@ -4,8 +4,9 @@ A convolution's cost grows with the pixels, and early epochs learn coarse featur
 the full resolution (fast.ai's and FFCV's progressive resizing).  The input side grows linearly from
 ``MIN_PX`` at the first epoch to the full size at ``SHARE`` of the epochs (rounded to an epoch), in
 steps of an eighth of the full size (4 px at 32, 28 px at 224), and stays there; validation,
-calibration and export always see the full size.  Batches are shrunk on the training device after augmentation, by an antialiased
-bilinear resize, so both data paths (the array cache and per-image decoding) get it alike.
+calibration and export always see the full size.  Batches are shrunk on the training device after
+augmentation, by an antialiased bilinear resize, so both data paths (the array cache and per-image
+decoding) get it alike.
 """
 
 from __future__ import annotations

@@ -167,8 +167,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, device, amp_
     ``accum_steps``: one optimizer (and scheduler, and ``ema``) step per this many batches, the
     loss of each divided by the group's size, so K batches of B make the step of one batch of K x B
     (the last group of an epoch may be shorter).  Loss and hits add up on the device.  ``lookahead``
-    (then ``ema``) is updated after each optimizer step.  ``input_size``: batches are shrunk to it
-    (progressive resizing) when they come larger."""
+    (then ``ema``) is updated after each optimizer step.  ``input_size``: the side batches are shrunk
+    to when they come larger (progressive resizing)."""
     model.train()  # model: the Classifier, or its DistributedDataParallel wrapper (maybe compiled)
     if frozen_backbone:  # a frozen backbone keeps its BatchNorm statistics too
         set_frozen_bn_eval(distributed.unwrap(getattr(model, "_orig_mod", model)).net)
@@ -338,7 +338,7 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                                       progress_desc=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None,
                                       frozen_backbone=frozen, hits=hits, accum_steps=cfg.accum_steps,
                                       ema=ema, memory_format=layout, lookahead=lookahead,
-                                      input_size=epoch_size if epoch_size != size else None)
+                                      input_size=epoch_size)
                 if lookahead is not None:
                     lookahead.end_epoch()
                 scored = ema.model if ema is not None else model  # the weights validated and saved

@@ -31,7 +31,7 @@ def epoch_size(full: int, progressive, epoch: int, epochs: int) -> int:
         return full
     step = max(1, full // STEPS)
     grown = low + (full - low) * epoch / ramp
-    return max(low, min(full, math.floor(grown / step) * step))
+    return max(low, math.floor(grown / step) * step)  # grown < full before the ramp's end
 
 
 def check(progressive, full: int, smallest: int, model: str) -> None:

@@ -141,7 +141,7 @@ def run(model_name: str, data: Path, n_train: int, n_test: int, epochs: int, n_s
 
 
 def recipe_curve(name: str, data: Path, n_train: int, n_test: int, epochs: int | None, work: Path,
-                 batch_size: int | None = None, reference: bool = False) -> dict:
+                 batch_size: int | None = None, reference: bool = False, seed: int = 0) -> dict:
     """``imgcls train --recipe NAME`` with the test images as validation: test accuracy per epoch against
     the counted training FLOPs, and the final test accuracy without and with TTA."""
     from imgcls.api import evaluate
@@ -154,7 +154,8 @@ def recipe_curve(name: str, data: Path, n_train: int, n_test: int, epochs: int |
     if epochs and "warmup_epochs" in recipe:  # the peak of the schedule at the same share of the run
         options["warmup_epochs"] = recipe["warmup_epochs"] * epochs / recipe.get("epochs", epochs)
     t0 = time.perf_counter()
-    result = imgcls.train(csv_path, work / f"recipe-{name}", recipe=name, int8="off", progress=False, **options)
+    result = imgcls.train(csv_path, work / f"recipe-{name}", recipe=name, int8="off", progress=False, seed=seed,
+                          **options)
     wall = time.perf_counter() - t0
     rows = list(csv.DictReader((result.run_dir / "metrics.csv").open()))
     curve = [(int(r["epoch"]), int(r["train_flops"]) / 1e15, float(r["val_accuracy"]), float(r["images_per_second"]))
@@ -215,6 +216,7 @@ def main() -> None:
     parser.add_argument("--recipe-test-images", type=int, default=10000)
     parser.add_argument("--recipe-epochs", type=int, help="epochs of the recipe run (default: the recipe's)")
     parser.add_argument("--recipe-batch-size", type=int, help="batch size of the recipe run (default: the recipe's)")
+    parser.add_argument("--recipe-seed", type=int, default=0, help="seed of the recipe run")
     parser.add_argument("--reference", action="store_true",
                         help="also train airbench94 as published (airbench_reference.py) on the recipe's images")
     args = parser.parse_args()
@@ -231,7 +233,8 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
         curve = recipe_curve(args.recipe, data, args.recipe_train_images, args.recipe_test_images,
-                             args.recipe_epochs, Path(tmp), args.recipe_batch_size, args.reference) if args.recipe else None
+                             args.recipe_epochs, Path(tmp), args.recipe_batch_size, args.reference,
+                             args.recipe_seed) if args.recipe else None
     if rows:
         print()
         print(f"{'model':10} {'train imgs':>10} {'epochs':>6} {'test acc':>8} {'img/s':>6} {'wall s':>6} |"

@@ -38,7 +38,7 @@ from ..models.heads import freeze_backbone, param_groups, set_frozen_bn_eval, un
 from ..models.registry import model_spec
 from ..progress import bar as progress_bar
 from ..system import default_workers
-from . import distributed, progressive
+from . import distributed, muon, progressive
 from .accel import make_ema, make_lookahead, training_layout, training_model
 from .flops import format_flops, forward_flops, step_flops
 from .head import class_weights
@@ -116,21 +116,26 @@ def make_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
     extra = {"momentum": cfg.momentum, "nesterov": cfg.momentum > 0} if spec.momentum else {}
     groups = param_groups(net, lr, cfg.backbone_lr_mult)
     if cfg.norm_lr_mult != 1:
-        groups = with_norm_lr(groups, net, cfg.norm_lr_mult, wd)
+        # with Muon, every bias and shift takes the norm rate (airbench94_muon's bias group, the stem's included)
+        groups = with_norm_lr(groups, net, cfg.norm_lr_mult, wd, vectors=cfg.muon is not None)
     if not cfg.norm_weight_decay:
         groups = without_decay_on_1d(groups)
+    if cfg.muon is not None:
+        return muon.MuonSGD(muon.muon_groups(groups, *cfg.muon), lr=lr, weight_decay=wd, **extra)
     return getattr(torch.optim, spec.torch_class)(groups, lr=lr, weight_decay=wd, **extra)
 
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def with_norm_lr(groups: list[dict], net: nn.Module, mult: float, weight_decay: float) -> list[dict]:
-    """Each group split in two: the normalization layers' parameters at ``mult`` times the group's
-    learning rate and ``weight_decay / mult`` (the same decay per step), the rest unchanged
-    (``--norm-lr-mult``; airbench94 trains its BatchNorm shifts 64x faster)."""
+def with_norm_lr(groups: list[dict], net: nn.Module, mult: float, weight_decay: float,
+                 vectors: bool = False) -> list[dict]:
+    """Each group split in two: the normalization layers' parameters (``vectors``: every 1-D
+    parameter) at ``mult`` times the group's learning rate and ``weight_decay / mult`` (the same
+    decay per step), the rest unchanged (``--norm-lr-mult``; airbench94 trains its BatchNorm shifts
+    64x faster)."""
     norm_ids = {id(p) for m in net.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
-    return split_groups(groups, lambda p: id(p) in norm_ids, "norm",
+    return split_groups(groups, lambda p: id(p) in norm_ids or (vectors and p.ndim <= 1), "norm",
                         lambda g: {"lr": g["lr"] * mult, "weight_decay": g.get("weight_decay", weight_decay) / mult})
 
 

@@ -29,7 +29,7 @@ from ..models.registry import create_model, default_preprocess, model_spec
 from ..models.weights import load_weights_file
 from ..system import (available_cpus, configure_threads, cpu_has_native_bf16, default_workers, passive_openmp,
                       resolve_device)
-from . import distributed, progressive
+from . import distributed, muon, progressive
 from .balance import Balance, resolve_balance, tiny_class_warning
 from .config import TrainConfig, validate
 from .session import Session, WeightSource
@@ -435,6 +435,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     geometry = (rundir.read_preprocess(run_dir / rundir.PREPROCESS) if resume
                 else resolve_geometry(cfg, source, splits["train"]))
     progressive.check(cfg.progressive, geometry.input_size, model_spec(cfg.model).min_input_size, cfg.model)
+    muon.check(cfg.muon, cfg.optimizer)
     scanned = scan(cfg, splits, geometry, augment, progress)
     scanned.events = events.to_dict()
     _report_scan(scanned, classes, run_dir, write=main)

@@ -81,7 +81,7 @@ STRATEGIES = {
 # options only the epoch loop (finetune) reads: flag -> (TrainConfig field, its value when not asked for)
 LOOP_ONLY = {"--ema": ("ema", None), "--accum-steps": ("accum_steps", 1), "--compile": ("compile", False),
              "--lookahead": ("lookahead", False), "--norm-lr-mult": ("norm_lr_mult", 1.0),
-             "--progressive": ("progressive", None)}
+             "--progressive": ("progressive", None), "--muon": ("muon", None)}
 
 
 def resolve_strategy(strategy: str, *, pretrained: bool, weights: str | None, device_type: str,

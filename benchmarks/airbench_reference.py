@@ -1,4 +1,6 @@
-"""airbench94 as published, transcribed to plain PyTorch: the yardstick for ``--recipe cifar10-speed``.
+"""airbench94 as published, transcribed to plain PyTorch: the yardstick for imgcls's airbench net and its SGD
+training (``--recipe cifar10-speed`` trained this way until session 16; it is airbench94_muon's training now,
+whose transcription is ``airbench_muon_reference.py``).
 
 Keller Jordan's ``airbench94.py`` (github.com/KellerJordan/cifar10-airbench, MIT licence; "94% on
 CIFAR-10 in 3.29 Seconds on a Single GPU", 2024) reaches 94.0% on CIFAR-10 in 9.9 epochs (about 0.36

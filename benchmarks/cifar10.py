@@ -26,17 +26,22 @@ Usage::
 
     python benchmarks/cifar10.py                      # both models, defaults below
     python benchmarks/cifar10.py --models cifarnet --epochs 5 --train-images 50000
-    python benchmarks/cifar10.py --models --recipe cifar10-speed          # the full recipe (an hour+ on 2 cores)
-    python benchmarks/cifar10.py --models --recipe cifar10-quick          # 0.144 PFLOP (15-20 min on 2 cores)
+    python benchmarks/cifar10.py --models --recipe cifar10-speed          # the full recipe (about 20 min on 2 cores)
+    python benchmarks/cifar10.py --models --recipe cifar10-quick          # 0.146 PFLOP (about 14 min on 2 cores)
+    python benchmarks/cifar10.py --models --recipe cifar10-quick --recipe-seed 1   # another draw
     python benchmarks/cifar10.py --models --recipe cifar10-speed --recipe-epochs 4 --reference  # beside airbench94
     python benchmarks/cifar10.py --models --recipe cifar10-speed --recipe-train-images 2000 \
         --recipe-test-images 1000 --recipe-epochs 4 --recipe-batch-size 128  # a smoke run of it
 
 Data: ../shared/data/cifar10-jpeg.tar.gz, extracted to /tmp/data (done here if missing).
 
-Measured (2 cores, CIFAR-10 as JPEG q75; docs/decisions.md, session 15): ``cifar10-quick`` (airbench93, 13
-epochs from 24 px, the stem bias frozen after 3) 0.8807 / 0.8926 flip / 0.8950 flip-shift at 0.1436 PFLOP,
-(seed 1: 0.8794 / 0.8900 / 0.8905), where its 9 epochs at 32 px gave 0.879 / 0.888 / 0.889 at 0.143 PFLOP.
+Measured (2 cores, CIFAR-10 as JPEG q75; docs/decisions.md, session 16), plain / flip / flip-shift:
+``cifar10-quick`` (airbench94_muon's training on airbench93, 13 epochs from 24 px) 0.8897 / 0.8994 / 0.9001
+at 0.1463 PFLOP (seeds 1 and 2: 0.8999 and 0.8975 with flip-shift; session 15's SGD recipe 0.8950 and
+0.8905); ``cifar10-speed`` (airbench94_muon, 8 epochs) 0.8983 / 0.9097 / 0.9111 at 0.2778 PFLOP, where
+airbench94 as published (10 epochs, SGD and lookahead) gave 0.896 / 0.902 / 0.9035 at 0.345 (session 11).
+``--reference`` is that SGD training (airbench_reference.py); airbench_muon_reference.py transcribes the
+Muon one.
 """
 
 from __future__ import annotations

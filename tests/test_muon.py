@@ -128,3 +128,15 @@ def test_the_quick_recipe_trains_with_muon_end_to_end(tiny_tree, tmp_path):
     state = torch.load(run / rundir.CHECKPOINT, weights_only=True)
     assert sum("muon_buffer" in s for s in state["optimizer"]["state"].values()) == 6  # one per filter bank
     assert rundir.read_json(run / rundir.SUMMARY)["best_val_accuracy"] > 0.5  # 3 classes: chance is 1/3
+
+
+def test_the_newton_schulz_flops_are_counted_as_torch_counts_them():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    convs = [nn.Parameter(torch.randn(8, 4, 3, 3)), nn.Parameter(torch.randn(16, 8, 3, 3))]
+    optimizer = MuonSGD([{"params": convs, "lr": 0.1, "muon": True, "muon_momentum": 0.6, "momentum": 0.0,
+                          "nesterov": False, "weight_decay": 0.0}], lr=0.1)
+    with FlopCounterMode(display=False) as counter:
+        for p in convs:
+            orthogonalize(torch.randn(len(p), p[0].numel()))
+    assert optimizer.step_flops() == counter.get_total_flops() > 0

@@ -49,12 +49,12 @@ def test_a_recipe_fills_the_options_not_given_and_every_given_flag_wins():
     for key, value in recipe.items():
         if key != "augment":
             assert getattr(speed, key) == value, key
-    assert (speed.model, speed.batch_size, speed.schedule, speed.lookahead) == ("airbench94", 1024, "airbench", True)
+    assert (speed.model, speed.batch_size, speed.schedule, speed.muon) == ("airbench94", 2000, "triangle", [0.24, 0.6])
     assert speed.model != plain.model and speed.batch_size != plain.batch_size
     # explicit flags override, the rest of the recipe stays
     given = _config(["--recipe", "cifar10-speed", "--epochs", "3", "--model", "cifarnet", "--no-norm-weight-decay"])
     assert (given.epochs, given.model, given.norm_weight_decay) == (3, "cifarnet", False)
-    assert (given.batch_size, given.lr, given.label_smoothing) == (1024, recipe["lr"], recipe["label_smoothing"])
+    assert (given.batch_size, given.lr, given.label_smoothing) == (2000, recipe["lr"], recipe["label_smoothing"])
     # augmentation: the recipe's changes, and an augmentation flag changes only its own setting
     assert speed.augment == {**Augment().to_dict(), **recipe["augment"]}
     flipless = _config(["--recipe", "cifar10-speed", "--no-flip"])
@@ -87,7 +87,8 @@ def test_every_recipe_names_declared_options_with_valid_values(name):
 def test_recipes_are_listed_and_an_unknown_one_is_refused(capsys):
     assert main(["recipes"]) == 0
     listed = capsys.readouterr().out
-    assert all(name in listed for name in RECIPES) and "--batch-size 1024" in listed and "--lookahead" in listed
+    assert all(name in listed for name in RECIPES) and "--batch-size 2000" in listed
+    assert "--muon 0.24 0.6" in listed and "--no-lookahead" in listed  # a list and a switch turned off
     assert main(["train", "--recipe", "list"]) == 0  # no data needed to list them
     assert capsys.readouterr().out == listed
     with pytest.raises(SystemExit):

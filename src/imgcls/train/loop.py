@@ -350,8 +350,10 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                 logits, targets = validation_logits(scored, s)
                 val = task.metrics(logits, targets, s.classes)
                 if train_flops is not None:
-                    # the count is linear in the batch
-                    train_flops += (step_counts[counted] or 0) * row["images"] // cfg.batch_size
+                    # the count is linear in the batch; an optimizer's own products (Muon's) once per its step
+                    steps = -(-row["images"] // (cfg.batch_size * cfg.accum_steps))
+                    train_flops += (step_counts[counted] or 0) * row["images"] // cfg.batch_size \
+                        + getattr(optimizer, "step_flops", lambda: 0)() * steps
                 if eval_flops is not None:
                     eval_flops += image_eval_flops * len(targets)
                 row.update(epoch=epoch + 1, lr=lr_now, **task.epoch_columns(val),

@@ -64,6 +64,18 @@ def muon_groups(groups: list[dict], lr: float, momentum: float) -> list[dict]:
 class MuonSGD(torch.optim.SGD):
     """SGD whose groups marked ``muon`` take Muon steps (Nesterov momentum ``muon_momentum``)."""
 
+    def step_flops(self) -> int:
+        """FLOPs of one step's Newton-Schulz iterations, which a count of forward and backward passes
+        misses: per iteration on an m x n update (m <= n), two m x m x n products and one m x m x m."""
+        total = 0
+        for group in self.param_groups:
+            if group.get("muon"):
+                for p in group["params"]:
+                    if p.requires_grad:
+                        m, n = sorted((len(p), p[0].numel()))
+                        total += NS_STEPS * (4 * m * m * n + 2 * m ** 3)
+        return total
+
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:

@@ -86,6 +86,21 @@ def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tree,
     assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["nproc"] == 2  # a resume takes 2 again
 
 
+
+def test_two_processes_take_the_muon_steps_of_one(tree, tmp_path):
+    """--muon under DDP: the ranks orthogonalise the same all-reduced gradients, so they train what one
+    process does (the Newton-Schulz iterations carry the last-bit differences along, not more)."""
+    options = dict(QUIET, epochs=2, augment=Augment.off().to_dict(), optimizer="sgd", lr=0.05, muon=[0.1, 0.6])
+    imgcls.train(tree, tmp_path / "one", **options)
+    imgcls.train(tree, tmp_path / "two", nproc=2, **options)
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    for key in a["model"]:
+        torch.testing.assert_close(b["model"][key], a["model"][key], atol=1e-4, rtol=1e-3, msg=key)
+    muon_state = [s for s in b["optimizer"]["state"].values() if "muon_buffer" in s]
+    assert muon_state and len(muon_state) == sum(v.ndim == 4 for v in a["model"].values())
+
+
 EPOCHS = 12
 
 

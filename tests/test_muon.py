@@ -116,6 +116,15 @@ def test_the_muon_momentum_travels_in_the_state_dict_so_a_resumed_run_steps_alik
             opt.step()
     assert torch.equal(p, q)
     assert not torch.allclose(p, r, atol=1e-3)
+    # a closure's gradients are the ones a step orthogonalises, and its loss is returned
+    before = q.detach().clone()
+
+    def closure():
+        q.grad = grads[0].clone()
+        return torch.tensor(1.5)
+
+    q.grad = None
+    assert resumed.step(closure) == 1.5 and not torch.equal(q, before)
 
 
 def test_the_quick_recipe_trains_with_muon_end_to_end(tiny_tree, tmp_path):

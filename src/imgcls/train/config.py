@@ -143,7 +143,8 @@ class TrainConfig:
     momentum: float = option(0.9, "SGD momentum (Nesterov when > 0)", range=_UNIT_RIGHT_OPEN)
     muon: list[float] | None = option(None, "train the convolution filters with Muon (as airbench94_muon) at LR with"
                                       " Nesterov momentum MOMENTUM (e.g. 0.24 0.6); the other parameters with"
-                                      " --optimizer sgd", nargs=2, metavar=("LR", "MOMENTUM"))
+                                      " --optimizer sgd, every bias among them at the --norm-lr-mult rate",
+                                      nargs=2, metavar=("LR", "MOMENTUM"))
     schedule: str = option("cosine", "learning-rate schedule (after the warm-up; triangle: linear down to 0;"
                            " airbench: up from 0.2 of the peak over the warm-up, then down to 0.07 of it)",
                            choices=SCHEDULES)

@@ -47,8 +47,8 @@ def orthogonalize(update: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7
 
 
 def muon_groups(groups: list[dict], lr: float, momentum: float) -> list[dict]:
-    """Each group split in two: its filters (4-D and up) as a ``muon`` group at ``lr`` with Muon's
-    ``momentum``, the rest unchanged."""
+    """Each group split in two: its filters (convolution kernels: 3-D and up) as a ``muon`` group at
+    ``lr`` with Muon's ``momentum``, the rest unchanged."""
     out = []
     for group in groups:
         rest = [p for p in group["params"] if p.ndim < 3]
@@ -78,6 +78,10 @@ class MuonSGD(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:  # the gradients it recomputes are the ones to orthogonalise
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             if not group.get("muon"):
                 continue
@@ -93,4 +97,5 @@ class MuonSGD(torch.optim.SGD):
                 update = p.grad.add(buffer, alpha=beta)
                 p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
                 p.grad.copy_(orthogonalize(update.reshape(len(update), -1)).view_as(p.grad))
-        return super().step(closure)
+        super().step()
+        return loss

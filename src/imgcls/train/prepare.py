@@ -389,6 +389,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
         raise UserError(f"{run_dir} already holds a trained model; choose another --out or continue it with"
                         f" --resume {run_dir}")
     validate(cfg)
+    muon.check(cfg.muon, cfg.optimizer)
     if cfg.output_weights is not None:  # checked before any data is read
         columns = output_columns(cfg.label_column)
         if len(columns) < 2:
@@ -435,7 +436,6 @@ def prepare(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Se
     geometry = (rundir.read_preprocess(run_dir / rundir.PREPROCESS) if resume
                 else resolve_geometry(cfg, source, splits["train"]))
     progressive.check(cfg.progressive, geometry.input_size, model_spec(cfg.model).min_input_size, cfg.model)
-    muon.check(cfg.muon, cfg.optimizer)
     scanned = scan(cfg, splits, geometry, augment, progress)
     scanned.events = events.to_dict()
     _report_scan(scanned, classes, run_dir, write=main)

@@ -48,8 +48,9 @@ def test_a_muon_step_on_a_conv_filter_bank_is_torch_s_muon_on_it_flattened_after
             flat.mul_(8 ** 0.5 / flat.norm())
         ours.step()
         theirs.step()
-        # torch's Newton-Schulz runs in bfloat16: agreement to about 1% of a step
-        assert torch.allclose(conv.detach().reshape(8, -1), flat.detach(), atol=0.2 * 0.03)
+        # torch's Newton-Schulz runs in bfloat16: agreement within 1.5% of the learning rate (0.9% measured;
+        # torch without momentum misses by more)
+        assert torch.allclose(conv.detach().reshape(8, -1), flat.detach(), atol=0.2 * 0.015)
 
 
 def test_with_muon_the_filters_take_muon_steps_and_every_vector_the_bias_rate():
@@ -139,7 +140,7 @@ def test_the_quick_recipe_trains_with_muon_end_to_end(tiny_tree, tmp_path):
     assert rundir.read_json(run / rundir.SUMMARY)["best_val_accuracy"] > 0.5  # 3 classes: chance is 1/3
 
 
-def test_the_newton_schulz_flops_are_counted_as_torch_counts_them():
+def test_the_newton_schulz_flops_are_counted_as_torch_counts_them(tiny_tree, tmp_path):
     from torch.utils.flop_counter import FlopCounterMode
 
     convs = [nn.Parameter(torch.randn(8, 4, 3, 3)), nn.Parameter(torch.randn(16, 8, 3, 3))]
@@ -149,3 +150,14 @@ def test_the_newton_schulz_flops_are_counted_as_torch_counts_them():
         for p in convs:
             orthogonalize(torch.randn(len(p), p[0].numel()))
     assert optimizer.step_flops() == counter.get_total_flops() > 0
+    # a run counts them once per optimizer step, on top of the forward and backward passes
+    flops = {}
+    for name, extra in (("sgd", []), ("muon", ["--muon", "0.24", "0.6"])):
+        run = tmp_path / name
+        assert main(["train", str(tiny_tree), "--out", str(run), "--model", "airbench93", "--optimizer", "sgd",
+                     "--epochs", "1", "--batch-size", "13", "--workers", "0", "--int8", "off",
+                     "--no-calibrate", *extra]) == 0
+        flops[name] = rundir.read_json(run / rundir.SUMMARY)["train_flops"]
+    net = create_model("airbench93", 3, 32)
+    per_step = loop.make_optimizer(net, TrainConfig(data="d", out="o", optimizer="sgd", muon=[0.24, 0.6])).step_flops()
+    assert flops["muon"] - flops["sgd"] == per_step * 3  # 3 batches of 13 of the 39 training images

@@ -121,7 +121,8 @@ def make_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
     if not cfg.norm_weight_decay:
         groups = without_decay_on_1d(groups)
     if cfg.muon is not None:
-        return muon.MuonSGD(muon.muon_groups(groups, *cfg.muon), lr=lr, weight_decay=wd, **extra)
+        groups = split_groups(groups, muon.is_filter, "muon", lambda g: muon.group_settings(*cfg.muon))
+        return muon.MuonSGD(groups, lr=lr, weight_decay=wd, **extra)
     return getattr(torch.optim, spec.torch_class)(groups, lr=lr, weight_decay=wd, **extra)
 
 

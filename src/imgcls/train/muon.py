@@ -46,19 +46,15 @@ def orthogonalize(update: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7
     return x if wide else x.T
 
 
-def muon_groups(groups: list[dict], lr: float, momentum: float) -> list[dict]:
-    """Each group split in two: its filters (convolution kernels: 3-D and up) as a ``muon`` group at
-    ``lr`` with Muon's ``momentum``, the rest unchanged."""
-    out = []
-    for group in groups:
-        rest = [p for p in group["params"] if p.ndim < 3]
-        filters = [p for p in group["params"] if p.ndim >= 3]
-        out += [{**group, "params": rest}] if rest else []
-        if filters:
-            out.append({**group, "params": filters, "lr": lr, "muon": True, "muon_momentum": momentum,
-                        "momentum": 0.0, "nesterov": False, "weight_decay": 0.0,
-                        "name": f"{group.get('name', '')} muon"})
-    return out
+def is_filter(p: torch.Tensor) -> bool:
+    """The parameters Muon trains: convolution kernels (3-D and up)."""
+    return p.ndim >= 3
+
+
+def group_settings(lr: float, momentum: float) -> dict:
+    """A filter group's settings: Muon's rate and momentum, and no SGD momentum or decay on top."""
+    return {"lr": lr, "muon": True, "muon_momentum": momentum, "momentum": 0.0, "nesterov": False,
+            "weight_decay": 0.0}
 
 
 class MuonSGD(torch.optim.SGD):

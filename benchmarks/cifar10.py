@@ -163,8 +163,8 @@ def recipe_curve(name: str, data: Path, n_train: int, n_test: int, epochs: int |
                           **options)
     wall = time.perf_counter() - t0
     rows = list(csv.DictReader((result.run_dir / "metrics.csv").open()))
-    curve = [(int(r["epoch"]), int(r["train_flops"]) / 1e15, float(r["val_accuracy"]), float(r["images_per_second"]))
-             for r in rows]
+    curve = [(int(r["epoch"]), int(r["input_size"]), int(r["train_flops"]) / 1e15, float(r["val_accuracy"]),
+              float(r["images_per_second"])) for r in rows]
     plain, flip, shift = (evaluate(result.run_dir, csv_path, split="val", tta=t, write=False).accuracy
                           for t in ("none", "flip", "flip-shift"))
     out = {"recipe": name, "train_images": result.summary["n_train"], "test_images": result.summary["n_val"],
@@ -183,15 +183,15 @@ def recipe_curve(name: str, data: Path, n_train: int, n_test: int, epochs: int |
 def print_curve(r: dict) -> None:
     print(f"\nrecipe {r['recipe']}: {r['train_images']} train images, {r['test_images']} test images,"
           f" {r['wall_seconds']:.0f} s")
-    print(f"{'epoch':>5} {'PFLOP':>8} {'test acc':>8} {'img/s':>6}")
-    for epoch, pflop, accuracy, ips in r["curve"]:
-        print(f"{epoch:>5} {pflop:>8.4f} {accuracy:>8.4f} {ips:>6.0f}")
+    print(f"{'epoch':>5} {'px':>4} {'PFLOP':>8} {'test acc':>8} {'img/s':>6}")
+    for epoch, side, pflop, accuracy, ips in r["curve"]:
+        print(f"{epoch:>5} {side:>4} {pflop:>8.4f} {accuracy:>8.4f} {ips:>6.0f}")
     print(f"final: {r['train_pflop']:.4f} PFLOP, test accuracy (imgcls eval) {r['test_accuracy']:.4f},"
           f" with --tta flip {r['test_accuracy_tta_flip']:.4f}, --tta flip-shift {r['test_accuracy_tta_flip_shift']:.4f}")
     # the run's final model with TTA (inference, not training FLOPs) beside the per-epoch curve without it
     final = max(r["test_accuracy"], r["test_accuracy_tta_flip"], r["test_accuracy_tta_flip_shift"])
-    within = [acc for _, pflop, acc, _ in r["curve"] if pflop <= 0.15] + ([final] if r["train_pflop"] <= 0.15 else [])
-    under = [a for _, p, a, _ in r["curve"] if p <= 1] + ([final] if r["train_pflop"] <= 1 else [])
+    within = [acc for _, _, pflop, acc, _ in r["curve"] if pflop <= 0.15] + ([final] if r["train_pflop"] <= 0.15 else [])
+    under = [a for _, _, p, a, _ in r["curve"] if p <= 1] + ([final] if r["train_pflop"] <= 1 else [])
     if "reference" in r:
         ref = r["reference"]
         print("airbench94 as published (airbench_reference.py), same images and epochs: per epoch "

@@ -69,6 +69,26 @@ def test_resume_of_a_copy_continues_the_copy_from_any_directory(run_dir, tmp_pat
     assert Path(rundir.read_yaml(copy / rundir.CONFIG)["data"]).is_absolute()
 
 
+def test_resume_of_a_run_whose_metrics_file_has_fewer_columns_keeps_its_header(run_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    with (copy / rundir.METRICS).open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows[0]["input_size"] == "32"
+    older = [c for c in rows[0] if c != "input_size"]  # as written before that column existed
+    with (copy / rundir.METRICS).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=older, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    result = _in_process(capsys, "-q", "train", "--resume", copy, "--epochs", "2")
+    assert result.returncode == 0, result.stderr
+    with (copy / rundir.METRICS).open(newline="") as handle:
+        reader = csv.reader(handle)
+        header, *body = list(reader)
+    assert header == older and [len(r) for r in body] == [len(older)] * 2
+    assert _metric_epochs(copy) == [1, 2]
+
+
 def test_resume_drops_metrics_rows_written_after_the_checkpoint(run_dir, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)

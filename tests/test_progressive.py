@@ -65,7 +65,8 @@ def test_the_early_epochs_train_and_are_counted_at_the_smaller_side(tiny_tree, t
     per_step = {side: flops.step_flops(model, nn.CrossEntropyLoss(), 8, side, np.int64(0)) for side in (16, 24, 32)}
     steps = summary["n_train"] // 8
     rows = [line.split(",") for line in (run / "metrics.csv").read_text().splitlines()]
-    column = rows[0].index("train_flops")
+    column, side = rows[0].index("train_flops"), rows[0].index("input_size")
+    assert [int(r[side]) for r in rows[1:]] == [16, 24, 32]  # the side each epoch trained at
     assert [int(r[column]) for r in rows[1:]] == [steps * per_step[16], steps * (per_step[16] + per_step[24]),
                                                   steps * (per_step[16] + per_step[24] + per_step[32])]
     assert per_step[16] < per_step[24] < per_step[32]

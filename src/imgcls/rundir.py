@@ -231,7 +231,8 @@ def read_split(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
+METRIC_COLUMNS = ("epoch", "input_size",  # input_size: the side the epoch trained at (--progressive shrinks it)
+                  "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
                   "epoch_seconds", "images_per_second", "val_map",  # val_map: multi-label runs
                   "train_flops")  # counted FLOPs of the training steps so far (train.flops)
 
@@ -257,8 +258,12 @@ def append_metrics(run_dir: str | Path, row: dict) -> None:
     """One row of ``metrics.csv``, flushed at once so that a crash keeps the history."""
     path = Path(run_dir) / METRICS
     new = not path.exists()
+    columns = METRIC_COLUMNS
+    if not new:  # a resumed run keeps the columns its file began with
+        with path.open(newline="") as handle:
+            columns = next(csv.reader(handle), None) or METRIC_COLUMNS
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -347,7 +347,8 @@ def fit_features(s: Session, progress: bool = True) -> Fit:
                                  np.repeat(y, train_feats.shape[1], axis=0), s.classes)
     val = task.metrics(logits_of(val_feats[:, 0]), y_val, s.classes)
     seconds = time.perf_counter() - t_start
-    rundir.append_metrics(s.run_dir, {"epoch": 1, "lr": "", "train_loss": train_metrics.loss,
+    rundir.append_metrics(s.run_dir, {"epoch": 1, "input_size": s.preprocess.input_size, "lr": "",
+                                      "train_loss": train_metrics.loss,
                                       "train_accuracy": train_metrics.accuracy, **task.epoch_columns(val),
                                       "epoch_seconds": seconds,
                                       "images_per_second": n_rows / t_feats})

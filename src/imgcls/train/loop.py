@@ -357,7 +357,7 @@ def fit_epochs(s: Session, resume: bool = False, progress: bool = True) -> Fit:
                         + getattr(optimizer, "step_flops", lambda: 0)() * steps
                 if eval_flops is not None:
                     eval_flops += image_eval_flops * len(targets)
-                row.update(epoch=epoch + 1, lr=lr_now, **task.epoch_columns(val),
+                row.update(epoch=epoch + 1, input_size=epoch_size, lr=lr_now, **task.epoch_columns(val),
                            epoch_seconds=time.perf_counter() - epoch_start, train_flops=train_flops)
                 if main:
                     rundir.append_metrics(run_dir, row)

@@ -213,7 +213,8 @@ def fit_tail(s: Session, progress: bool = True) -> Fit:
         val = val_metrics()
         seconds = time.perf_counter() - t_epoch
         train_loss = loss_sum / len(x)
-        rundir.append_metrics(s.run_dir, {"epoch": epoch + 1, "lr": lr_now, "train_loss": train_loss,
+        rundir.append_metrics(s.run_dir, {"epoch": epoch + 1, "input_size": s.preprocess.input_size, "lr": lr_now,
+                                          "train_loss": train_loss,
                                           "train_accuracy": hits / len(x), "val_loss": val.loss,
                                           "val_accuracy": val.accuracy,
                                           "val_balanced_accuracy": val.balanced_accuracy, "epoch_seconds": seconds,

@@ -56,15 +56,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    x_train, y_train, x_test, y_test = ar.load_csv(args.csv, "test")
-    torch.manual_seed(args.seed)
-    net = ar.make_net(tuple(args.widths), 10)
+    result = train_muon_reference(*ar.load_csv(args.csv, "test"), args.sizes, tuple(args.widths), args.batch_size,
+                                  args.seed)
+    print(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **result}))
+
+
+def train_muon_reference(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                         sizes: list[int], widths=(64, 256, 256), batch_size: int = 2000, seed: int = 0,
+                         log=print) -> dict:
+    """airbench94_muon's training on normalized NCHW float images, one epoch per entry of ``sizes`` (its input
+    side); test accuracy after each epoch and at the end with TTA levels 0, 1 and 2 (as ``train_reference``)."""
+    torch.manual_seed(seed)
+    net = ar.make_net(tuple(widths), int(max(y_train.max(), y_test.max())) + 1)
     net[-4] = nn.AdaptiveMaxPool2d(1)
-    net[-1] = ar.Mul(1 / args.widths[2])
+    net[-1] = ar.Mul(1 / widths[2])
     with torch.no_grad():
         net[-2].weight /= net[-2].weight.std()
-    bs, per_epoch = args.batch_size, len(x_train) // args.batch_size
-    total, bias_steps = per_epoch * len(args.sizes), 3 * per_epoch
+    bs, per_epoch = batch_size, len(x_train) // batch_size
+    total, bias_steps = per_epoch * len(sizes), 3 * per_epoch
     decay = 2e-6 * bs
     filters = [p for p in net.parameters() if p.ndim == 4 and p.requires_grad]
     norm_biases = [p for k, p in net.named_parameters() if "norm" in k and p.requires_grad]
@@ -88,7 +97,7 @@ def main() -> None:
 
     flipped = torch.where((torch.rand(len(x_train)) < 0.5).view(-1, 1, 1, 1), x_train.flip(-1), x_train)
     step, flops, curve, t0 = 0, 0, [], time.perf_counter()
-    for epoch, side in enumerate(args.sizes):
+    for epoch, side in enumerate(sizes):
         stem_bias.requires_grad = epoch < 3
         net.train()
         source = flipped if side == 32 else F.interpolate(flipped, size=(side, side), mode="bilinear",
@@ -115,12 +124,13 @@ def main() -> None:
         flops += step_flops(side) * per_epoch
         accuracy = ar.evaluate(net, x_test, y_test, 0)
         curve.append((epoch + 1, side, flops / 1e15, accuracy))
-        print(f"epoch {epoch + 1} side {side} PFLOP {flops / 1e15:.4f} test acc {accuracy:.4f}"
-              f" ({time.perf_counter() - t0:.0f} s)", flush=True)
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "curve": curve, "pflop": flops / 1e15,
-              **{f"tta{level}": ar.evaluate(net, x_test, y_test, level) for level in (0, 1, 2)},
-              "seconds": time.perf_counter() - t0}
-    print(json.dumps(result))
+        log(f"epoch {epoch + 1} side {side} PFLOP {flops / 1e15:.4f} test acc {accuracy:.4f}"
+            f" ({time.perf_counter() - t0:.0f} s)")
+    return {"curve": curve, "pflop": flops / 1e15,
+            **{f"tta{level}": ar.evaluate(net, x_test, y_test, level) for level in (0, 1, 2)},
+            "seconds": time.perf_counter() - t0}
+
+
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ far (``train_flops`` of metrics.csv), then the final test accuracy with ``imgcls
 (``--recipe-epochs``) keeps the recipe's warm-up as the same share of it.  For the curve the CIFAR
 test images are the run's validation split, so each epoch's validation is the test accuracy (the
 triangular schedule's last epoch is its best; nothing is tuned on it).  ``--reference`` also trains
-airbench94 as published (``benchmarks/airbench_reference.py``, plain PyTorch, no imgcls code) on the
-same images for the same epochs, and prints its curve beside imgcls's.
+the recipe's training transcribed to plain PyTorch (no imgcls code) on the same images for the same
+epochs and sides, and prints its curve beside imgcls's: airbench94_muon
+(``benchmarks/airbench_muon_reference.py``) for a recipe with ``--muon``, else airbench94 as published
+(``benchmarks/airbench_reference.py``).
 
 Usage::
 
@@ -40,8 +42,7 @@ Measured (2 cores, CIFAR-10 as JPEG q75; docs/decisions.md, session 16), plain /
 at 0.1463 PFLOP (seeds 1 and 2: 0.8999 and 0.8975 with flip-shift; session 15's SGD recipe 0.8950 and
 0.8905); ``cifar10-speed`` (airbench94_muon, 8 epochs) 0.8983 / 0.9097 / 0.9111 at 0.2778 PFLOP, where
 airbench94 as published (10 epochs, SGD and lookahead) gave 0.896 / 0.902 / 0.9035 at 0.345 (session 11).
-``--reference`` is that SGD training (airbench_reference.py); airbench_muon_reference.py transcribes the
-Muon one.
+``--reference`` with either recipe trains airbench_muon_reference.py's transcription beside it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from torchvision.transforms import v2
 from cifar10_data import ARCHIVE, ensure_data, subset_csv
 from imgcls import rundir
 from imgcls.models.registry import create_model
+from imgcls.train import progressive
 
 AUGMENT = {"crop_scale": (0.35, 1.0), "crop_ratio": (3 / 4, 4 / 3), "hflip": True, "color_jitter": 0.0,
            "enabled": True}
@@ -171,12 +173,20 @@ def recipe_curve(name: str, data: Path, n_train: int, n_test: int, epochs: int |
            "curve": curve, "train_pflop": result.summary["train_flops"] / 1e15, "test_accuracy": plain,
            "test_accuracy_tta_flip": flip, "test_accuracy_tta_flip_shift": shift, "wall_seconds": wall}
     if reference:
+        from airbench_muon_reference import train_muon_reference
         from airbench_reference import load_csv, train_reference
 
         # the recipe's net's group widths, as the registry builds it
         widths = tuple(group[0].out_channels for group in create_model(recipe["model"], 10, 32).layers)
-        out["reference"] = train_reference(*load_csv(csv_path, "val"), epochs or recipe["epochs"], widths,
-                                           batch_size or recipe["batch_size"])
+        data, epochs = load_csv(csv_path, "val"), epochs or recipe["epochs"]
+        if recipe.get("muon"):  # the transcription of the training the recipe follows, at its epochs' sides
+            sides = [progressive.epoch_size(32, recipe.get("progressive"), e, epochs) for e in range(epochs)]
+            ref = train_muon_reference(*data, sides, widths, batch_size or recipe["batch_size"])
+            out["reference"] = {**ref, "name": "airbench94_muon (airbench_muon_reference.py)",
+                                "curve": [(epoch, accuracy) for epoch, _, _, accuracy in ref["curve"]]}
+        else:
+            out["reference"] = {**train_reference(*data, epochs, widths, batch_size or recipe["batch_size"]),
+                                "name": "airbench94 as published (airbench_reference.py)"}
     return out
 
 
@@ -194,7 +204,7 @@ def print_curve(r: dict) -> None:
     under = [a for _, _, p, a, _ in r["curve"] if p <= 1] + ([final] if r["train_pflop"] <= 1 else [])
     if "reference" in r:
         ref = r["reference"]
-        print("airbench94 as published (airbench_reference.py), same images and epochs: per epoch "
+        print(f"{ref['name']}, same images and epochs: per epoch "
               + ", ".join(f"{acc:.4f}" for _, acc in ref["curve"])
               + f"; final {ref['tta0']:.4f}, mirror {ref['tta1']:.4f}, mirror + shifts {ref['tta2']:.4f}"
               f" ({ref['seconds']:.0f} s)")

@@ -31,7 +31,7 @@ Usage::
     python benchmarks/cifar10.py --models --recipe cifar10-speed          # the full recipe (about 20 min on 2 cores)
     python benchmarks/cifar10.py --models --recipe cifar10-quick          # 0.146 PFLOP (about 14 min on 2 cores)
     python benchmarks/cifar10.py --models --recipe cifar10-quick --recipe-seed 1   # another draw
-    python benchmarks/cifar10.py --models --recipe cifar10-speed --recipe-epochs 4 --reference  # beside airbench94
+    python benchmarks/cifar10.py --models --recipe cifar10-speed --recipe-epochs 4 --reference  # beside airbench94_muon
     python benchmarks/cifar10.py --models --recipe cifar10-speed --recipe-train-images 2000 \
         --recipe-test-images 1000 --recipe-epochs 4 --recipe-batch-size 128  # a smoke run of it
 

@@ -104,6 +104,15 @@ def test_copied_files_are_not_one_event(tmp_path):
         os.utime(r.path, (1_650_000_000, 1_650_000_000))  # one copy time for the whole folder
     out, report = group_events(records)
     assert len({r.group for r in out}) == 12 and report.mtime_split == 12
+    # their IDs name the camera and the file, not the machine's folders (they go into shared Camtrap DP files)
+    assert out[3].group.startswith(f"{tmp_path.name}/3.jpg#") and str(tmp_path.parent) not in out[3].group
+    again, _ = group_events([Record(records[3].path, "fox")] + records)  # a file named twice: one event
+    assert again[0].group == again[4].group == out[3].group
+    # one camera (a column), files of one name in two folders: two events
+    twins = [Record(_jpeg(tmp_path / side / "same.jpg", None, 1), camera="cam") for side in ("a", "b")]
+    for r in twins:
+        os.utime(r.path, (1_650_000_000, 1_650_000_000))
+    assert len({r.group for r in group_events(twins)[0]}) == 2
     # no camera column: the folder, less the class folder; unlabelled, the folder itself
     assert cameras(records)[0] == tmp_path.name and cameras([Record(records[0].path)]) == ["fox"]
     assert MAX_MTIME_FRAMES >= 10

@@ -20,6 +20,7 @@ apart into single frames rather than trusted; the run says how many.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import Counter, defaultdict
@@ -192,7 +193,7 @@ def group_events(records: list[Record], gap: float = DEFAULT_GAP, workers: int =
             if len(event) > limit and any(times[i][1] == "mtime" for i in event):
                 report.mtime_split += len(event)
                 for i in event:  # by file: rows naming one file still share a group
-                    groups[i] = f"file:{os.path.abspath(records[i].path)}"
+                    groups[i] = _file_event(camera, records[i].path)
                 continue
             start = datetime.fromtimestamp(times[event[0]][0], timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
             for i in event:
@@ -204,6 +205,13 @@ def group_events(records: list[Record], gap: float = DEFAULT_GAP, workers: int =
     out = [replace(r, group=g) for r, g in zip(records, groups)]
     _count(out, report)
     return out, report
+
+
+def _file_event(camera: str, path: str | Path) -> str:
+    """A one-file event's ID: the camera and file name, and a digest of the absolute path that keeps files of
+    one name in two folders apart without writing the machine's folders into shared outputs (Camtrap DP)."""
+    digest = hashlib.sha1(os.path.abspath(path).encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return f"{camera}/{Path(path).name}#{digest}"
 
 
 def _count(records: list[Record], report: EventReport) -> None:

@@ -80,6 +80,7 @@ def test_resume_of_a_run_whose_metrics_file_has_fewer_columns_keeps_its_header(r
         writer = csv.DictWriter(handle, fieldnames=older, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+        writer.writerow({**rows[0], "epoch": 2})  # written after the checkpoint: the resume drops it
     result = _in_process(capsys, "-q", "train", "--resume", copy, "--epochs", "2")
     assert result.returncode == 0, result.stderr
     with (copy / rundir.METRICS).open(newline="") as handle:

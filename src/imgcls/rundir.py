@@ -243,12 +243,14 @@ def truncate_metrics(run_dir: str | Path, epochs: int) -> None:
     if not path.exists():
         return
     with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        rows = list(reader)
     kept = [r for r in rows if r.get("epoch", "").isdigit() and int(r["epoch"]) <= epochs]
     if len(kept) == len(rows):
         return
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\r\n")
+    out = io.StringIO()  # in the file's own columns, as append_metrics keeps them
+    writer = csv.DictWriter(out, fieldnames=reader.fieldnames or METRIC_COLUMNS, extrasaction="ignore",
+                            lineterminator="\r\n")
     writer.writeheader()
     writer.writerows(kept)
     atomic_write(path, out.getvalue())

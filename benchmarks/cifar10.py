@@ -42,6 +42,7 @@ Measured (2 cores, CIFAR-10 as JPEG q75; docs/decisions.md, session 16), plain /
 at 0.1463 PFLOP (seeds 1 and 2: 0.8999 and 0.8975 with flip-shift; session 15's SGD recipe 0.8950 and
 0.8905); ``cifar10-speed`` (airbench94_muon, 8 epochs) 0.8983 / 0.9097 / 0.9111 at 0.2778 PFLOP, where
 airbench94 as published (10 epochs, SGD and lookahead) gave 0.896 / 0.902 / 0.9035 at 0.345 (session 11).
+``cifar10-speed`` for 28 epochs (``--recipe-epochs 28``, 0.962 PFLOP): 0.9071 / 0.9156 / 0.9163 (session 17).
 ``--reference`` with either recipe trains airbench_muon_reference.py's transcription beside it.
 """
 

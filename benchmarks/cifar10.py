@@ -39,7 +39,7 @@ Data: ../shared/data/cifar10-jpeg.tar.gz, extracted to /tmp/data (done here if m
 
 Measured (2 cores, CIFAR-10 as JPEG q75; docs/decisions.md, session 16), plain / flip / flip-shift:
 ``cifar10-quick`` (airbench94_muon's training on airbench93, 13 epochs from 24 px) 0.8897 / 0.8994 / 0.9001
-at 0.1463 PFLOP (seeds 1 and 2: 0.8999 and 0.8975 with flip-shift; session 15's SGD recipe 0.8950 and
+at 0.1463 PFLOP (seeds 1, 2 and 3: 0.8999, 0.8975 and 0.9011 with flip-shift; session 15's SGD recipe 0.8950 and
 0.8905); ``cifar10-speed`` (airbench94_muon, 8 epochs) 0.8983 / 0.9097 / 0.9111 at 0.2778 PFLOP, where
 airbench94 as published (10 epochs, SGD and lookahead) gave 0.896 / 0.902 / 0.9035 at 0.345 (session 11).
 ``cifar10-speed`` for 28 epochs (``--recipe-epochs 28``, 0.962 PFLOP): 0.9071 / 0.9156 / 0.9163 (session 17).

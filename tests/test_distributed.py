@@ -86,7 +86,6 @@ def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(tree,
     assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["nproc"] == 2  # a resume takes 2 again
 
 
-
 def test_two_processes_take_the_muon_steps_of_one(tree, tmp_path):
     """--muon under DDP: the ranks orthogonalise the same all-reduced gradients, so they train what one
     process does (the Newton-Schulz iterations carry the last-bit differences along, not more)."""

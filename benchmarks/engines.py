@@ -9,7 +9,7 @@ random weights, 1000 classes): images/s of one uint8 batch through
 
 * torch eager fp32 (contiguous NCHW) and torch channels_last fp32, each under
   three allocators: glibc malloc as it comes, glibc after
-  ``imgcls.engines.tune_cpu_allocator()`` (TorchEngine's default on CPU), and
+  ``imgcls.prediction.engines.tune_cpu_allocator()`` (TorchEngine's default on CPU), and
   jemalloc via ``LD_PRELOAD`` (when libjemalloc2 is installed);
 * ONNX Runtime fp32 (``export_onnx``; OnnxEngine defaults) and int8
   (``quantize_int8``: QDQ, per-channel, calibrated on random images).
@@ -71,7 +71,7 @@ def worker(allocator: str, batch_size: int) -> None:
     """Answers 'model layout' lines with the images/s of one call (see worker_process)."""
     import torch
 
-    from imgcls.engines import TorchEngine, tune_cpu_allocator
+    from imgcls.prediction.engines import TorchEngine, tune_cpu_allocator
 
     if allocator == "tuned malloc" and not tune_cpu_allocator():
         return refuse("tune_cpu_allocator() is not available here")
@@ -139,7 +139,7 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from imgcls.engines import OnnxEngine, available_cpus
+    from imgcls.prediction.engines import OnnxEngine, available_cpus
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     files = {name: onnx_files(name, args.workdir) for name in args.models}

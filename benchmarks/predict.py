@@ -58,7 +58,7 @@ Parts (``--parts``, default all):
 ``batch``
     ``imgcls predict RUN big/ --batch-size B`` for B in ``--batches`` (default
     8 16 32), alternating over ``--e2e-rounds`` rounds: wall time and peak
-    RSS per batch size (the figures behind ``imgcls.predict.CPU_BATCH``).
+    RSS per batch size (the figures behind ``imgcls.prediction.predict.CPU_BATCH``).
 ``memory``  (bar: peak RSS at 200,000 files <= peak at 10,000 + 50 MB)
     Does memory stay flat in the number of files?  Tiny 8x8 PNGs in camera
     folders of 1,000 (``<root>/tiny/``, made once; the smaller sets are hard
@@ -296,7 +296,7 @@ def disagreement_causes(run: Path, ours: dict[str, str], theirs: dict[str, str],
     """Where imgcls and the naive pipeline disagree: does a full-size decode (no DCT scaling) fix it?"""
     from imgcls.data.decode import open_image
     from imgcls.data.preprocess import resize_and_crop
-    from imgcls.predict import load as imgcls_load
+    from imgcls.prediction.predict import load as imgcls_load
 
     with open(ours_csv, newline="") as handle:
         prob = {row["path"]: float(row["prob"] or 0) for row in csv.DictReader(handle)}
@@ -455,11 +455,11 @@ def engine_worker(kind: str, model: Path, batch_file: Path) -> None:
     """One engine in its own process: answers each stdin line with the images/s of one call."""
     x = np.load(batch_file)
     if kind == "imgcls":
-        from imgcls.predict import load as imgcls_load
+        from imgcls.prediction.predict import load as imgcls_load
 
         call = imgcls_load(model).engine
     elif kind == "imgcls-onnx":
-        from imgcls.engines import OnnxEngine
+        from imgcls.prediction.engines import OnnxEngine
 
         call = OnnxEngine(model)
     else:  # "ort": ONNX Runtime's default session
@@ -482,9 +482,9 @@ def engine_process(kind: str, model: Path, batch_file: Path) -> WorkerProcess:
 
 
 def part_engine(args, run: Path, big: Path, work: Path) -> dict:
-    from imgcls.engines import OnnxEngine
+    from imgcls.prediction.engines import OnnxEngine
     from imgcls.export import quantize_int8
-    from imgcls.predict import load as imgcls_load
+    from imgcls.prediction.predict import load as imgcls_load
 
     say(f"\n== 2. model only: batch {args.batch} of real 224 px images, {args.repeats} rounds after a warm-up ==")
     predictor = imgcls_load(run)
@@ -599,10 +599,10 @@ def part_batch(args, run: Path, big: Path, work: Path) -> dict:
 
 def part_threads(args, run: Path, big: Path) -> dict:
     from imgcls.data.records import Record
-    from imgcls.engines import OnnxEngine, available_cpus
-    from imgcls.predict import Predictor
+    from imgcls.prediction.engines import OnnxEngine, available_cpus
+    from imgcls.prediction.predict import Predictor
     from imgcls.system import default_workers as default_decode_workers
-    from imgcls.predict import load as imgcls_load
+    from imgcls.prediction.predict import load as imgcls_load
 
     base = imgcls_load(run)
     records = [Record(p) for p in sorted(big.glob("*.jpg"))[:args.threads_n]]
@@ -779,9 +779,9 @@ def part_ray(args, run: Path, big: Path, work: Path) -> dict:
     paper estimate for a cluster from that rate."""
     import re
 
-    from imgcls.cluster import connect, ray_predictor
+    from imgcls.prediction.cluster import connect, ray_predictor
     from imgcls.data.records import Record
-    from imgcls.predict import load as imgcls_load
+    from imgcls.prediction.predict import load as imgcls_load
 
     vga = vga_folder(args.root, args.ray_n)
     n = args.ray_n

@@ -31,7 +31,7 @@ Per row: requests, errors (not answered 200: other statuses, transport errors, r
 p50/p95/p99 (ms, per request, from send to the whole answer; all rounds together), the mean engine batch
 (the server's /health counters), and CPU ms per image of the server and of the generator.
 
-Model only: the same run loaded in this process with ``imgcls.predict.load`` (the engine the server
+Model only: the same run loaded in this process with ``imgcls.prediction.predict.load`` (the engine the server
 picks: ONNX Runtime, int8 on CPUs when the run has ``model.int8.onnx``), the same JPEGs decoded once with
 the predictor's preprocessing, and the engine timed on batches of B (and of 1) for as many images as a
 phase, after a warm-up, two ways: one call at a time on every CPU (as ``imgcls predict`` runs it), and
@@ -246,7 +246,7 @@ class ModelOnly:
 
     def __init__(self, model: Path, bodies: list[bytes]):
         from imgcls.data.decode import load_uint8_bytes
-        from imgcls.predict import load
+        from imgcls.prediction.predict import load
         from imgcls.system import available_cpus
 
         self.predictor = load(model)

@@ -23,7 +23,7 @@ mean = std = 0.5, 224 px):
   runs 25 epochs; on 2 CPU cores one epoch takes minutes, so it is capped at
   ``--classic-epochs`` (default 3).  Same process-level timing; data come from
   imgcls's RAM cache (shorter side 256, random crops taken from it), and
-  glibc's allocator is tuned as in imgcls.engines (only helps it).
+  glibc's allocator is tuned as in imgcls.prediction.engines (only helps it).
 * **ablation** (one process, features computed once, 8 views): the head
   fitted with / without the source-head prior, on 8 views / the center view
   only (without prior + center only = a plain linear probe, its L2 penalty
@@ -97,7 +97,7 @@ def classic_worker(data: str, epochs: int, seed: int) -> None:
     from imgcls.data.dataset import ImageDataset, decode_all
     from imgcls.data.sources import load_dataset
     from imgcls.data.preprocess import Augment
-    from imgcls.engines import tune_cpu_allocator
+    from imgcls.prediction.engines import tune_cpu_allocator
     from imgcls.models.classifier import Classifier
     from imgcls.models.pretrained import load_pretrained
     from imgcls.models.registry import create_model, default_preprocess, model_spec
@@ -164,7 +164,7 @@ def run_ablation(data: Path, work: Path) -> list[dict]:
     import numpy as np
     import torch
 
-    from imgcls.metrics import compute_metrics
+    from imgcls.evaluation.metrics import compute_metrics
     from imgcls.train import features
     from imgcls.train.config import TrainConfig
     from imgcls.train.head import fit_head

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from imgcls.aggregate import aggregate_probs, event_label
+from imgcls.evaluation.aggregate import aggregate_probs, event_label
 from imgcls.errors import UserError
 
 

@@ -23,7 +23,7 @@ from imgcls.train import loop
 from imgcls.train.accel import Lookahead
 from imgcls.train.config import TrainConfig
 from imgcls.train.optim import SCHEDULES
-from imgcls.tta import with_tta
+from imgcls.evaluation.tta import with_tta
 
 
 def _patch_covariance(images: torch.Tensor, k: int = 2) -> torch.Tensor:

@@ -22,8 +22,8 @@ from imagezoo import make_class_tree, write_image
 import imgcls
 from imgcls.cli import main
 from imgcls.data.sources import _images_under, collect_inputs, iter_inputs, keyed_inputs, read_csv
-from imgcls.fingerprint import file_sha256, meta_path
-from imgcls.shards import parse_shard, select, shard_of
+from imgcls.prediction.fingerprint import file_sha256, meta_path
+from imgcls.prediction.shards import parse_shard, select, shard_of
 
 LABELS = ["empty", "deer", "fox"]
 
@@ -131,7 +131,7 @@ def test_progress_says_how_many_inputs_were_skipped(trained, tmp_path, caplog):
 _RUN = textwrap.dedent("""
     import sys, time
     import numpy as np
-    import imgcls.predict
+    import imgcls.prediction.predict
     from imgcls.cli import main
     from imgcls.data.preprocess import Preprocess
 
@@ -139,7 +139,7 @@ _RUN = textwrap.dedent("""
         time.sleep(0.03)
         return (batch.reshape(len(batch), 3, -1).mean(-1) / 16.0).astype(np.float32)
 
-    imgcls.predict.load = lambda *a, **k: imgcls.predict.Predictor(
+    imgcls.prediction.predict.load = lambda *a, **k: imgcls.prediction.predict.Predictor(
         engine, ["empty", "deer", "fox"], Preprocess(input_size=8, resize="squash", crop_pct=1.0), "fake",
         batch_size=2)
     sys.exit(main(["-q", "predict", "RUN", *sys.argv[1:]]))
@@ -292,7 +292,7 @@ def test_shards_partition_the_inputs(tmp_path, by):
 def test_shards_do_not_depend_on_the_python_process(tmp_path):
     keys = [f"cam{i}/{j}.jpg" for i in range(20) for j in range(5)]
     here = [shard_of(k, 7) for k in keys] + [shard_of(k, 7, "folder") for k in keys]
-    code = ("import json, sys; from imgcls.shards import shard_of; keys = json.loads(sys.argv[1]);"
+    code = ("import json, sys; from imgcls.prediction.shards import shard_of; keys = json.loads(sys.argv[1]);"
             "print(json.dumps([shard_of(k, 7) for k in keys] + [shard_of(k, 7, 'folder') for k in keys]))")
     for seed in ("1", "2"):
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(keys)], capture_output=True, text=True,

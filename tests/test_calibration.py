@@ -14,14 +14,15 @@ from conftest import FAST
 from imagezoo import make_class_tree
 
 import imgcls
-from imgcls import calibration, rundir
-from imgcls.calibration import calibrate, ece, fit_temperature, reliability
+from imgcls.evaluation import calibration
+from imgcls import rundir
+from imgcls.evaluation.calibration import calibrate, ece, fit_temperature, reliability
 from imgcls.cli import main
 from imgcls.data.decode import load_uint8
 from imgcls.data.records import Record
-from imgcls.engines import META_TEMPERATURE, OnnxEngine, decode_metadata, read_onnx_metadata
+from imgcls.prediction.engines import META_TEMPERATURE, OnnxEngine, decode_metadata, read_onnx_metadata
 from imgcls.errors import UserError
-from imgcls.predict import load
+from imgcls.prediction.predict import load
 from imgcls.softmax import softmax
 
 

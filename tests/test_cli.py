@@ -185,7 +185,7 @@ def test_final_metrics_come_from_the_exported_model_and_match_torch(trained):
 
 def test_interrupted_predict_keeps_its_rows_and_resume_finishes_it(trained, tmp_path, capsys, monkeypatch):
     import imgcls
-    from imgcls.predict import predict_to_csv
+    from imgcls.prediction.predict import predict_to_csv
 
     inputs = tmp_path / "new"
     make_class_tree(inputs, {"cat": 5, "owl": 4}, seed=6)

@@ -67,8 +67,8 @@ def csv_rows(path):
 def test_ray_gives_the_rows_of_a_local_run(trained, cluster, tmp_path, capsys, caplog, monkeypatch, window):
     """Also when the inputs go through in windows (40 inputs in windows of 16: three actor pools)."""
     if window:
-        import imgcls.cluster
-        monkeypatch.setattr(imgcls.cluster, "WINDOW", window)
+        import imgcls.prediction.cluster
+        monkeypatch.setattr(imgcls.prediction.cluster, "WINDOW", window)
     caplog.set_level(logging.INFO, logger="imgcls")
     run, new = trained
     local, remote = tmp_path / "local.csv", tmp_path / "ray.csv"

@@ -14,7 +14,7 @@ import torch
 from onnx import TensorProto, helper
 
 from imgcls.data.preprocess import Preprocess
-from imgcls.engines import OnnxEngine, TorchEngine, read_onnx_metadata
+from imgcls.prediction.engines import OnnxEngine, TorchEngine, read_onnx_metadata
 from imgcls.errors import UserError
 from imgcls.export import export_onnx
 from imgcls.models.classic import CifarNet
@@ -166,7 +166,7 @@ _NO_TORCH = textwrap.dedent("""
 
     sys.meta_path.insert(0, Block())
     import numpy as np
-    from imgcls.engines import OnnxEngine, read_onnx_metadata, tune_cpu_allocator
+    from imgcls.prediction.engines import OnnxEngine, read_onnx_metadata, tune_cpu_allocator
     meta = read_onnx_metadata(sys.argv[1])
     engine = OnnxEngine(sys.argv[1])
     batch = np.load(sys.argv[2])

@@ -11,7 +11,7 @@ from torch import nn
 
 from imgcls import export
 from imgcls.data.preprocess import Preprocess
-from imgcls.engines import OnnxEngine, TorchEngine, imgcls_version, read_onnx_metadata
+from imgcls.prediction.engines import OnnxEngine, TorchEngine, imgcls_version, read_onnx_metadata
 from imgcls.errors import UserError
 from imgcls.export import (ExportError, agreement, compare_engines, export_onnx, parity, parity_tolerance,
                            quantize_int8)

@@ -22,7 +22,7 @@ from imgcls.cli import main
 from imgcls.data.decode import ImageError
 from imgcls.data.preprocess import Augment, Preprocess
 from imgcls.errors import UserError
-from imgcls.predict import Predictor, predict_to_csv
+from imgcls.prediction.predict import Predictor, predict_to_csv
 
 SMALL = Preprocess(input_size=32, resize="squash", crop_pct=1.0)
 SHORTER = Preprocess(input_size=32, resize="shorter", crop_pct=0.875)
@@ -64,7 +64,7 @@ _WRITER = textwrap.dedent("""
     import numpy as np
     from imgcls.data.preprocess import Preprocess
     from imgcls.errors import UserError
-    from imgcls.predict import Predictor, predict_to_csv
+    from imgcls.prediction.predict import Predictor, predict_to_csv
 
     folder, out, go = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
 
@@ -264,7 +264,7 @@ _FIFO_SCRIPT = textwrap.dedent("""
     from imgcls.data.scan import check_image
     from imgcls.data.sources import collect_inputs, load_dataset
     from imgcls.errors import UserError
-    from imgcls.predict import Predictor, predict_to_csv
+    from imgcls.prediction.predict import Predictor, predict_to_csv
 
     fifo, listing, fifo_csv, labelled, out = sys.argv[1:6]
     engine = lambda batch: np.zeros((len(batch), 3), np.float32)
@@ -361,7 +361,7 @@ GOOD_SPEC = '{"input_size": 32, "resize": "squash", "crop_pct": 1.0}'
 
 
 def test_onnx_labels_must_match_the_output_width_at_load(tmp_path, images):
-    from imgcls.predict import load
+    from imgcls.prediction.predict import load
 
     folder, _ = images
     ok = _onnx_model(tmp_path / "ok.onnx", 3, {"imgcls.labels": '["a", "b", "c"]', "imgcls.preprocess": GOOD_SPEC})
@@ -376,7 +376,7 @@ def test_onnx_labels_must_match_the_output_width_at_load(tmp_path, images):
                                   '{"input_size": 32, "resize": "zoom"}', '{"input_size": 32, "std": [1, 1, 0]}',
                                   '[32]', '{"input_size": 32'])
 def test_malformed_onnx_preprocessing_is_a_user_error_naming_the_file(tmp_path, spec):
-    from imgcls.predict import load
+    from imgcls.prediction.predict import load
 
     path = _onnx_model(tmp_path / "model.onnx", 3, {"imgcls.labels": '["a", "b", "c"]', "imgcls.preprocess": spec})
     with pytest.raises(UserError, match="model.onnx"):

@@ -17,7 +17,8 @@ from conftest import FAST
 from imagezoo import make_class_tree
 
 import imgcls
-from imgcls import html_report, rundir
+from imgcls.evaluation import html_report
+from imgcls import rundir
 from imgcls.api import choose_thresholds
 from imgcls.cli import main
 

@@ -13,10 +13,10 @@ from imagezoo import make_class_tree, write_extreme_aspect_png
 
 from imgcls.data.preprocess import Preprocess
 from imgcls.data.records import Record
-from imgcls.engines import stream_logits
+from imgcls.prediction.engines import stream_logits
 from imgcls.errors import UserError
-from imgcls.metrics import compute_metrics, metrics_of_stream
-from imgcls.predict import Predictor
+from imgcls.evaluation.metrics import compute_metrics, metrics_of_stream
+from imgcls.prediction.predict import Predictor
 from imgcls.softmax import softmax
 
 SMALL = Preprocess(input_size=32, resize="squash", crop_pct=1.0)

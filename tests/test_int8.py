@@ -15,7 +15,7 @@ import imgcls
 from imgcls import export, rundir
 from imgcls.cli import main
 from imgcls.data.decode import ImageError, load_uint8
-from imgcls.engines import OnnxEngine
+from imgcls.prediction.engines import OnnxEngine
 from imgcls.errors import UserError
 from imgcls.system import cuda_available
 

@@ -12,7 +12,7 @@ from imagezoo import make_class_tree
 
 import imgcls
 from imgcls.cli import main
-from imgcls.fingerprint import meta_path
+from imgcls.prediction.fingerprint import meta_path
 
 N = 3
 

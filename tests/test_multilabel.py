@@ -22,10 +22,10 @@ from imgcls.cli import main
 from imgcls.data.records import Record
 from imgcls.data.split import split_records
 from imgcls.errors import UserError
-from imgcls.metrics import compute_label_set_metrics
+from imgcls.evaluation.metrics import compute_label_set_metrics
 from imgcls.softmax import binary_cross_entropy_with_logits, negative_log_likelihood, sigmoid
 from imgcls.tasks import TASKS, label_set_row, parse_label_sets, resolve
-from imgcls.thresholds import best_f1_threshold, load_thresholds
+from imgcls.evaluation.thresholds import best_f1_threshold, load_thresholds
 from imgcls.train.objectives import OBJECTIVES
 
 LABELS = ("deer", "fox", "owl")
@@ -298,7 +298,7 @@ def test_binary_sigmoid_end_to_end(tmp_path, capsys):
         assert float(a["prob"]) == pytest.approx(float(b["prob"]), abs=1e-5) and a["label"] == b["label"]
         assert float(a["prob_1"]) + float(a["prob_2"]) == pytest.approx(1.0, abs=2e-6)
     # P(second label, "empty") = sigmoid(the one logit)
-    from imgcls.predict import load
+    from imgcls.prediction.predict import load
 
     predictor = load(run, backend="onnx")
     write_image(tmp_path / "x.png", size=(32, 32), color=(90, 200, 30))

@@ -21,7 +21,7 @@ from imgcls.cli import main
 from imgcls.data.records import Record, heads_of
 from imgcls.data.sources import from_csv
 from imgcls.errors import UserError
-from imgcls.metrics import compute_metrics, compute_output_metrics
+from imgcls.evaluation.metrics import compute_metrics, compute_output_metrics
 from imgcls.tasks import TASKS, output_classes, output_row, parse_output_weights, resolve
 from imgcls.train.objectives import OBJECTIVES
 
@@ -200,7 +200,7 @@ def test_export_command_keeps_every_head(outputs_run, tmp_path):
 
 def test_onnx_logits_match_torch_for_every_head(outputs_run):
     from imgcls.data.decode import load_uint8
-    from imgcls.engines import OnnxEngine
+    from imgcls.prediction.engines import OnnxEngine
     from imgcls.models.classifier import Classifier
 
     _, run, _, unseen = outputs_run

@@ -21,7 +21,7 @@ from imagezoo import make_class_tree
 
 import imgcls
 from imgcls.cli import main
-from imgcls.outputs import DEPLOYMENT_COLUMNS, OBSERVATION_COLUMNS
+from imgcls.prediction.outputs import DEPLOYMENT_COLUMNS, OBSERVATION_COLUMNS
 
 LABELS = ["empty", "deer", "fox"]
 
@@ -200,7 +200,7 @@ def test_format_comes_from_the_extension_unless_given(trained, tmp_path):
 _RUN = textwrap.dedent("""
     import sys, time
     import numpy as np
-    import imgcls.predict
+    import imgcls.prediction.predict
     from imgcls.cli import main
     from imgcls.data.preprocess import Preprocess
 
@@ -210,7 +210,7 @@ _RUN = textwrap.dedent("""
         time.sleep(delay)
         return (batch.reshape(len(batch), 3, -1).mean(-1) / 16.0).astype(np.float32)
 
-    imgcls.predict.load = lambda *a, **k: imgcls.predict.Predictor(
+    imgcls.prediction.predict.load = lambda *a, **k: imgcls.prediction.predict.Predictor(
         engine, ["empty", "deer", "fox"], Preprocess(input_size=32, resize="squash", crop_pct=1.0), "fake",
         batch_size=2)
     sys.exit(main(["-q", "predict", "RUN", *sys.argv[2:]]))
@@ -328,7 +328,7 @@ def test_sort_into_links_or_copies_by_decision_and_never_overwrites(trained, tmp
 
 def _fake():
     from imgcls.data.preprocess import Preprocess
-    from imgcls.predict import Predictor
+    from imgcls.prediction.predict import Predictor
 
     engine = lambda batch: (batch.reshape(len(batch), 3, -1).mean(-1) / 16.0).astype(np.float32)  # noqa: E731
     return Predictor(engine, LABELS, Preprocess(input_size=32, resize="squash", crop_pct=1.0), "fake", batch_size=2)
@@ -337,7 +337,7 @@ def _fake():
 @pytest.mark.parametrize("content", ["x", "remember the milk\n", '{"a": 1}\n', '["path"]'])
 def test_a_jsonl_file_we_did_not_write_is_never_touched(many, tmp_path, content):
     from imgcls.errors import UserError
-    from imgcls.predict import predict_to_file
+    from imgcls.prediction.predict import predict_to_file
 
     out = tmp_path / "notes.jsonl"
     out.write_text(content)
@@ -351,7 +351,7 @@ def test_a_jsonl_file_we_did_not_write_is_never_touched(many, tmp_path, content)
 
 def test_jsonl_resume_keeps_whole_rows_and_refuses_other_options(many, tmp_path):
     from imgcls.errors import UserError
-    from imgcls.predict import predict_to_file
+    from imgcls.prediction.predict import predict_to_file
 
     full, out = tmp_path / "full.jsonl", tmp_path / "out.jsonl"
     predict_to_file(_fake(), [many], full, progress=False, top_k=2)
@@ -373,7 +373,7 @@ def test_jsonl_resume_keeps_whole_rows_and_refuses_other_options(many, tmp_path)
 
 
 def test_a_kill_after_the_final_file_before_the_journal_is_removed_resumes_cleanly(many, tmp_path):
-    from imgcls.predict import predict_to_file
+    from imgcls.prediction.predict import predict_to_file
 
     out = tmp_path / "md.json"
     predict_to_file(_fake(), [many], out, progress=False)

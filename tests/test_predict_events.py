@@ -14,11 +14,11 @@ from imagezoo import class_array, make_class_tree
 from PIL import Image
 
 import imgcls
-from imgcls.aggregate import aggregate_probs
+from imgcls.evaluation.aggregate import aggregate_probs
 from imgcls.cli import main
 from imgcls.data.events import group_events
 from imgcls.data.sources import collect_inputs
-from imgcls.thresholds import decide
+from imgcls.evaluation.thresholds import decide
 
 CLASSES = ["empty", "deer", "fox"]  # the training order: class_array(i) draws class CLASSES[i]
 # camera -> frames (EXIF DateTimeOriginal, class drawn); "cut" is a JPEG whose header (and time) reads but whose

@@ -27,7 +27,7 @@ from imgcls.train import flops, loop
 from imgcls.train.accel import WeightEma, training_layout
 from imgcls.train.config import TrainConfig, options_from_args, validate
 from imgcls.train.recipes import RECIPES, with_recipe
-from imgcls.tta import TTA, TTAEngine, with_tta
+from imgcls.evaluation.tta import TTA, TTAEngine, with_tta
 
 
 def _config(argv: list[str]) -> TrainConfig:
@@ -366,7 +366,7 @@ def test_eval_tta_flip_scores_the_mean_logits_of_each_image_and_its_mirror(tiny_
     if not (run / rundir.SUMMARY).exists():
         imgcls.train(tiny_tree, run, epochs=2, progress=False, **{**FAST, "export_onnx": True})
     from imgcls.api import evaluate
-    from imgcls.predict import load
+    from imgcls.prediction.predict import load
 
     kept_plain, kept_tta = [], []
     evaluate(run, tiny_tree, backend=backend, write=False, keep=kept_plain)

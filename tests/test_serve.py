@@ -233,7 +233,7 @@ def test_engine_workers_run_batches_side_by_side(run_dir, images):
     import asyncio
     import threading
 
-    from imgcls.predict import load
+    from imgcls.prediction.predict import load
     from imgcls.serve import Batcher, Limits
 
     from imgcls.system import available_cpus
@@ -273,7 +273,7 @@ def test_uploads_never_touch_a_temp_file(run_dir, server, server_tmp, monkeypatc
 
     Nothing appears in the server subprocess's TMPDIR; as Linux temp files are unlinked at birth (O_TMPFILE), the
     proof is the in-process server, where every tempfile entry point is watched."""
-    from imgcls.predict import load
+    from imgcls.prediction.predict import load
     from imgcls.serve import Limits, create_app
 
     made = []

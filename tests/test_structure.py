@@ -90,8 +90,35 @@ def test_no_import_circles():
 
 def test_cli_parser_and_onnx_prediction_modules_import_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import imgcls.cli, imgcls.predict, imgcls.train.config\n"
+            "import imgcls.cli, imgcls.prediction.predict, imgcls.train.config\n"
             "imgcls.cli.build_parser().parse_args(['train', 'd', '--out', 'o', '--lr', '0.1'])\n"
             "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# The package read from the bottom up is the pipeline: the ground everyone uses, data, the run directory,
+# evaluation, the task table, models, prediction, export, training, serving and the API over them.
+LAYERS = ["errors", "system", "progress", "softmax", "data", "rundir", "evaluation", "tasks", "models", "prediction",
+          "export", "train", "serve", "api", "demo", "cli", "__main__"]
+
+
+def _part(module: str) -> str:
+    return module.split(".")[1] if "." in module else module
+
+
+def test_each_part_imports_only_the_parts_below_it():
+    graph = import_graph()
+    assert {_part(m) for m in graph} - {"imgcls"} == set(LAYERS)  # a new part needs its place in LAYERS
+    upward = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                    if _part(a) != _part(b) and "imgcls" not in (_part(a), _part(b))  # the root: __version__
+                    and LAYERS.index(_part(b)) > LAYERS.index(_part(a)))
+    assert not upward, upward
+
+
+def test_the_evaluation_modules_import_without_torch():
+    names = sorted(f"imgcls.evaluation.{p.stem}" for p in (PACKAGE / "evaluation").glob("*.py") if p.stem != "__init__")
+    assert len(names) >= 7
+    code = f"import sys; sys.modules['torch'] = None\nimport {', '.join(names)}\nprint('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

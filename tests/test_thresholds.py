@@ -8,7 +8,7 @@ import pytest
 from conftest import FAST
 
 import imgcls
-from imgcls import thresholds as th
+from imgcls.evaluation import thresholds as th
 from imgcls.cli import main
 from imgcls.api import choose_thresholds
 from imgcls.errors import UserError

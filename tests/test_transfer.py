@@ -49,7 +49,7 @@ def _val_batch(run_dir):
 
 def _fast_path_logits(run_dir, batch):
     """Logits the way the fast path computes them: the ONNX feature extractor + the fitted head."""
-    from imgcls.engines import OnnxEngine
+    from imgcls.prediction.engines import OnnxEngine
     from imgcls.export import export_onnx
     from imgcls.models.classifier import Classifier
 
@@ -404,7 +404,7 @@ def test_bursts_make_the_head_read_the_final_features_only(tmp_path):
 def test_with_linear_head_appends_a_checked_gemm(tmp_path):
     import onnx
 
-    from imgcls.engines import OnnxEngine
+    from imgcls.prediction.engines import OnnxEngine
     from imgcls.export import export_onnx, onnx_model, with_linear_head
     from imgcls.data.preprocess import Preprocess
     from imgcls.models.classifier import Classifier

@@ -25,8 +25,8 @@ _API = {
     "train": "imgcls.api",
     "evaluate": "imgcls.api",
     "summary": "imgcls.api",
-    "load": "imgcls.predict",
-    "Predictor": "imgcls.predict",
+    "load": "imgcls.prediction.predict",
+    "Predictor": "imgcls.prediction.predict",
     "UserError": "imgcls.errors",
 }
 

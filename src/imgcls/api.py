@@ -7,16 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .aggregate import check_aggregate
 from .data.events import DEFAULT_GAP, group_events
 from .data.records import heads_of
 from .data.sources import load_dataset
 from .errors import UserError, listing
-from .metrics import event_metrics, write_metrics
-from .predict import load
+from .evaluation.aggregate import check_aggregate
+from .evaluation.metrics import event_metrics, write_metrics
+from .evaluation.tta import with_tta
+from .prediction.predict import load
 from .progress import bar as progress_bar
 from .tasks import TASKS, with_label_sets
-from .tta import with_tta
 from .train import train  # noqa: F401 - the API's train (imgcls.train is the same, callable)
 
 log = logging.getLogger("imgcls")
@@ -30,14 +30,14 @@ def evaluate(run: str | Path, data: str | Path, split: str | None = None, backen
     ``val``, else everything).  Writes ``eval.json`` and the confusion matrix
     (CSV, PNG) into the run directory when ``run`` is one (:func:`save_evaluation`).
 
-    ``keep``: a list that receives the per-image predictions (:class:`imgcls.html_report.Scored`, for the
+    ``keep``: a list that receives the per-image predictions (:class:`imgcls.evaluation.html_report.Scored`, for the
     HTML report; its ``unreadable`` holds the files that could not be read).
 
     ``events``: score capture events too (``Metrics.events``): the data's events (a CSV
     ``event_column`` or ``group`` column, COCO sequences), else frames within ``event_gap`` seconds
     per camera by EXIF time; each event's frames aggregated by ``aggregate`` (``mean`` or ``max``).
-    ``precision``: which of the run's ONNX files runs on a CPU (:func:`imgcls.predict.load`).
-    ``tta``: test-time augmentation (:data:`imgcls.tta.TTA`; ``flip``: the mean logits of each image
+    ``precision``: which of the run's ONNX files runs on a CPU (:func:`imgcls.prediction.predict.load`).
+    ``tta``: test-time augmentation (:data:`imgcls.evaluation.tta.TTA`; ``flip``: the mean logits of each image
     and its mirror image), whatever the engine."""
     if events:
         check_aggregate(aggregate)
@@ -85,8 +85,8 @@ def _scored(scored, failed, labels: list[str], temperature: float):
     """Per-image predictions for the HTML report: raw logits, calibrated probabilities."""
     import numpy as np
 
-    from .calibration import scaled_probs
-    from .html_report import Scored
+    from .evaluation.calibration import scaled_probs
+    from .evaluation.html_report import Scored
 
     index = {label: i for i, label in enumerate(labels)}
     logits = np.stack([logits for _, logits in scored]).astype(np.float64)
@@ -96,11 +96,11 @@ def _scored(scored, failed, labels: list[str], temperature: float):
 
 def report(run: str | Path, data: str | Path | None = None, out: str | Path | None = None, split: str | None = None,
            backend: str = "auto", batch_size: int | None = None, progress: bool = False) -> Path:
-    """The self-contained HTML report of a run (:mod:`imgcls.html_report`): from its own files
+    """The self-contained HTML report of a run (:mod:`imgcls.evaluation.html_report`): from its own files
     (``RUN/report.html``), or with ``data`` scored now through the run's predictor, as :func:`evaluate`
     does (``RUN/eval_report.html``)."""
     from . import rundir
-    from .html_report import write_report
+    from .evaluation.html_report import write_report
 
     run = rundir.require_run_dir(run)
     if not run.is_dir():
@@ -131,7 +131,7 @@ def choose_thresholds(run: str | Path, data: str | Path, label: str, target_reca
     of the other classes' images stay out of its automatic pile; store it in the run
     (``thresholds.json``), draw the trade-off (``thresholds_<label>.png``) and return the figures
     (the chosen threshold and those for :data:`~.thresholds.REPORT_RECALLS`)."""
-    from . import thresholds as th
+    from .evaluation import thresholds as th
 
     if not Path(run).is_dir():
         raise UserError(f"{run}: thresholds are stored in a run directory; give the run, not a model file")
@@ -201,7 +201,7 @@ def save_evaluation(metrics, run: str | Path, scored=None, data: str | Path | No
         return None
     if scored is not None:
         from . import rundir
-        from .html_report import write_run_report
+        from .evaluation.html_report import write_run_report
 
         write_run_report(run, Path(run) / rundir.EVAL_REPORT, scored=[scored], metrics={"eval": metrics.to_dict()},
                          on_data=str(data) if data is not None else "the evaluated data")

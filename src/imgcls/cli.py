@@ -91,8 +91,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from .predict import check_options, load, predict_to_file
-    from .shards import parse_shard
+    from .prediction.predict import check_options, load, predict_to_file
+    from .prediction.shards import parse_shard
 
     check_options(args.batch_size, args.top_k)  # before the model loads or any file is touched
     parse_shard(args.shard, args.shard_by)
@@ -100,7 +100,7 @@ def cmd_predict(args) -> None:
     if args.ray is None and (args.ray_actors is not None or args.ray_gpus_per_actor):
         raise UserError("--ray-actors and --ray-gpus-per-actor go with --ray")
     if args.ray is not None:  # --ray: the same rows, computed on a Ray cluster (cluster.py)
-        from .cluster import ray_predictor
+        from .prediction.cluster import ray_predictor
 
         predictor = ray_predictor(predictor, address=None if args.ray == "local" else args.ray,
                                   actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor)
@@ -120,7 +120,7 @@ def cmd_predict(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .merge import merge
+    from .prediction.merge import merge
 
     result = merge(args.parts, args.out, overwrite=args.overwrite)
     print(f"{result['rows']} images from {result['parts']} parts -> {result['format']}: {', '.join(result['files'])}")
@@ -253,8 +253,8 @@ def _add_declared(parser: argparse.ArgumentParser, *names: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .aggregate import AGGREGATES  # NumPy only, as the parser's other imports
-    from .tta import TTA
+    from .evaluation.aggregate import AGGREGATES  # NumPy only, as the parser's other imports
+    from .evaluation.tta import TTA
 
     parser = argparse.ArgumentParser(prog="imgcls", description="Train, evaluate and apply image classifiers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -297,9 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write no eval_report.html (the HTML report of these predictions) into the run directory")
     p.set_defaults(func=cmd_eval)
 
-    from .aggregate import AGGREGATES
-    from .outputs import FORMATS, SORT_MODES
-    from .shards import SHARD_BY
+    from .evaluation.aggregate import AGGREGATES
+    from .prediction.outputs import FORMATS, SORT_MODES
+    from .prediction.shards import SHARD_BY
 
     p = sub.add_parser("predict", help="classify files, folders (recursive) or a CSV of paths")
     p.add_argument("run", help="run directory, model.safetensors or model.onnx")

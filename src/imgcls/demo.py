@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .api import train
-from .predict import load
+from .prediction.predict import load
 
 
 def write_digits(root: Path, test_fraction: float = 0.2, seed: int = 0) -> Path:

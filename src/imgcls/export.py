@@ -6,7 +6,7 @@ output is ``logits`` (N, K); normalization is inside the graph (it is part of
 :class:`~imgcls.models.classifier.Classifier`).  The file carries
 ``metadata_props``: ``imgcls.labels`` (JSON list), ``imgcls.preprocess``
 (JSON of ``Preprocess.to_dict()``), ``imgcls.model`` and ``imgcls.version``,
-so ``imgcls.engines.OnnxEngine(path)`` needs nothing else.
+so ``imgcls.prediction.engines.OnnxEngine(path)`` needs nothing else.
 
 Exporter: the torch.export-based exporter (``dynamo=True``, opset 18) first,
 the legacy TorchScript exporter (opset 17) as the fallback.  Both export
@@ -45,11 +45,11 @@ import torch
 from . import rundir
 from .data.decode import ImageError, load_uint8
 from .data.records import Record
-from .engines import (INPUT_NAME, OUTPUT_NAME, OnnxEngine, encode_metadata, read_onnx_props, stream_logits,
-                      temperature_metadata)
 from .errors import UserError, first_line
-from .metrics import metrics_of_stream
+from .evaluation.metrics import metrics_of_stream
 from .models.classifier import Classifier
+from .prediction.engines import (INPUT_NAME, OUTPUT_NAME, OnnxEngine, encode_metadata, read_onnx_props,
+                                 stream_logits, temperature_metadata)
 from .tasks import of as of_task, onnx_props, output_count
 
 PARITY_ATOL = 1e-4

@@ -60,7 +60,7 @@ FEATURES = "features.json"
 THRESHOLDS = "thresholds.json"   # imgcls thresholds: per-class decision thresholds
 CURVES = "training_curves.png"
 SPLIT_COLUMNS = ("path", "label", "group", "split")
-CALIBRATION = "calibration.json"  # temperature scaling fitted on val (imgcls.calibration)
+CALIBRATION = "calibration.json"  # temperature scaling fitted on val (imgcls.evaluation.calibration)
 REPORT = "report.html"            # written by training and `imgcls report`
 EVAL_REPORT = "eval_report.html"  # written by `imgcls eval` and `imgcls report --data`
 # files of a run that nothing but training may write

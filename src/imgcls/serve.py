@@ -39,11 +39,11 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 
 from .data.decode import ImageError, load_uint8_bytes
-from .engines import imgcls_version
 from .errors import UserError
-from .predict import Predictor, load
+from .evaluation.thresholds import decide
+from .prediction.engines import imgcls_version
+from .prediction.predict import Predictor, load
 from .system import available_cpus, default_workers
-from .thresholds import decide
 
 log = logging.getLogger("imgcls")
 

@@ -48,7 +48,7 @@ import numpy as np
 
 from .data.records import OUTPUT_SEP, heads_of, qualified
 from .errors import UserError
-from .metrics import compute_label_set_metrics, compute_metrics, compute_output_metrics, metrics_of_stream
+from .evaluation.metrics import compute_label_set_metrics, compute_metrics, compute_output_metrics, metrics_of_stream
 from .softmax import sigmoid, softmax
 
 DEFAULT = "multiclass"
@@ -461,7 +461,7 @@ def settle_thresholds(task: Task, metrics, run_dir: str | Path):
     other tasks return the metrics as they are and no thresholds."""
     if not task.label_sets or metrics is None:
         return metrics, None
-    from .thresholds import best_f1_threshold, store_thresholds
+    from .evaluation.thresholds import best_f1_threshold, store_thresholds
 
     probs = sigmoid(metrics.scores)
     chosen = {label: best_f1_threshold(probs[:, j], metrics.truth[:, j]) for j, label in enumerate(metrics.labels)}

@@ -18,9 +18,9 @@ import onnx
 from safetensors.torch import load_file
 
 from .. import rundir
-from ..calibration import calibrate, figures, single_label, write_calibration
-from ..engines import META_TEMPERATURE
-from ..html_report import write_predictions
+from ..evaluation.calibration import calibrate, figures, single_label, write_calibration
+from ..evaluation.html_report import write_predictions
+from ..prediction.engines import META_TEMPERATURE
 from .session import Session
 
 log = logging.getLogger("imgcls")

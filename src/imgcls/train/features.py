@@ -43,16 +43,16 @@ from torchvision.transforms.v2 import functional as TF
 from .. import tasks, export, rundir
 from ..data.dataset import base_image
 from ..data.decode import ImageError
-from ..engines import OnnxEngine, TorchEngine
 from ..errors import first_line
 from ..models.classifier import Classifier
 from ..models.heads import classifier_head, head_prefix
 from ..models.readout import ReadoutNet, readout_taps
 from ..models.registry import model_spec
+from ..prediction.engines import OnnxEngine, TorchEngine
 from ..progress import bar as progress_bar
 from . import distributed
-from .task_heads import fit_task_head
 from .session import Fit, Session
+from .task_heads import fit_task_head
 
 log = logging.getLogger("imgcls")
 

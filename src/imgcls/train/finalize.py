@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from .. import export, rundir, tasks
 from ..errors import UserError, first_line
-from ..engines import OnnxEngine, TorchEngine, stream_logits
-from ..metrics import write_metrics
-from ..html_report import write_run_report
-from ..report import plot_training_curves
+from ..evaluation.html_report import write_run_report
+from ..evaluation.metrics import write_metrics
+from ..evaluation.plots import plot_training_curves
+from ..prediction.engines import OnnxEngine, TorchEngine, stream_logits
 from .calibrate import after_metrics, keep
 from .flops import format_flops
 from .session import Fit, Session, TrainResult

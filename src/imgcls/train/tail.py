@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import rundir
-from ..engines import OnnxEngine, TorchEngine
 from ..errors import first_line
+from ..evaluation.metrics import compute_metrics
 from ..export import onnx_model
-from ..metrics import compute_metrics
 from ..models.classifier import Classifier
 from ..models.registry import model_spec
 from ..models.tail import split, split_problem
+from ..prediction.engines import OnnxEngine, TorchEngine
 from ..progress import bar as progress_bar
 from .features import compute_features, load_head, source_prior
 from .head import class_weights, fit_head

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import rundir
+from .. import rundir
+from ..errors import UserError, first_line
 from .calibration import figures, read_calibration, scaled_probs, single_label
-from .errors import UserError, first_line
 
 log = logging.getLogger("imgcls")
 
@@ -166,7 +166,7 @@ class Thumbs:
 
 def _thumbnail(path: str) -> str:
     """A <= THUMB_PX JPEG of the image as base64; "" when it cannot be read (moved, deleted, damaged)."""
-    from .data.decode import ImageError, open_image
+    from ..data.decode import ImageError, open_image
 
     try:
         image = open_image(path, min_size=THUMB_PX)
@@ -382,7 +382,7 @@ def _galleries(plan: _Plan, labels: list[str], thumbs: Thumbs) -> tuple[str, str
 
 
 def _calibration_section(calibration: dict[str, dict], stored: dict | None) -> str:
-    from .report import plot_reliability
+    from .plots import plot_reliability
 
     if not calibration:
         return "<p>No calibration in this run (calibration.json).</p>"

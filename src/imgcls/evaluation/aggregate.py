@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def _mean(probs: np.ndarray) -> np.ndarray:

@@ -62,7 +62,7 @@ def plot_confusion(confusion: np.ndarray, labels: list[str], out_png: str | Path
 def plot_reliability(panels: list[tuple[str, dict]], out) -> None:
     """Reliability diagrams side by side, one per ``(title, bins)``: accuracy per confidence bin against the
     diagonal a calibrated model follows, and below it the share of images per bin (``bins``:
-    :meth:`imgcls.calibration.Reliability.to_dict`).  ``out``: a path or a binary file."""
+    :meth:`imgcls.evaluation.calibration.Reliability.to_dict`).  ``out``: a path or a binary file."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False, sharex=True,
                              gridspec_kw={"height_ratios": [3, 1]})

@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import UserError, first_line
-from .system import available_cpus, default_workers
+from ..errors import UserError, first_line
+from ..system import available_cpus, default_workers
 
 if TYPE_CHECKING:
-    from .data.preprocess import Preprocess
-    from .data.records import Record
+    from ..data.preprocess import Preprocess
+    from ..data.records import Record
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -51,7 +51,7 @@ META_LABELS = "imgcls.labels"
 META_PREPROCESS = "imgcls.preprocess"
 META_MODEL = "imgcls.model"
 META_VERSION = "imgcls.version"
-META_TEMPERATURE = "imgcls.temperature"  # temperature scaling fitted on val (imgcls.calibration); absent: 1
+META_TEMPERATURE = "imgcls.temperature"  # temperature scaling fitted on val (imgcls.evaluation.calibration); absent: 1
 
 
 def imgcls_version() -> str:
@@ -137,11 +137,11 @@ def decode_metadata(props: dict[str, str], source: str = "the model") -> dict[st
     preprocess = _json(META_PREPROCESS)
     if preprocess is not None and not isinstance(preprocess, dict):
         raise UserError(f"{source}: the {META_PREPROCESS} metadata must be a JSON object; {fix}")
-    from .tasks import from_onnx_props  # NumPy only
+    from ..tasks import from_onnx_props  # NumPy only
 
     temperature = 1.0
     if META_TEMPERATURE in props:
-        from .calibration import check_temperature  # NumPy only
+        from ..evaluation.calibration import check_temperature  # NumPy only
 
         temperature = check_temperature(props[META_TEMPERATURE], f"{source} ({META_TEMPERATURE} metadata)", fix)
     return {
@@ -290,7 +290,7 @@ class OnnxEngine:
         # everything the file says is checked here, at load, not mid-run
         self.metadata = decode_metadata(dict(self.session.get_modelmeta().custom_metadata_map), name)
         self.labels: list[str] | None = self.metadata["labels"]
-        from .tasks import output_count  # NumPy only
+        from ..tasks import output_count  # NumPy only
 
         outputs = None if self.labels is None else output_count(self.metadata, len(self.labels))
         if outputs is not None and self.num_classes is not None and outputs != self.num_classes:
@@ -325,7 +325,7 @@ class OnnxEngine:
 
 def _metadata_preprocess(data: dict, name: str):
     """The Preprocess of ONNX metadata, through the one loader of stored specs (names the file)."""
-    from .rundir import preprocess_from  # Pillow + NumPy + YAML: no torch
+    from ..rundir import preprocess_from  # Pillow + NumPy + YAML: no torch
 
     return preprocess_from(data, f"{name} ({META_PREPROCESS} metadata)", "export the model again with `imgcls export`")
 
@@ -472,7 +472,7 @@ def stream_logits(
     stops the stream.  ``engine`` is called with uint8 batches of at most
     ``batch_size`` decoded images.
     """
-    from .data.decode import ImageError, load_uint8  # Pillow: only when images are decoded
+    from ..data.decode import ImageError, load_uint8  # Pillow: only when images are decoded
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def _same(batch: np.ndarray) -> np.ndarray:

@@ -16,8 +16,8 @@ no argmax, so accuracy and the confusion matrix stay as they are.
 
 Where the temperature travels: ``calibration.json`` in the run, the
 ``temperature`` key of the ``model.safetensors`` imgcls metadata and the ONNX
-``imgcls.temperature`` metadata (:data:`imgcls.engines.META_TEMPERATURE`);
-:class:`imgcls.predict.Predictor` applies it wherever logits become
+``imgcls.temperature`` metadata (:data:`imgcls.prediction.engines.META_TEMPERATURE`);
+:class:`imgcls.prediction.predict.Predictor` applies it wherever logits become
 probabilities.  NumPy at import (prediction imports this module), SciPy inside
 the fit.
 """
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import rundir
-from .errors import UserError
-from .softmax import cross_entropy, softmax
+from .. import rundir
+from ..errors import UserError
+from ..softmax import cross_entropy, softmax
 
 BINS = 15
 # below this many val images, or without a single mistake (or a single right answer), the likelihood

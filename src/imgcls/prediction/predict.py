@@ -2,13 +2,13 @@
 
 Decoding runs in a thread pool a few batches ahead of the engine, through a
 bounded window, so memory stays flat however many files there are
-(:func:`imgcls.engines.stream_logits`, shared with evaluation and export).
+(:func:`imgcls.prediction.engines.stream_logits`, shared with evaluation and export).
 A file that cannot be read becomes a row with an ``error`` and never stops
 the batch.  Rows are flushed as they are produced: a crash or Ctrl-C keeps
 every finished prediction.
 
 Writing an output (:func:`predict_to_file`; the formats and their row files
-are :mod:`imgcls.outputs`) is guarded at one boundary, before any row is
+are :mod:`imgcls.prediction.outputs`) is guarded at one boundary, before any row is
 written: every option is checked and every input collected first; the output
 is locked (``OUT.lock``, ``flock``) so two runs cannot interleave rows; an
 existing file is replaced only with ``--overwrite`` unless it is our own
@@ -32,20 +32,21 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import __version__, fingerprint, outputs, rundir, tasks
-from .aggregate import check_aggregate
-from .calibration import check_temperature, run_temperature
-from .data.events import DEFAULT_GAP, group_events
-from .data.preprocess import Preprocess
-from .data.records import Record
-from .data.sources import collect_inputs, keyed_inputs
+from .. import __version__, rundir, tasks
+from ..data.events import DEFAULT_GAP, group_events
+from ..data.preprocess import Preprocess
+from ..data.records import Record
+from ..data.sources import collect_inputs, keyed_inputs
+from ..errors import UserError
+from ..evaluation.aggregate import check_aggregate
+from ..evaluation.calibration import check_temperature, run_temperature
+from ..evaluation.thresholds import check_threshold, decide, load_thresholds
+from ..progress import bar as progress_bar
+from ..system import cuda_available, resolve_device
+from . import fingerprint, outputs
 from .engines import OnnxEngine, TorchEngine, stream_logits
-from .errors import UserError
-from .progress import bar as progress_bar
 from .rowfiles import output_lock
 from .shards import Shard, parse_shard, select
-from .system import cuda_available, resolve_device
-from .thresholds import check_threshold, decide, load_thresholds
 
 log = logging.getLogger("imgcls")
 
@@ -68,7 +69,7 @@ class Predictor:
     source: str = ""                # the file or run it was loaded from
     task: str = tasks.DEFAULT       # imgcls.tasks: how logits become probabilities and rows
     label_sep: str = tasks.DEFAULT_SEP  # multilabel: joins the labels of a row
-    temperature: float = 1.0        # probabilities of logits / temperature (imgcls.calibration)
+    temperature: float = 1.0        # probabilities of logits / temperature (imgcls.evaluation.calibration)
     model_file: str = ""            # the model file that runs: its sha256 fingerprints every output
     _sha256: str | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -181,13 +182,13 @@ def predict_to_file(predictor: Predictor, inputs: list[str | Path], out: str | P
     """Write predictions to ``out`` row by row, in input order; returns counts and the files written.
 
     ``format`` (csv, jsonl, megadetector, camtrapdp; default from the extension
-    of ``out``, :mod:`imgcls.outputs`).  Rows are flushed batch by batch, so a
+    of ``out``, :mod:`imgcls.prediction.outputs`).  Rows are flushed batch by batch, so a
     crash or Ctrl-C keeps every finished prediction.  An existing output is
     never replaced silently: ``resume`` keeps its rows and predicts the inputs
     after them, and ``overwrite`` starts it again; with neither it is an error
     (unless it is our header alone).  Options and inputs are checked before
     ``out`` is touched, and ``out`` is locked for the whole run.  The sidecar
-    ``OUT.meta.json`` (:mod:`imgcls.fingerprint`) records the model and options
+    ``OUT.meta.json`` (:mod:`imgcls.prediction.fingerprint`) records the model and options
     before the first row; ``resume`` with another model or options is refused.
 
     Inputs are enumerated lazily (:func:`imgcls.data.sources.keyed_inputs`), so
@@ -374,7 +375,7 @@ def _is_our_header(fields: list[str]) -> bool:
 
 
 def _torch_predictor(weights: Path, device: str = "auto") -> Predictor:
-    from .models.classifier import Classifier  # torch: only for the torch backend
+    from ..models.classifier import Classifier  # torch: only for the torch backend
 
     if device == "auto":
         device = resolve_device("auto")

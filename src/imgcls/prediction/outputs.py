@@ -10,12 +10,12 @@ by batch, so a kill at any moment loses at most the batch in flight:
   the end the final file is written atomically (temp file + rename) from the
   journal, which is then removed.
 
-A row file (:mod:`imgcls.rowfiles`) resumes by position: its k complete rows
+A row file (:mod:`imgcls.prediction.rowfiles`) resumes by position: its k complete rows
 are inputs 1..k (checked path by path); a last row cut by a crash is
 truncated, an unreadable row elsewhere is an error.  The output is locked
 (``OUT.lock``) for the whole run.
 
-Beside every output, ``OUT.meta.json`` (:mod:`imgcls.fingerprint`) says which
+Beside every output, ``OUT.meta.json`` (:mod:`imgcls.prediction.fingerprint`) says which
 model file and options wrote it; the final files carry its fingerprints too.
 
 ``--aggregate`` (events) and the whole-file formats keep every class's
@@ -45,13 +45,13 @@ from typing import Callable
 
 import numpy as np
 
-from . import rundir
-from .aggregate import aggregate_probs
-from .data.events import cameras, capture_time
-from .data.records import Record
-from .errors import UserError
+from .. import rundir
+from ..data.events import cameras, capture_time
+from ..data.records import Record
+from ..errors import UserError
+from ..evaluation.aggregate import aggregate_probs
+from ..evaluation.thresholds import UNCERTAIN, decide
 from .rowfiles import CsvRows, JsonlRows
-from .thresholds import UNCERTAIN, decide
 
 log = logging.getLogger("imgcls")
 
@@ -100,7 +100,7 @@ class Job:
     media: MediaTable | None = None         # camtrapdp --media
     base: Path | None = None                # MegaDetector paths are relative to this folder
     version: str = ""
-    fingerprint: dict | None = None         # the sidecar's fingerprints (imgcls.fingerprint), in the final files
+    fingerprint: dict | None = None         # the sidecar's fingerprints (imgcls.prediction.fingerprint), in the final files
     folders: set[str] = field(default_factory=set)  # every input's folders: a shard names cameras among them all
     finished: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -121,7 +121,7 @@ def journal_path(out: Path) -> Path:
 
 def event_rows(job: Job, rows: list[dict]) -> list[dict]:
     """One row per capture event, in the order events first appear: frames, failed frames, and the
-    label, probability and decision of :func:`imgcls.aggregate.aggregate_probs` over the readable frames."""
+    label, probability and decision of :func:`imgcls.evaluation.aggregate.aggregate_probs` over the readable frames."""
     members: dict[str, list[dict]] = {}
     for row in rows:
         if row.get("event") is not None:
@@ -249,7 +249,7 @@ class MediaTable:
 def read_media(path: str | Path, records: list[Record]) -> MediaTable:
     """Match every input to a row of ``path`` by ``filePath`` (as written, or relative to the CSV's folder);
     a UserError listing the inputs it lacks, before any image is predicted."""
-    from .data.sources import read_csv
+    from ..data.sources import read_csv
 
     path = Path(path)
     if not path.is_file():

@@ -1,10 +1,10 @@
 """The predictor on a Ray cluster: ``imgcls predict RUN INPUTS --out OUT --ray [ADDRESS]``.
 
-:func:`ray_predictor` wraps a loaded :class:`~imgcls.predict.Predictor` in a
+:func:`ray_predictor` wraps a loaded :class:`~imgcls.prediction.predict.Predictor` in a
 :class:`RayPredictor` whose ``iter_logits`` (the one seam every output writer
 consumes) runs on Ray Data: the input paths with their positions become a
 dataset, ``map_batches`` sends chunks of them to a fixed pool of actors that
-load the model once each and run :func:`imgcls.engines.stream_logits` (the
+load the model once each and run :func:`imgcls.prediction.engines.stream_logits` (the
 same decode and engine as a local run, so the rows are the same), and the
 results come back through a streaming iterator in input order.  Labels,
 thresholds and the rows themselves stay on the driver, so the writers, their
@@ -32,12 +32,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import rundir
-from .data.records import Record
+from .. import rundir
+from ..data.records import Record
+from ..errors import UserError
+from ..system import available_cpus
 from .engines import OnnxEngine, stream_logits
-from .errors import UserError
 from .predict import GPU_BATCH, Predictor
-from .system import available_cpus
 
 log = logging.getLogger("imgcls")
 
@@ -105,7 +105,7 @@ def _torch_engine(files: ModelFiles, threads: int, gpu: bool):
     import torch
 
     from .engines import TorchEngine
-    from .models.classifier import Classifier  # torch: only where the torch engine runs
+    from ..models.classifier import Classifier  # torch: only where the torch engine runs
 
     torch.set_num_threads(threads)
     classifier, _ = Classifier.from_file(files.weights)

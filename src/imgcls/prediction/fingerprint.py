@@ -17,8 +17,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from . import rundir
-from .errors import UserError
+from .. import rundir
+from ..errors import UserError
 
 SUFFIX = ".meta.json"
 CHUNK = 1 << 20

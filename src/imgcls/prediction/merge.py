@@ -1,7 +1,7 @@
 """``imgcls merge``: the outputs of the shards of one prediction job -> one output.
 
 Before a row is read, every part is checked through its sidecar
-(:mod:`imgcls.fingerprint`): it is finished, one model and the same options
+(:mod:`imgcls.prediction.fingerprint`): it is finished, one model and the same options
 wrote them all (the odd one is named), and the shards are 1..N of one N with
 no gap and no repeat (outputs that are not shards merge with a warning).  The
 rows are merged in path order, which is the order a folder walk gives, so
@@ -28,8 +28,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import __version__, fingerprint, outputs, rundir
-from .errors import UserError
+from .. import __version__, rundir
+from ..errors import UserError
+from . import fingerprint, outputs
 from .rowfiles import output_lock, typed
 
 log = logging.getLogger("imgcls")

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import rundir
-from .errors import UserError
+from .. import rundir
+from ..errors import UserError
 
 FILE = rundir.THRESHOLDS
 UNCERTAIN = "uncertain"

@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from .data.records import Record
-from .errors import UserError
+from ..data.records import Record
+from ..errors import UserError
 
 # what a record's key is hashed as, by --shard-by
 SHARD_BY: dict[str, Callable[[str], str]] = {

@@ -1,10 +1,10 @@
 """Evaluation metrics from logits and labels (scikit-learn does the counting).
 
 :func:`compute_metrics` takes arrays; :func:`metrics_of_stream` takes the
-``(record, logits or None, error)`` stream of :func:`imgcls.engines.stream_logits`
+``(record, logits or None, error)`` stream of :func:`imgcls.prediction.engines.stream_logits`
 (or ``Predictor.iter_logits``), so evaluation and the int8 gate score logits
 one way.  :func:`event_metrics` scores capture events: each event's frames
-aggregated into one row (:func:`imgcls.aggregate.aggregate_probs`), then the
+aggregated into one row (:func:`imgcls.evaluation.aggregate.aggregate_probs`), then the
 same :func:`compute_metrics`.
 """
 
@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
+from ..errors import UserError, listing
+from ..rundir import atomic_write, metrics_files, write_json
+from ..softmax import log_softmax, softmax
 from .aggregate import aggregate_probs, event_label
-from .errors import UserError, listing
-from .report import plot_confusion
-from .rundir import atomic_write, metrics_files, write_json
-from .softmax import log_softmax, softmax
+from .plots import plot_confusion
 
 if TYPE_CHECKING:
-    from .data.records import Record
+    from ..data.records import Record
 
 
 @dataclass
@@ -83,7 +83,7 @@ class EventMetrics:
     """Metrics of capture events: one row per event, its frames' probabilities aggregated."""
 
     metrics: Metrics       # n = the number of events
-    aggregate: str         # how the frames were combined (imgcls.aggregate.AGGREGATES)
+    aggregate: str         # how the frames were combined (imgcls.evaluation.aggregate.AGGREGATES)
     source: str            # where the events came from (EVENT_SOURCES)
     frames: int            # scored frames in those events
     max_frames: int
@@ -257,7 +257,7 @@ def compute_label_set_metrics(logits: np.ndarray, truth: np.ndarray, labels: lis
     from sklearn.metrics import (accuracy_score, average_precision_score, f1_score,
                                  multilabel_confusion_matrix, precision_recall_fscore_support)
 
-    from .softmax import binary_cross_entropy_with_logits, sigmoid
+    from ..softmax import binary_cross_entropy_with_logits, sigmoid
 
     logits = np.asarray(logits, dtype=np.float64).reshape(len(truth), len(labels))
     truth = (np.asarray(truth, dtype=np.float64) > 0.5).astype(np.int64)
@@ -348,7 +348,7 @@ class OutputMetrics:
 def compute_output_metrics(logits: np.ndarray, targets: np.ndarray, labels: list[str]) -> OutputMetrics:
     """Per-head metrics from logits (N, sum of K) and targets (N, heads): each head's class index, -1 where
     the image has no value in that column."""
-    from .data.records import heads_of
+    from ..data.records import heads_of
 
     logits = np.asarray(logits, dtype=np.float64)
     heads = heads_of(labels)

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .data.records import Record
-from .errors import UserError
+from ..data.records import Record
+from ..errors import UserError
 
 try:  # POSIX; elsewhere predict runs without the output lock
     import fcntl

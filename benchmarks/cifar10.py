@@ -44,6 +44,8 @@ at 0.1463 PFLOP (seeds 1, 2 and 3: 0.8999, 0.8975 and 0.9011 with flip-shift; se
 airbench94 as published (10 epochs, SGD and lookahead) gave 0.896 / 0.902 / 0.9035 at 0.345 (session 11).
 ``cifar10-speed`` for 28 epochs (``--recipe-epochs 28``, 0.962 PFLOP): 0.9071 / 0.9156 / 0.9163 (session 17).
 ``--reference`` with either recipe trains airbench_muon_reference.py's transcription beside it.
+``--recipe-compile`` trains the recipe with ``--compile``. On a GPU machine, ``benchmarks/gpu_check.sh`` runs
+``cifar10-speed`` eager and compiled in one prepared script.
 """
 
 from __future__ import annotations
@@ -149,7 +151,8 @@ def run(model_name: str, data: Path, n_train: int, n_test: int, epochs: int, n_s
 
 
 def recipe_curve(name: str, data: Path, n_train: int, n_test: int, epochs: int | None, work: Path,
-                 batch_size: int | None = None, reference: bool = False, seed: int = 0) -> dict:
+                 batch_size: int | None = None, reference: bool = False, seed: int = 0,
+                 compile: bool = False) -> dict:
     """``imgcls train --recipe NAME`` with the test images as validation: test accuracy per epoch against
     the counted training FLOPs, and the final test accuracy without and with TTA."""
     from imgcls.api import evaluate
@@ -157,7 +160,7 @@ def recipe_curve(name: str, data: Path, n_train: int, n_test: int, epochs: int |
 
     csv_path = subset_csv(data, n_train, n_test, work / f"recipe-{name}.csv", test_as="val")
     # a smoke run on a few thousand images needs a smaller batch for enough steps
-    options = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v}
+    options = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("compile", compile)) if v}
     recipe = RECIPES[name].options
     if epochs and "warmup_epochs" in recipe:  # the peak of the schedule at the same share of the run
         options["warmup_epochs"] = recipe["warmup_epochs"] * epochs / recipe.get("epochs", epochs)
@@ -168,11 +171,17 @@ def recipe_curve(name: str, data: Path, n_train: int, n_test: int, epochs: int |
     rows = list(csv.DictReader((result.run_dir / "metrics.csv").open()))
     curve = [(int(r["epoch"]), int(r["input_size"]), int(r["train_flops"]) / 1e15, float(r["val_accuracy"]),
               float(r["images_per_second"])) for r in rows]
+    # the training loop's own seconds (an epoch's images at its rate), and with each epoch's validation
+    per_epoch = [result.summary["n_train"] / float(r["images_per_second"]) for r in rows]
+    train_seconds, later_seconds = sum(per_epoch), sum(per_epoch[1:])
+    epoch_seconds = sum(float(r["epoch_seconds"]) for r in rows)
     plain, flip, shift = (evaluate(result.run_dir, csv_path, split="val", tta=t, write=False).accuracy
                           for t in ("none", "flip", "flip-shift"))
     out = {"recipe": name, "train_images": result.summary["n_train"], "test_images": result.summary["n_val"],
            "curve": curve, "train_pflop": result.summary["train_flops"] / 1e15, "test_accuracy": plain,
-           "test_accuracy_tta_flip": flip, "test_accuracy_tta_flip_shift": shift, "wall_seconds": wall}
+           "test_accuracy_tta_flip": flip, "test_accuracy_tta_flip_shift": shift, "wall_seconds": wall,
+           "train_seconds": train_seconds, "later_seconds": later_seconds, "epoch_seconds": epoch_seconds,
+           "device": f"{result.summary.get('device')} (mixed precision: {result.summary.get('amp')})"}
     if reference:
         from airbench_muon_reference import train_muon_reference
         from airbench_reference import load_csv, train_reference
@@ -193,7 +202,10 @@ def recipe_curve(name: str, data: Path, n_train: int, n_test: int, epochs: int |
 
 def print_curve(r: dict) -> None:
     print(f"\nrecipe {r['recipe']}: {r['train_images']} train images, {r['test_images']} test images,"
-          f" {r['wall_seconds']:.0f} s")
+          f" {r['wall_seconds']:.0f} s wall (the array cache, training, export, calibration, report),"
+          f" on {r['device']}")
+    print(f"training: {r['train_seconds']:.1f} s in the loop ({r['later_seconds']:.1f} s after the first epoch, which"
+          f" holds the warm-up and any compilation), {r['epoch_seconds']:.1f} s with each epoch's validation")
     print(f"{'epoch':>5} {'px':>4} {'PFLOP':>8} {'test acc':>8} {'img/s':>6}")
     for epoch, side, pflop, accuracy, ips in r["curve"]:
         print(f"{epoch:>5} {side:>4} {pflop:>8.4f} {accuracy:>8.4f} {ips:>6.0f}")
@@ -233,11 +245,13 @@ def main() -> None:
     parser.add_argument("--recipe-epochs", type=int, help="epochs of the recipe run (default: the recipe's)")
     parser.add_argument("--recipe-batch-size", type=int, help="batch size of the recipe run (default: the recipe's)")
     parser.add_argument("--recipe-seed", type=int, default=0, help="seed of the recipe run")
+    parser.add_argument("--recipe-compile", action="store_true", help="train the recipe with --compile")
     parser.add_argument("--reference", action="store_true",
                         help="also train airbench94 as published (airbench_reference.py) on the recipe's images")
     args = parser.parse_args()
     data = ensure_data(args.data, args.archive)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {gpu}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="imgcls-cifar-") as tmp:
         for i, name in enumerate(args.models):
@@ -250,7 +264,7 @@ def main() -> None:
             print(row, flush=True)
         curve = recipe_curve(args.recipe, data, args.recipe_train_images, args.recipe_test_images,
                              args.recipe_epochs, Path(tmp), args.recipe_batch_size, args.reference,
-                             args.recipe_seed) if args.recipe else None
+                             args.recipe_seed, args.recipe_compile) if args.recipe else None
     if rows:
         print()
         print(f"{'model':10} {'train imgs':>10} {'epochs':>6} {'test acc':>8} {'img/s':>6} {'wall s':>6} |"

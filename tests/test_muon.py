@@ -32,6 +32,16 @@ def test_orthogonalize_brings_every_singular_value_near_one(shape):
     assert torch.diagonal(inner).min() > 0.5 and torch.diagonal(inner).max() < 1.5
 
 
+def test_orthogonalize_in_bf16_as_on_a_gpu_is_the_fp32_result_to_bf16_precision():
+    torch.manual_seed(0)
+    update = torch.randn(64, 576)
+    exact = orthogonalize(update)
+    half = orthogonalize(update, dtype=torch.bfloat16)  # what a CUDA update gets by default
+    assert half.dtype == torch.float32 and half.shape == exact.shape
+    rel = (half - exact).norm() / exact.norm()
+    assert 1e-4 < rel < 0.05, rel  # bf16's 8 mantissa bits: near, and not the fp32 path by accident
+
+
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9 or newer")
 def test_a_muon_step_on_a_conv_filter_bank_is_torch_s_muon_on_it_flattened_after_renormalising():
     torch.manual_seed(0)

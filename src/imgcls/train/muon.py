@@ -32,18 +32,25 @@ def check(muon, optimizer: str) -> None:
         raise UserError(f"--muon trains the parameters it does not take with SGD, not {optimizer}: add --optimizer sgd")
 
 
-def orthogonalize(update: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize(update: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """The Newton-Schulz approximation of U V^T for ``update`` = U S V^T (2-D).  Its singular values
-    land near 1 (between about 0.5 and 1.5 after 3 steps), which Muon's authors found trains as well."""
+    land near 1 (between about 0.5 and 1.5 after 3 steps), which Muon's authors found trains as well.
+
+    ``dtype``: the iterations' precision (default: bf16 on a GPU, as airbench94_muon runs them; else the
+    update's own, since CPUs without native bf16 emulate it); the result has the update's dtype."""
     a, b, c = NS_COEFFICIENTS
-    x = update / (update.norm() + eps)
+    if dtype is None:
+        dtype = torch.bfloat16 if update.is_cuda else update.dtype
+    x = update.to(dtype)
+    x = x / (x.norm() + eps)
     wide = x.size(0) <= x.size(1)
     if not wide:
         x = x.T
     for _ in range(steps):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x if wide else x.T
+    return (x if wide else x.T).to(update.dtype)
 
 
 def is_filter(p: torch.Tensor) -> bool:

@@ -275,3 +275,13 @@ def test_every_command_s_help_prints_every_flag(capsys):
                 assert option in printed, (name, option)
         if name == "train":
             assert "30% of the steps" in " ".join(printed.split())  # the % printed once, as written
+
+
+def test_the_libraries_info_logs_stay_off_the_console():
+    # ORT's quantizer says "Performing symbolic shape inference..." at INFO in every int8 export; a process
+    # of its own, since pytest's log capture changes the root logger
+    names = ["imgcls", "onnxruntime.quantization.shape_inference", "onnxscript", "onnx_ir"]
+    code = ("import logging; from imgcls.cli import main; main(['recipes']); "
+            f"print([logging.getLogger(n).isEnabledFor(logging.INFO) for n in {names!r}])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[True, False, False, False]"

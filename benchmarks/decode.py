@@ -114,7 +114,7 @@ def decode_table(paths, spec, repeat):
         wall, cpu = time_method(fn, paths, spec, repeat)
         diffs = [np.abs(fn(p, spec).astype(np.int16) - ref) for p, ref in zip(paths, reference)]
         rows.append((name, wall, cpu, float(np.mean(diffs)), int(max(d.max() for d in diffs))))
-    base_wall, base_cpu = rows[0][1], rows[0][2]
+    base_cpu = rows[0][2]
     print(f"\n{'method':16s} {'img/s wall':>10s} {'img/s cpu':>10s} {'x full (cpu)':>12s} "
           f"{'mean|d|':>8s} {'max|d|':>7s}")
     for name, wall, cpu, mean_d, max_d in rows:

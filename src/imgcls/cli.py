@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(complete_optional_values(sys.argv[1:] if argv is None else argv))
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
-    # the ONNX exporter logs ~80 INFO lines per export, and ORT's quantizer its steps: not the user's business
+    # INFO lines that are no result: the ONNX exporter's (about 80 per export) and ORT's quantizer's steps
     for name in ("onnx_ir", "onnxscript", "onnxruntime"):
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     if args.quiet:  # library warnings (Pillow, scikit-learn, matplotlib) are not results either

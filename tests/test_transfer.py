@@ -432,6 +432,32 @@ def test_with_linear_head_appends_a_checked_gemm(tmp_path):
     assert np.abs(OnnxEngine(path)(batch) - ref).max() < 1e-4
 
 
+def test_with_a_class_weighted_loss_the_family_with_more_held_out_hits_wins():
+    # a 5-class cut with a class of 2 images (docs/decisions.md, session 18): the prior's family has the
+    # lower class-weighted loss, the plain one more held-out hits
+    prior_loss, prior_acc = np.array([0.195, 0.199]), np.array([0.970, 0.981])
+    plain_loss, plain_acc = np.array([1.128, 0.549, 0.434]), np.array([0.989, 0.9945, 0.9945])
+    rank = solver.family_rank
+    assert rank(prior_loss, prior_acc, weighted=False) < rank(plain_loss, plain_acc, weighted=False)
+    assert rank(plain_loss, plain_acc, weighted=True) < rank(prior_loss, prior_acc, weighted=True)
+    assert rank(prior_loss, plain_acc, weighted=True) < rank(plain_loss, plain_acc, weighted=True)  # a tie: the loss
+
+
+def test_the_head_ranks_families_by_hits_only_when_its_held_out_loss_is_class_weighted(monkeypatch):
+    rng = np.random.default_rng(2)
+    n, views, D, K = 60, 2, 8, 3
+    y = np.repeat(np.arange(K), [40, 15, 5])
+    feats = rng.normal(size=(n, views, D)).astype(np.float32)
+    feats[np.arange(n), :, y] += 3.0
+    prior = (torch.from_numpy(rng.normal(size=(4, D)).astype(np.float32)), torch.zeros(4))
+    seen = []
+    real = solver.family_rank
+    monkeypatch.setattr(solver, "family_rank", lambda *a, weighted: seen.append(weighted) or real(*a, weighted=weighted))
+    solver.fit_head(feats, y, K, prior)
+    solver.fit_head(feats, y, K, prior, cv_weight=solver.class_weights(y, K, "balanced"))
+    assert seen == [False, False, True, True]  # two families a fit
+
+
 def test_cross_validation_drops_a_prior_that_does_not_help():
     """The source head reads noise: the held-out loss is lower without it, and the fit says so."""
     rng = np.random.default_rng(1)

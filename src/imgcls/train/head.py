@@ -21,7 +21,10 @@ same fold, held-out loss on center views, with every class weighing alike when
 the run selects by balanced accuracy), never on val: the family (with or without the
 prior) with the lower best held-out loss, then within it the one-standard-error
 rule (the strongest penalty whose loss is within one standard error of the
-best).  Without a prior this is an L2 logistic regression.  Why the prior,
+best).  When that loss is class-weighted (imbalanced classes), the family with
+the higher best held-out accuracy comes first, the loss breaking ties: a class of
+2 images weighs up to a hundred times a large class's images there, which makes
+the weighted loss too noisy to choose between the families by.  Without a prior this is an L2 logistic regression.  Why the prior,
 and what was measured with and without it: docs/decisions.md.
 
 The penalty grid is per image (``lam = p / n``), each family's path stops once
@@ -232,6 +235,13 @@ def fit_head(feats: np.ndarray, y: np.ndarray, K: int, prior=None, seed: int = 0
     return fit
 
 
+def family_rank(losses: np.ndarray, accuracies: np.ndarray, weighted: bool) -> tuple[float, ...]:
+    """How a family's cross-validation ranks (lower first), from its held-out loss and accuracy per penalty:
+    its best loss; when the loss is class-weighted, its best accuracy first."""
+    best_loss = float(np.min(losses))
+    return (-float(np.max(accuracies)), best_loss) if weighted else (best_loss,)
+
+
 def _fit(feats, y, K, prior, seed, penalties, weight, cv_weight, progress) -> HeadFit:
     lambdas = [p / len(y) for p in penalties]
     # each image's weight in the cross-validated loss, scaled to average 1
@@ -242,7 +252,7 @@ def _fit(feats, y, K, prior, seed, penalties, weight, cv_weight, progress) -> He
     cv = []
     chosen_prior, chosen = prior, None
     if k:
-        best_loss = math.inf
+        best_rank = (math.inf,)
         bar = progress_bar(total=len(lambdas) * len(families), desc=f"head cross-validation ({k} folds)",
                    unit="penalty", leave=False, disable=not progress)
         cv_feats = feats[:, :CV_VIEWS]  # a view: each fold's rows are copied out of it anyway
@@ -257,8 +267,9 @@ def _fit(feats, y, K, prior, seed, penalties, weight, cv_weight, progress) -> He
             cv += [{"prior": family is not None, "lambda": lambdas[j], "loss": round(float(mean[j]), 5),
                     "se": round(float(se[j]), 5), "accuracy": round(float(correct[j].mean()), 4)}
                    for j in range(len(mean))]
-            if mean[best] < best_loss:  # the family that predicts held-out images better
-                best_loss = float(mean[best])
+            rank = family_rank(mean, correct.mean(1), weighted=cv_weight is not None)
+            if rank < best_rank:  # the family that predicts held-out images better
+                best_rank = rank
                 chosen_prior = family
                 chosen = next(j for j in range(len(mean)) if mean[j] <= mean[best] + se[best])  # one-SE rule
         bar.close()

@@ -63,6 +63,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -121,10 +122,13 @@ def ensure(root: Path, name: str) -> Path:
 
 
 def cut(root: Path, name: str, path: Path) -> Path:
-    """A ``CUTS`` set under ``path``: its classes' training images (a draw seeded by set and class; on the
-    camera traps whole capture events, in event order), the val split whole; files linked, not copied."""
+    """A ``CUTS`` set at ``path``: its classes' training images (a draw seeded by set and class; on the
+    camera traps whole capture events, in event order), the val split whole; files linked, not copied.
+    Built beside ``path`` and renamed into place, so an interrupted build is not taken for a set."""
     source, plan = CUTS[name]
     data = ensure(root, source)
+    work = path.with_name(path.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
     if data.suffix == ".csv":
         rows = list(csv.DictReader(data.open(newline="")))
         kept = []
@@ -132,20 +136,21 @@ def cut(root: Path, name: str, path: Path) -> Path:
             train = sorted((r for r in rows if r["label"] == label and r["split"] == "train"),
                            key=lambda r: (r["event"], r["path"]))
             kept += train[:n] + [r for r in rows if r["label"] == label and r["split"] == "val"]
-        path.mkdir(parents=True)
-        with (path / "labels.csv").open("w", newline="") as handle:
+        work.mkdir(parents=True)
+        with (work / "labels.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows({**r, "path": str((data.parent / r["path"]).resolve())} for r in kept)
-        return path
-    for label, n in plan.items():
-        files = sorted((data / "train" / label).iterdir())
-        random.Random(f"{name}/{label}").shuffle(files)
-        (path / "train" / label).mkdir(parents=True)
-        for f in files[:n]:
-            (path / "train" / label / f.name).symlink_to(f.resolve())
-        (path / "val").mkdir(exist_ok=True)
-        (path / "val" / label).symlink_to((data / "val" / label).resolve(), target_is_directory=True)
+    else:
+        for label, n in plan.items():
+            files = sorted((data / "train" / label).iterdir())
+            random.Random(f"{name}/{label}").shuffle(files)
+            (work / "train" / label).mkdir(parents=True)
+            for f in files[:n]:
+                (work / "train" / label / f.name).symlink_to(f.resolve())
+            (work / "val").mkdir(exist_ok=True)
+            (work / "val" / label).symlink_to((data / "val" / label).resolve(), target_is_directory=True)
+    work.rename(path)
     return path
 
 

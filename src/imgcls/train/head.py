@@ -24,8 +24,9 @@ rule (the strongest penalty whose loss is within one standard error of the
 best).  When that loss is class-weighted (imbalanced classes), the family with
 the higher best held-out accuracy comes first, the loss breaking ties: a class of
 2 images weighs up to a hundred times a large class's images there, which makes
-the weighted loss too noisy to choose between the families by.  Without a prior this is an L2 logistic regression.  Why the prior,
-and what was measured with and without it: docs/decisions.md.
+the weighted loss too noisy to choose between the families by.  Without a prior
+this is an L2 logistic regression.  Why the prior, and what was measured with and
+without it: docs/decisions.md.
 
 The penalty grid is per image (``lam = p / n``), each family's path stops once
 the held-out loss rises, and the cross-validation fits use the first

@@ -16,6 +16,9 @@ plain / mirror / mirror + shifts:
 
 - 24 x 6, 28 x 3, 32 x 4 (0.145 PFLOP): 0.8896 / 0.8994 / 0.9017;
 - the same sides with airbench94's SGD, triangle and lookahead (batch 1024): 0.8831 / 0.8937 / 0.8965.
+
+airbench95's widths, ``--widths 128 384 384`` for 11 epochs at 32 px (0.9945 PFLOP; session 18):
+0.9108 / 0.9178 / 0.9192.
 """
 
 from __future__ import annotations

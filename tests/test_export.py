@@ -102,7 +102,7 @@ def test_parity_failure_leaves_no_file(tmp_path, monkeypatch):
     target = tmp_path / "model.onnx"
     target.write_bytes(b"previous good file")
     real = export.torch_logits
-    monkeypatch.setattr(export, "torch_logits", lambda m, b: real(m, b) + 1.0)
+    monkeypatch.setattr(export.graph, "torch_logits", lambda m, b: real(m, b) + 1.0)
     with pytest.raises(ExportError, match="differ from PyTorch"):
         export_onnx(clf, ["a", "b", "c"], target, "cifarnet", exporter="torchscript")
     assert target.read_bytes() == b"previous good file"
@@ -204,11 +204,11 @@ def test_auto_falls_back_to_torchscript(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("data-dependent control flow\nmore lines")
 
-    monkeypatch.setitem(export._EXPORTERS, "dynamo", broken)
+    monkeypatch.setitem(export.graph._EXPORTERS, "dynamo", broken)
     clf = Classifier(CifarNet(2), SMALL).eval()
     path = export_onnx(clf, ["a", "b"], tmp_path / "m.onnx", "cifarnet")
     assert "torchscript" in read_onnx_metadata(path)["props"]["imgcls.exporter"]
-    monkeypatch.setitem(export._EXPORTERS, "torchscript", broken)
+    monkeypatch.setitem(export.graph._EXPORTERS, "torchscript", broken)
     with pytest.raises(ExportError, match="dynamo exporter failed: RuntimeError: data-dependent control flow;"
                                           " torchscript exporter failed"):
         export_onnx(clf, ["a", "b"], tmp_path / "n.onnx", "cifarnet")

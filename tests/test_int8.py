@@ -53,7 +53,7 @@ def runs(tmp_path_factory):
     make_class_tree(root / "data", CLASSES, seed=3)
     kept = _train(root / "data", root / "kept", int8="auto", epochs=4)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(export, "MAX_INT8_LOSS", -1.0)  # a gate no model passes: int8 must lose < -100 points
+        mp.setattr(export.gate, "MAX_INT8_LOSS", -1.0)  # a gate no model passes: int8 must lose < -100 points
         refused = _train(root / "data", root / "refused", int8="auto", epochs=1)
     return root, kept, refused
 
@@ -203,7 +203,7 @@ def test_int8_is_not_attempted_for_a_multilabel_model(tmp_path, caplog):
 @pytest.mark.parametrize("n", [5, 128, 129, 245, 1000])
 def test_calibration_images_are_spread_over_the_whole_training_list(n):
     """split.csv lists the training images class by class: the calibration takes them from end to end."""
-    chosen = export._spread(list(range(n)), 128)
+    chosen = export.gate._spread(list(range(n)), 128)
     assert len(chosen) == len(set(chosen)) == min(n, 128) and chosen == sorted(chosen)
     assert chosen[0] == 0 and chosen[-1] == n - 1
     assert max(np.diff(chosen), default=1) <= -(-n // 128) + 1  # no stretch of the list left out

@@ -200,6 +200,73 @@ def test_int8_rejects_bad_calibration(trained, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
 
 
+def test_the_nodes_after_the_last_convolution_are_the_readout():
+    from onnx import TensorProto, helper
+
+    from imgcls.export.int8 import readout_nodes
+
+    def node(op, inputs, output, **attrs):
+        return helper.make_node(op, inputs, [output], name=output, **attrs)
+
+    # x -> conv1 -> relu1 -> conv2 -> relu2 -> pool -> flat -+-> concat -> head
+    #                  \-> tap (ReduceMean) ------------------/
+    nodes = [node("Conv", ["x", "w1"], "conv1"), node("Relu", ["conv1"], "relu1"),
+             node("Conv", ["relu1", "w2"], "conv2"), node("Relu", ["conv2"], "relu2"),
+             node("ReduceMean", ["relu1"], "tap", axes=[2, 3], keepdims=0),
+             node("GlobalAveragePool", ["relu2"], "pool"), node("Flatten", ["pool"], "flat"),
+             node("Concat", ["tap", "flat"], "concat", axis=1), node("Gemm", ["concat", "wh", "bh"], "head", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("head", TensorProto.FLOAT, [1, 2])])
+    # relu1 feeds conv2, so it is trunk; everything behind the last convolution is read-out
+    assert readout_nodes(helper.make_model(graph)) == ["relu2", "tap", "pool", "flat", "concat", "head"]
+
+
+class _TwoScales(nn.Module):
+    """Two pooled features side by side, one a thousand times the other's scale, and a head that reads only
+    the small one: which colour, red or blue, a picture has more of."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1, bias=False)
+        self.fc = nn.Linear(6, 2)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[1.0, 0, -1], [-1, 0, 1], [0, 1, 0]])[:, :, None, None])
+            self.fc.weight.zero_()
+            self.fc.weight[:, :2] = torch.tensor([[1.0, -1], [-1, 1]])
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        maps = torch.relu(self.conv(x))
+        return self.fc(torch.cat([maps.mean((2, 3)), 1000 * maps.mean((2, 3))], 1))
+
+
+def test_int8_keeps_the_readout_in_fp32_where_one_scale_would_erase_a_feature(tmp_path, monkeypatch):
+    """One uint8 scale for features of unlike ranges rounds the small ones to nothing (Lite0's read-out of
+    several blocks lost 12 points so, docs/decisions.md); the readout stays fp32 and keeps them."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(60, 120, (64, 3, 32, 32), dtype=np.uint8)
+    y = np.arange(64) % 2
+    x[y == 0, 0] += 100  # red pictures are class 0, blue ones class 1
+    x[y == 1, 2] += 100
+    clf = Classifier(_TwoScales(), SMALL).eval()
+    fp32 = export_onnx(clf, ["red", "blue"], tmp_path / "fp32.onnx", "two-scales", sample=x[:4])
+    e32 = OnnxEngine(fp32)
+    assert np.mean(e32(x).argmax(1) == y) == 1.0
+
+    kept = quantize_int8(fp32, tmp_path / "kept.onnx", [x[:32]])
+    graph = onnx.load(str(kept)).graph
+    producers = {out: n.op_type for n in graph.node for out in n.output}
+    head = next(n for n in graph.node if n.op_type == "Gemm")
+    assert not any(producers.get(i) == "DequantizeLinear" for i in head.input)  # the head reads fp32
+    assert any(producers.get(n.input[0]) == "DequantizeLinear" for n in graph.node if n.op_type == "Conv")
+    assert "fp32 after the trunk" in read_onnx_metadata(kept)["props"]["imgcls.quantization"]
+    assert compare_engines(e32, OnnxEngine(kept), [x], labels=y)["acc_candidate"] == 1.0
+
+    monkeypatch.setattr(export.int8, "readout_nodes", lambda model: [])  # every node quantized, as before
+    every = quantize_int8(fp32, tmp_path / "every.onnx", [x[:32]])
+    assert compare_engines(e32, OnnxEngine(every), [x], labels=y)["acc_candidate"] <= 0.75
+
+
 def test_auto_falls_back_to_torchscript(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("data-dependent control flow\nmore lines")

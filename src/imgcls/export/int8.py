@@ -61,6 +61,28 @@ class _UInt8Reader:
         return {self._name: np.ascontiguousarray(batch)}
 
 
+# ops that carry a network's bulk of multiply-adds: int8 pays there; what runs after the last of them (pooling,
+# the concatenated read-out, the head) stays fp32, since one activation scale for features of unlike ranges
+# (the read-out's taps) cost up to 12 points of accuracy at no gain in speed (docs/decisions.md, session 19)
+TRUNK_OPS = frozenset({"Conv", "ConvTranspose", "MatMul"})
+
+
+def readout_nodes(model) -> list[str]:
+    """Names of the nodes of ``model`` (an ONNX ModelProto) from which no :data:`TRUNK_OPS` node can be
+    reached: the pooling and head that follow the trunk.  A graph without trunk ops gives every node."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    feeds_trunk: dict[int, bool] = {}
+    # ONNX lists nodes in topological order, so walking it backwards meets every consumer before its
+    # producer; a consumer not met yet (an unsorted graph) counts as trunk, which quantizes as before
+    for node in reversed(model.graph.node):
+        feeds_trunk[id(node)] = any(c.op_type in TRUNK_OPS or feeds_trunk.get(id(c), True)
+                                    for out in node.output for c in consumers.get(out, ()))
+    return [n.name for n in model.graph.node if n.op_type not in TRUNK_OPS and not feeds_trunk[id(n)] and n.name]
+
+
 def quantize_int8(
     onnx_path: str | Path,
     out_path: str | Path,
@@ -123,6 +145,7 @@ def quantize_int8(
                 source = prepared
             except Exception as e:  # fall back to the plain graph
                 warnings.warn(f"quant_pre_process failed ({type(e).__name__}: {e}); quantizing the plain graph")
+        keep_fp32 = readout_nodes(onnx.load(str(source), load_external_data=False))
         quiet = _QuietPerChannelNotes()
         logging.getLogger().addFilter(quiet)
         try:
@@ -131,7 +154,7 @@ def quantize_int8(
                 quant_format=formats[quant_format], per_channel=per_channel,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=methods[method], reduce_range=reduce_range,
-                extra_options={"CalibTensorRangeSymmetric": False},
+                extra_options={"CalibTensorRangeSymmetric": False}, nodes_to_exclude=keep_fp32,
             )
         except UserError:
             tmp.unlink(missing_ok=True)
@@ -150,7 +173,8 @@ def quantize_int8(
         model = onnx.load(str(tmp))
         props = {k: v for k, v in props.items() if k != "imgcls.parity_max_abs_diff"}
         props["imgcls.quantization"] = (
-            f"int8 static {quant_format} per_channel={per_channel} {method} on {reader_impl.count} images"
+            f"int8 static {quant_format} per_channel={per_channel} {method} on {reader_impl.count} images;"
+            f" fp32 after the trunk: {len(keep_fp32)} nodes"
         )
         set_props(model, props)
         save_model(model, tmp)

@@ -131,6 +131,48 @@ def test_training_writes_a_self_contained_report_under_the_cap(run):
         assert words in text, words
 
 
+def test_a_features_run_shows_how_its_head_was_chosen(run, data, tmp_path):
+    """The features strategy fits its head once: the page draws the head's cross-validation (every penalty
+    of both families, the chosen one named) where an epoch run has its curves, not a one-point curve."""
+    fit = Path(imgcls.train(data, tmp_path / "features", weights=str(run), strategy="features", views=2,
+                            progress=False, **FAST).run_dir)
+    info = rundir.read_json(fit / rundir.FEATURES)
+    assert len(info["cv"]) >= 2 and (fit / rundir.HEAD_SELECTION).read_bytes()[:4] == b"\x89PNG"
+    text = (fit / rundir.REPORT).read_text(encoding="utf-8")
+    section = text[text.index('<section id="training">'):text.index('<section id="metrics">')]
+    assert 'cross-validation: held-out loss and accuracy per penalty"' in section and "training curves" not in section
+    family = "head with the source classifier as prior" if info["prior_used"] else "plain linear head"
+    assert f"It chose the {family} at the penalty {info['penalty']:.3g} per image" in section
+    assert f"{info['cv_folds']}-fold cross-validation on the training images" in section
+    # an epoch run keeps its curves and draws no head selection
+    page = (run / rundir.REPORT).read_text(encoding="utf-8")
+    assert "training curves: loss and accuracy per epoch" in page and "cross-validation" not in page
+    assert not (run / rundir.HEAD_SELECTION).exists()
+
+
+def test_the_chosen_row_is_the_fitted_family_and_penalty():
+    from imgcls.evaluation.plots import chosen_cv_row
+
+    cv = [{"prior": p, "lambda": lam, "loss": 1.0, "se": 0.1, "accuracy": 0.5} for p in (True, False)
+          for lam in (1e-2, 1e-3 / 3)]
+    assert chosen_cv_row({"cv": cv, "prior_used": False, "penalty": 1e-3 / 3}) is cv[3]
+    assert chosen_cv_row({"cv": cv, "prior_used": True, "penalty": 1e-2}) is cv[0]
+    assert chosen_cv_row({"cv": cv, "prior_used": True, "penalty": 0.1}) is None  # the fallback penalty: no CV
+    assert chosen_cv_row({"cv": [], "prior_used": False, "penalty": 0.1}) is None
+
+
+def test_the_head_caption_warns_when_near_copies_flatter_the_folds(tmp_path):
+    cv = [{"prior": p, "lambda": lam, "loss": 0.5, "se": 0.1, "accuracy": 0.9} for p in (True, False) for lam in (1e-2, 1e-3)]
+    for share, warned in ((0.58, True), (0.01, False), (None, False)):
+        rundir.write_json(tmp_path / rundir.FEATURES, {"cv": cv, "prior_used": True, "penalty": 1e-3, "cv_folds": 5,
+                                                       "views": 8, "near_copy_share": share})
+        text = html_report._head_selection(tmp_path)
+        assert "It chose the head with the source classifier as prior at the penalty 0.001 per image" in text
+        assert ("58% of the training images have a near-copy" in text) is warned
+    rundir.write_json(tmp_path / rundir.FEATURES, {"cv": [], "prior_used": False, "penalty": 0.1})
+    assert html_report._head_selection(tmp_path) == ""  # a class too small to cross-validate: nothing to draw
+
+
 def test_the_matrix_cells_are_the_val_and_test_confusion_matrices(run):
     cells = _parse(run / rundir.REPORT).cells
     for split in ("val", "test"):

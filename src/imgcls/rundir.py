@@ -22,6 +22,7 @@
                           multi-label runs: each label's threshold, tuned on val by training
       <prefix>.json, <prefix>_confusion_matrix.csv/.png   metrics (prefix val, test, eval)
       training_curves.png
+      head_selection.png  the features strategy: the head's cross-validation, each penalty and family
       calibration.json    the temperature fitted on val, ECE/NLL before and after, reliability bins
       val_predictions.csv, test_predictions.csv   per image: true, predicted, calibrated probabilities
       report.html         the self-contained HTML report (imgcls report; eval_report.html: imgcls eval)
@@ -59,6 +60,7 @@ SPLIT = "split.csv"
 FEATURES = "features.json"
 THRESHOLDS = "thresholds.json"   # imgcls thresholds: per-class decision thresholds
 CURVES = "training_curves.png"
+HEAD_SELECTION = "head_selection.png"  # the features head's cross-validation (evaluation.plots)
 SPLIT_COLUMNS = ("path", "label", "group", "split")
 CALIBRATION = "calibration.json"  # temperature scaling fitted on val (imgcls.evaluation.calibration)
 REPORT = "report.html"            # written by training and `imgcls report`

@@ -243,9 +243,41 @@ def _config_section(run: Path) -> str:
         text = path.read_text(encoding="utf-8", errors="replace")
         parts.append(f"<details><summary>config.yaml ({text.count(chr(10))} lines)</summary><pre>{esc(text)}</pre>"
                      "</details>")
+    head = _head_selection(run)
+    metrics = run / rundir.METRICS
+    epochs = sum(1 for _ in csv.DictReader(metrics.open(newline=""))) if metrics.is_file() else 0
+    if head and epochs <= 1:  # one fit, no curve over epochs to draw
+        parts.append(head)
+        return "".join(parts)
     curves = _png_file(run / rundir.CURVES, "training curves: loss and accuracy per epoch")
     parts.append(curves or "<p>No training curves (training_curves.png).</p>")
+    parts.append(head)
     return "".join(parts)
+
+
+def _head_selection(run: Path) -> str:
+    """The features head's cross-validation (features.json), drawn with its caption; "" without one."""
+    from .plots import chosen_cv_row, plot_head_selection
+
+    info = _read_json(run / rundir.FEATURES)
+    out = io.BytesIO()
+    if not isinstance(info, dict) or not plot_head_selection(info, out):
+        return ""
+    chosen = chosen_cv_row(info)
+    family = "the head with the source classifier as prior" if info.get("prior_used") else "the plain linear head"
+    which = (f" It chose {family} at the penalty {info['penalty']:.3g} per image (the star)." if chosen else "")
+    rule = ("families ranked by held-out accuracy, then loss, since the classes weigh alike"
+            if info.get("cv_selection") == "balanced_accuracy" else "the family with the lower held-out loss")
+    caption = (f"<p>The head was fitted once on frozen features of {info.get('views', '?')} views per training"
+               f" image, so there is no curve over epochs. {info.get('cv_folds', '?')}-fold cross-validation on the"
+               f" training images chose how to fit it: {rule}, then in it the strongest penalty whose held-out"
+               f" loss is within one standard error of the best.{which} Validation images were not used.")
+    share = info.get("near_copy_share")
+    if share is not None and share >= 0.05:  # below that, near-copies move the held-out figures little
+        caption += (f" {share:.0%} of the training images have a near-copy (as the frames of a burst do); the folds"
+                    " deal images, not bursts, so these held-out figures run higher than validation's.")
+    caption += "</p>"
+    return caption + _png(out.getvalue(), "the head's cross-validation: held-out loss and accuracy per penalty")
 
 
 def _metrics_section(metrics: dict[str, dict], calibration: dict[str, dict]) -> str:

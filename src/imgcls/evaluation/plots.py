@@ -1,8 +1,10 @@
-"""Plots: training curves and confusion matrices (matplotlib, Agg backend)."""
+"""Plots: training curves, the features head's cross-validation, confusion matrices, reliability diagrams
+(matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,57 @@ def plot_training_curves(metrics_csv: str | Path, out_png: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+
+
+# the two families the features head chooses between (train.head), as the plot names them
+HEAD_FAMILIES = ((True, "with the source classifier as prior", "#e24a33"), (False, "plain linear head", "#4878cf"))
+
+
+def chosen_cv_row(info: dict) -> dict | None:
+    """The row of ``info["cv"]`` (features.json) that the head was fitted with, or None (no cross-validation:
+    a class too small for it, or an older run)."""
+    for row in info.get("cv") or ():
+        if bool(row["prior"]) == bool(info.get("prior_used")) and info.get("penalty") is not None \
+                and math.isclose(row["lambda"], info["penalty"], rel_tol=1e-9):
+            return row
+    return None
+
+
+def plot_head_selection(info: dict, out) -> bool:
+    """How the features strategy chose its head (``info``: features.json): the held-out loss (error bars: one
+    standard error over the folds) and accuracy of each penalty, for each family, the chosen one starred.
+    ``out``: a path or a binary file.  False, and nothing drawn, when the run holds no cross-validation."""
+    rows = info.get("cv") or []
+    if not rows:
+        return False
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for prior, name, colour in HEAD_FAMILIES:
+        family = sorted((r for r in rows if bool(r["prior"]) == prior), key=lambda r: r["lambda"])
+        if not family:
+            continue
+        lam = [r["lambda"] for r in family]
+        ax_loss.errorbar(lam, [r["loss"] for r in family], yerr=[r.get("se", 0) for r in family], fmt="-o", ms=4,
+                         capsize=3, color=colour, label=name)
+        ax_acc.plot(lam, [r["accuracy"] for r in family], "-o", ms=4, color=colour, label=name)
+    chosen = chosen_cv_row(info)
+    if chosen is not None:
+        for ax, key in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+            ax.plot(chosen["lambda"], chosen[key], "*", ms=15, color="black", zorder=5, label="chosen")
+    weighted = info.get("cv_selection") == "balanced_accuracy"
+    ax_loss.set(ylabel="held-out cross-entropy" + (" (classes weighted alike)" if weighted else ""),
+                title="held-out loss (lower is better)")
+    ax_acc.set(ylabel="held-out accuracy", title="held-out accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xscale("log")
+        ax.invert_xaxis()  # weaker penalties, more freedom for the head, to the right
+        ax.set_xlabel("penalty per image (weaker ->)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90, format="png")
+    plt.close(fig)
+    return True
 
 
 def plot_confusion(confusion: np.ndarray, labels: list[str], out_png: str | Path) -> None:

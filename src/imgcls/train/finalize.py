@@ -13,7 +13,7 @@ from .. import export, rundir, tasks
 from ..errors import UserError, first_line
 from ..evaluation.html_report import write_run_report
 from ..evaluation.metrics import write_metrics
-from ..evaluation.plots import plot_training_curves
+from ..evaluation.plots import plot_head_selection, plot_training_curves
 from ..prediction.engines import OnnxEngine, TorchEngine, stream_logits
 from .calibrate import after_metrics, keep
 from .flops import format_flops
@@ -121,6 +121,9 @@ def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:
         summary["class_balance"]["selection_metric"] = task.selection or s.balance.selection_metric
     if (run_dir / rundir.METRICS).exists():
         plot_training_curves(run_dir / rundir.METRICS, run_dir / rundir.CURVES)
+    (run_dir / rundir.HEAD_SELECTION).unlink(missing_ok=True)  # a resumed or re-fitted run: the new fit's or none
+    if (run_dir / rundir.FEATURES).exists():
+        plot_head_selection(rundir.read_json(run_dir / rundir.FEATURES), run_dir / rundir.HEAD_SELECTION)
     if not fit.interrupted:
         s.model.net.load_state_dict(load_file(str(run_dir / rundir.WEIGHTS)))
         for name in (rundir.INT8, rundir.EXPORT):  # a stale int8 file would be picked over the new weights

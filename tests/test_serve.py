@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -324,6 +325,18 @@ def test_bad_serve_options_are_one_line_errors(run_dir, capsys):
     assert capsys.readouterr().err.strip() == "imgcls: error: --engine-threads must be at least 1, not 0"
     assert main(["serve", str(run_dir), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_serve_takes_the_precision_predict_takes(run_dir, tmp_path, capsys):
+    assert main(["serve", str(run_dir), "--precision", "int8"]) == 2  # this run kept no int8 file
+    err = capsys.readouterr().err
+    assert "has no model.int8.onnx" in err and "--precision fp32" in err
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    shutil.copy(run / "model.onnx", run / "model.int8.onnx")  # an int8 file, as far as the choice goes
+    for precision, file in (("auto", "model.int8.onnx"), ("fp32", "model.onnx")):
+        with cli_server(run, tmp_path / f"{precision}.log", "--precision", precision) as url:
+            assert httpx.get(f"{url}/info").json()["engine"].endswith(f"({file})"), precision
 
 
 def test_serve_without_the_extra_says_what_to_install(run_dir, monkeypatch, capsys):

@@ -223,7 +223,7 @@ def cmd_serve(args) -> None:
                         " pip install 'imgcls[serve]'") from None
     given = {name: getattr(args, name) for name in ("max_upload_mb", "max_files", "batch_size", "batch_wait_ms",
                                                    "engine_threads", "engine_workers")}
-    serve(args.run, host=args.host, port=args.port, backend=args.backend,
+    serve(args.run, host=args.host, port=args.port, backend=args.backend, precision=args.precision,
           limits=Limits(**{name: value for name, value in given.items() if value is not None}))
 
 
@@ -231,7 +231,7 @@ def cmd_serve(args) -> None:
 
 
 def _add_precision(parser: argparse.ArgumentParser) -> None:
-    """predict and eval: which of a run's ONNX files runs (checked by predict.load)."""
+    """predict, eval and serve: which of a run's ONNX files runs (checked by predict.load)."""
     parser.add_argument("--precision", choices=["auto", "int8", "fp32"], default="auto",
                         help="auto: on a CPU the run's model.int8.onnx when it has one (kept by training or"
                              " `imgcls export --int8` only within 1 point of val accuracy), else fp32; a GPU runs"
@@ -433,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: the network)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
+    _add_precision(p)
     p.add_argument("--max-upload-mb", type=float, help="largest request body in MB (default 20)")
     p.add_argument("--max-files", type=int, help="most images in one request (default 32)")
     p.add_argument("--batch-size", type=int, help="most images per engine call (default 8)")

@@ -375,12 +375,13 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> FastAPI:
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
-          backend: str = "auto") -> None:
-    """Load ``model`` (a run directory or model file) and serve it until Ctrl-C."""
+          backend: str = "auto", precision: str = "auto") -> None:
+    """Load ``model`` (a run directory or model file) and serve it until Ctrl-C.  ``precision``: which of a
+    run's ONNX files runs, as for predict (:func:`imgcls.prediction.predict.load`)."""
     if not 0 <= port <= 65535:
         raise UserError(f"--port must lie between 0 and 65535, not {port}")
     limits = limits or Limits()
-    predictor = load(model, backend=backend, threads=limits.engine_threads)
+    predictor = load(model, backend=backend, precision=precision, threads=limits.engine_threads)
     app = create_app(predictor, limits)
     if not _is_loopback(host):
         log.warning("serving on %s: anyone who can reach this machine can use the model (there is no login)", host)

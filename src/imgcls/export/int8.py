@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..prediction.engines import OnnxEngine, read_onnx_props
 from .graph import ExportError, save_model, set_props
 
+
 class _QuietPerChannelNotes(logging.Filter):
     """onnxruntime logs one root-logger line per 1-D weight (LayerNorm, BatchNorm) it cannot
     quantize per channel (it quantizes them per tensor) and per bias whose weight scale it
@@ -63,7 +64,7 @@ class _UInt8Reader:
 
 # ops that carry a network's bulk of multiply-adds: int8 pays there; what runs after the last of them (pooling,
 # the concatenated read-out, the head) stays fp32, since one activation scale for features of unlike ranges
-# (the read-out's taps) cost up to 12 points of accuracy at no gain in speed (docs/decisions.md, session 19)
+# (the read-out's taps) rounds the small ones away, for no speed (figures: docs/decisions.md, session 19)
 TRUNK_OPS = frozenset({"Conv", "ConvTranspose", "MatMul"})
 
 

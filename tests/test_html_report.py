@@ -162,7 +162,8 @@ def test_the_chosen_row_is_the_fitted_family_and_penalty():
 
 
 def test_the_head_caption_warns_when_near_copies_flatter_the_folds(tmp_path):
-    cv = [{"prior": p, "lambda": lam, "loss": 0.5, "se": 0.1, "accuracy": 0.9} for p in (True, False) for lam in (1e-2, 1e-3)]
+    cv = [{"prior": p, "lambda": lam, "loss": 0.5, "se": 0.1, "accuracy": 0.9}
+          for p in (True, False) for lam in (1e-2, 1e-3)]
     for share, warned in ((0.58, True), (0.01, False), (None, False)):
         rundir.write_json(tmp_path / rundir.FEATURES, {"cv": cv, "prior_used": True, "penalty": 1e-3, "cv_folds": 5,
                                                        "views": 8, "near_copy_share": share})

@@ -122,6 +122,33 @@ def test_int8_off_or_without_an_onnx_file_is_not_attempted(tmp_path, caplog):
     assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.ONNX]
 
 
+def test_the_gate_allows_the_loss_the_user_gives(runs, tmp_path, monkeypatch, capsys):
+    """--int8-max-loss, in points of accuracy: export and training hand it to the same gate."""
+    import shutil
+    from types import SimpleNamespace
+
+    from imgcls.train import finalize
+
+    _, (kept, _), _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(kept, run)
+    assert main(["export", str(run), "--int8", "--int8-max-loss", "2.5", "--out", str(tmp_path / "x.onnx")]) == 0
+    assert rundir.read_json(run / rundir.EXPORT)["max_loss"] == pytest.approx(0.025)
+    assert main(["export", str(run), "--int8", "--int8-max-loss", "-1"]) == 2
+    assert "--int8-max-loss -1 is out of range" in capsys.readouterr().err
+    assert main(["train", str(run), "--int8-max-loss", "101", "--out", str(tmp_path / "t")]) == 2
+    assert "--int8-max-loss 101" in capsys.readouterr().err and not (tmp_path / "t").exists()
+
+    asked = []
+    monkeypatch.setattr(export, "gate_int8", lambda *a, max_loss=None, **k: asked.append(max_loss) or
+                        {"kept": False, "reason": "", "fp32_val_accuracy": 1.0, "int8_val_accuracy": 0.0})
+    for points in (None, 0.0, 3.0):
+        session = SimpleNamespace(cfg=SimpleNamespace(int8="auto", int8_max_loss=points), meta={}, run_dir=tmp_path,
+                                  splits={"train": ["a"], "val": ["b"]}, preprocess=None, classes=["a", "b"])
+        finalize.int8_model(session, str(run / rundir.ONNX))
+    assert asked == [None, 0.0, 0.03]  # None: the gate's own default, MAX_INT8_LOSS
+
+
 def _predict(run, inputs, out, caplog, *options):
     with caplog.at_level(logging.INFO, logger="imgcls"):
         caplog.clear()

@@ -194,9 +194,9 @@ def cmd_compare(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .export import export_run
+    from .export import export_run, loss_of_points
 
-    path = export_run(args.run, args.out, int8=args.int8)
+    path = export_run(args.run, args.out, int8=args.int8, max_int8_loss=loss_of_points(args.int8_max_loss))
     print(f"exported {path}")
 
 
@@ -411,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--int8", action="store_true", help="static int8 quantization, calibrated on training images")
+    _add_declared(p, "int8_max_loss")
     p.add_argument("--out", help="file to write (default: RUN_DIR/model.onnx or model.int8.onnx)")
     p.set_defaults(func=cmd_export)
 

@@ -12,11 +12,11 @@
 Callers use the names below from ``imgcls.export``; the submodules hold them.
 """
 
-from .gate import MAX_INT8_LOSS, export_run, gate_int8
+from .gate import MAX_INT8_LOSS, export_run, gate_int8, loss_of_points
 from .graph import (PARITY_ATOL, ExportError, export_onnx, onnx_model, parity, parity_tolerance, stamp_metadata,
                     torch_logits, with_linear_head)
 from .int8 import agreement, compare_engines, quantize_int8
 
 __all__ = ["MAX_INT8_LOSS", "PARITY_ATOL", "ExportError", "agreement", "compare_engines", "export_onnx", "export_run",
-           "gate_int8", "onnx_model", "parity", "parity_tolerance", "quantize_int8", "stamp_metadata", "torch_logits",
-           "with_linear_head"]
+           "gate_int8", "loss_of_points", "onnx_model", "parity", "parity_tolerance", "quantize_int8",
+           "stamp_metadata", "torch_logits", "with_linear_head"]

@@ -73,6 +73,13 @@ def _check_out(run: Path, out: Path) -> None:
 MAX_INT8_LOSS = 0.01  # the gate: int8 may lose at most this much validation accuracy (1 point)
 
 
+def loss_of_points(points: float | None) -> float | None:
+    """``--int8-max-loss`` (points of accuracy) as the gate's fraction; None stays None (the default)."""
+    if points is not None and not 0 <= points <= 100:
+        raise UserError(f"--int8-max-loss {points:g} is out of range: give points of accuracy from 0 to 100")
+    return None if points is None else points / 100
+
+
 def gate_int8(fp32_path: str | Path, int8_path: str | Path, train: Sequence[Record], val: Sequence[Record], spec,
               labels: Sequence[str], report_path: str | Path, max_loss: float | None = None,
               fp32_accuracy: float | None = None) -> dict:

@@ -198,7 +198,10 @@ class TrainConfig:
     calibrate: bool = option(True, "fit temperature scaling on val so that probabilities match accuracy"
                              " (calibration.json; --no-calibrate: raw softmax)")
     int8: str = option("auto", "auto: also write model.int8.onnx (faster prediction on CPUs), kept only when it loses"
-                       " at most 1 point of val accuracy, which export.json records; off: fp32 only", choices=INT8)
+                       " at most 1 point of val accuracy (--int8-max-loss), which export.json records; off: fp32"
+                       " only", choices=INT8)
+    int8_max_loss: float | None = option(None, "the int8 gate: the most val accuracy int8 may lose, in points"
+                                         " (default 1; 0: int8 must score as well as fp32)", range=Interval(0, 100))
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
     nproc: int = option(1, "data-parallel processes on this machine (torch.distributed: one per GPU, or CPU"
                         " processes with gloo); --batch-size is the batch of all of them together. Several"

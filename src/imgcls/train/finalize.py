@@ -69,7 +69,7 @@ def int8_model(s: Session, onnx_path: str | None, fp32_val_accuracy: float | Non
     try:
         report = export.gate_int8(onnx_path, s.run_dir / rundir.INT8, s.splits["train"], s.splits["val"],
                                   s.preprocess, s.classes, s.run_dir / rundir.EXPORT,
-                                  fp32_accuracy=fp32_val_accuracy)
+                                  max_loss=export.loss_of_points(s.cfg.int8_max_loss), fp32_accuracy=fp32_val_accuracy)
     except Exception as err:  # noqa: BLE001 - quantizer limitations surface as many exception types
         (s.run_dir / rundir.INT8).unlink(missing_ok=True)
         log.warning("int8 quantization failed (%s); prediction will use fp32 %s", first_line(err), rundir.ONNX)
@@ -95,7 +95,6 @@ def _int8_skip_reason(s: Session, onnx_path: str | None) -> str | None:
     if not s.splits.get("val") or not s.splits.get("train"):
         return "no validation images to gate it on"
     return None
-
 
 
 def finalize(s: Session, fit: Fit, train_seconds: float) -> TrainResult:

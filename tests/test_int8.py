@@ -149,6 +149,17 @@ def test_the_gate_allows_the_loss_the_user_gives(runs, tmp_path, monkeypatch, ca
     assert asked == [None, 0.0, 0.03]  # None: the gate's own default, MAX_INT8_LOSS
 
 
+def test_the_last_lines_of_train_say_which_file_predict_will_run(runs, tmp_path, capsys):
+    root, _, _ = runs
+    assert main(["train", str(root / "data"), "--out", str(tmp_path / "run"), "--model", "cifarnet", "--epochs", "2",
+                 "--batch-size", "8", "--workers", "0", "--int8-max-loss", "100"]) == 0
+    int8 = rundir.read_json(tmp_path / "run" / rundir.SUMMARY)["int8"]
+    assert int8["kept"]  # any loss allowed
+    out = capsys.readouterr().out
+    assert (f"predict, eval and serve on a CPU run model.int8.onnx: val accuracy {int8['int8_val_accuracy']:.4f}"
+            f" (fp32 {int8['fp32_val_accuracy']:.4f}; --precision fp32 for that file)") in out
+
+
 def _predict(run, inputs, out, caplog, *options):
     with caplog.at_level(logging.INFO, logger="imgcls"):
         caplog.clear()

@@ -65,6 +65,10 @@ def cmd_train(args) -> int | None:
     if "val_mAP" in s:  # multilabel: the accuracy above is subset accuracy (the whole label set right)
         print(f"val mAP {s['val_mAP']:.4f}" + (f", test mAP {s['test_mAP']:.4f}" if "test_mAP" in s else "")
               + "; F1 per label at its tuned threshold: " + ", ".join(f"{c} {f:.2f}" for c, f in s["val_f1"].items()))
+    int8 = s.get("int8") or {}
+    if int8.get("kept"):  # predict, eval and serve will run this file on a CPU, so its figure is theirs
+        print(f"predict, eval and serve on a CPU run model.int8.onnx: val accuracy {int8['int8_val_accuracy']:.4f}"
+              f" (fp32 {int8['fp32_val_accuracy']:.4f}; --precision fp32 for that file)")
     print(f"run directory: {result.run_dir}")
 
 

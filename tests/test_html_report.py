@@ -172,6 +172,9 @@ def test_the_head_caption_warns_when_near_copies_flatter_the_folds(tmp_path):
         assert ("58% of the training images have a near-copy" in text) is warned
     rundir.write_json(tmp_path / rundir.FEATURES, {"cv": [], "prior_used": False, "penalty": 0.1})
     assert html_report._head_selection(tmp_path) == ""  # a class too small to cross-validate: nothing to draw
+    per_label = [{"label": j, **row} for j in range(2) for row in cv]  # a multi-label run: one head per label
+    rundir.write_json(tmp_path / rundir.FEATURES, {"cv": per_label, "prior_used": True, "penalty": 1e-3})
+    assert html_report._head_selection(tmp_path) == ""
 
 
 def test_the_matrix_cells_are_the_val_and_test_confusion_matrices(run):

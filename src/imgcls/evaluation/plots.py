@@ -58,9 +58,10 @@ def chosen_cv_row(info: dict) -> dict | None:
 def plot_head_selection(info: dict, out) -> bool:
     """How the features strategy chose its head (``info``: features.json): the held-out loss (error bars: one
     standard error over the folds) and accuracy of each penalty, for each family, the chosen one starred.
-    ``out``: a path or a binary file.  False, and nothing drawn, when the run holds no cross-validation."""
+    ``out``: a path or a binary file.  False, and nothing drawn, when the run holds no cross-validation of
+    one head (none, or one per label or output: multi-label and multi-output runs)."""
     rows = info.get("cv") or []
-    if not rows:
+    if not rows or any("label" in r or "output" in r for r in rows):
         return False
     plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))

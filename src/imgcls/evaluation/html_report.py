@@ -244,8 +244,10 @@ def _config_section(run: Path) -> str:
         parts.append(f"<details><summary>config.yaml ({text.count(chr(10))} lines)</summary><pre>{esc(text)}</pre>"
                      "</details>")
     head = _head_selection(run)
-    metrics = run / rundir.METRICS
-    epochs = sum(1 for _ in csv.DictReader(metrics.open(newline=""))) if metrics.is_file() else 0
+    epochs = 0
+    if (run / rundir.METRICS).is_file():
+        with (run / rundir.METRICS).open(newline="") as handle:
+            epochs = sum(1 for _ in csv.DictReader(handle))
     if head and epochs <= 1:  # one fit, no curve over epochs to draw
         parts.append(head)
         return "".join(parts)

@@ -262,9 +262,15 @@ def _head_selection(run: Path) -> str:
     from .plots import chosen_cv_row, plot_head_selection
 
     info = _read_json(run / rundir.FEATURES)
-    out = io.BytesIO()
-    if not isinstance(info, dict) or not plot_head_selection(info, out):
+    if not isinstance(info, dict):
         return ""
+    alt = "the head's cross-validation: held-out loss and accuracy per penalty"
+    picture = _png_file(run / rundir.HEAD_SELECTION, alt)  # training drew it; older runs are drawn here
+    if not picture:
+        out = io.BytesIO()
+        if not plot_head_selection(info, out):
+            return ""
+        picture = _png(out.getvalue(), alt)
     chosen = chosen_cv_row(info)
     family = "the head with the source classifier as prior" if info.get("prior_used") else "the plain linear head"
     which = (f" It chose {family} at the penalty {info['penalty']:.3g} per image (the star)." if chosen else "")
@@ -279,7 +285,7 @@ def _head_selection(run: Path) -> str:
         caption += (f" {share:.0%} of the training images have a near-copy (as the frames of a burst do); the folds"
                     " deal images, not bursts, so these held-out figures run higher than validation's.")
     caption += "</p>"
-    return caption + _png(out.getvalue(), "the head's cross-validation: held-out loss and accuracy per penalty")
+    return caption + picture
 
 
 def _metrics_section(metrics: dict[str, dict], calibration: dict[str, dict]) -> str:
